@@ -1,0 +1,212 @@
+"""Facts about the host, read from ``/sys`` and ``/proc`` under an injectable root.
+
+This is the only module that reads sysfs and procfs for host facts.  Every reader takes
+``root`` (default ``/``) so tests can point it at a fake tree shaped exactly like a real one
+(see ``tests/data/sysfs/``).  Nothing here decides policy: it only reports.
+
+Missing optional facts (no cpufreq, no NUMA directory on a kernel built without NUMA) are a
+debug line and a sensible default, not an error; an unreadable required fact raises
+:class:`~kvmaccel.errors.HostError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+from .errors import HostError
+from .units import parse_cpu_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HugePagePool:
+    """One huge page size on one node (or host-wide when ``node_id`` is None)."""
+
+    page_size_kib: int
+    nr_pages: int
+    free_pages: int
+    surplus_pages: int = 0
+    reserved_pages: int = 0  # host-wide only: promised to mappings, not yet faulted
+
+    @property
+    def page_size_bytes(self) -> int:
+        return self.page_size_kib * 1024
+
+    @property
+    def available_pages(self) -> int:
+        """Free pages not already promised to an existing mapping."""
+        return max(0, self.free_pages - self.reserved_pages)
+
+
+@dataclass(frozen=True)
+class NumaNode:
+    node_id: int
+    cpus: frozenset[int]
+    hugepages: dict[int, HugePagePool] = field(default_factory=dict)  # by page_size_kib
+    mem_total_kib: int = 0
+    mem_free_kib: int = 0
+
+
+@dataclass(frozen=True)
+class Mount:
+    path: str
+    fs_type: str
+    page_size_kib: int | None  # hugetlbfs: its pagesize option; None otherwise
+    options: str = ""
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    nodes: dict[int, NumaNode]
+    online_cpus: frozenset[int]
+    mem_available_kib: int
+    base_page_size_kib: int
+    hugepages: dict[int, HugePagePool]  # host-wide pools by page_size_kib
+    default_hugepage_kib: int | None
+    mounts: tuple[Mount, ...]
+
+    @property
+    def hugetlbfs_mounts(self) -> tuple[Mount, ...]:
+        return tuple(m for m in self.mounts if m.fs_type == "hugetlbfs")
+
+    def node_cpus(self, node_id: int) -> frozenset[int]:
+        return self.nodes[node_id].cpus
+
+
+def _path(root: str, rel: str) -> str:
+    return os.path.join(root, rel.lstrip("/"))
+
+
+def cat(path: str) -> str:
+    """Return the stripped text of ``path``; raise :class:`HostError` if it cannot be read."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except OSError as e:
+        raise HostError(f"cannot read {path}: {e.strerror}") from e
+
+
+def cat_int(path: str) -> int:
+    text = cat(path)
+    try:
+        return int(text)
+    except ValueError:
+        raise HostError(f"{path} holds {text!r}, not a number") from None
+
+
+def _read_pools(directory: str, *, host_wide: bool) -> dict[int, HugePagePool]:
+    pools: dict[int, HugePagePool] = {}
+    try:
+        entries = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        log.debug("no huge page directory %s", directory)
+        return pools
+    for name in entries:
+        m = re.fullmatch(r"hugepages-(\d+)kB", name)
+        if not m:
+            continue
+        d = os.path.join(directory, name)
+        size_kib = int(m.group(1))
+        pools[size_kib] = HugePagePool(
+            page_size_kib=size_kib,
+            nr_pages=cat_int(os.path.join(d, "nr_hugepages")),
+            free_pages=cat_int(os.path.join(d, "free_hugepages")),
+            surplus_pages=cat_int(os.path.join(d, "surplus_hugepages")),
+            reserved_pages=cat_int(os.path.join(d, "resv_hugepages")) if host_wide else 0,
+        )
+    return pools
+
+
+def read_meminfo(root: str = "/", rel: str = "proc/meminfo") -> dict[str, int]:
+    """Return /proc/meminfo (or a node's meminfo) as ``{key: kib}``; HugePages_* are counts."""
+    values: dict[str, int] = {}
+    for line in cat(_path(root, rel)).splitlines():
+        # Node files read "Node 0 MemTotal:  123 kB"; /proc/meminfo "MemTotal:  123 kB".
+        m = re.match(r"^(?:Node \d+ )?([\w()]+):\s+(\d+)", line)
+        if m:
+            values[m.group(1)] = int(m.group(2))
+    return values
+
+
+def read_online_cpus(root: str = "/") -> frozenset[int]:
+    return parse_cpu_spec(cat(_path(root, "sys/devices/system/cpu/online")))
+
+
+def read_nodes(root: str = "/") -> dict[int, NumaNode]:
+    """Return the NUMA nodes that have memory or CPUs, with their CPUs and huge page pools.
+
+    A kernel without NUMA has no ``/sys/devices/system/node``: the host is then one node 0
+    holding every online CPU.
+    """
+    base = _path(root, "sys/devices/system/node")
+    if not os.path.isdir(base):
+        log.debug("no %s: treating the host as one node", base)
+        return {
+            0: NumaNode(0, read_online_cpus(root), _read_pools(
+                _path(root, "sys/kernel/mm/hugepages"), host_wide=False))
+        }
+    online = parse_cpu_spec(cat(os.path.join(base, "online")))
+    nodes: dict[int, NumaNode] = {}
+    for node_id in sorted(online):
+        d = os.path.join(base, f"node{node_id}")
+        cpus = parse_cpu_spec(cat(os.path.join(d, "cpulist")))
+        mem = read_meminfo(root, os.path.relpath(os.path.join(d, "meminfo"), root))
+        nodes[node_id] = NumaNode(
+            node_id=node_id,
+            cpus=cpus,
+            hugepages=_read_pools(os.path.join(d, "hugepages"), host_wide=False),
+            mem_total_kib=mem.get("MemTotal", 0),
+            mem_free_kib=mem.get("MemFree", 0),
+        )
+    return nodes
+
+
+_MOUNT_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape_mount(text: str) -> str:
+    return _MOUNT_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), text)
+
+
+def read_mounts(root: str = "/", default_hugepage_kib: int | None = None) -> tuple[Mount, ...]:
+    """Return mounts from /proc/mounts; a hugetlbfs mount's page size is its ``pagesize=``
+    option, or the default huge page size when the option is absent (kernel < 4.x style)."""
+    mounts: list[Mount] = []
+    for line in cat(_path(root, "proc/mounts")).splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        _, path, fs_type, options = fields[:4]
+        page_kib: int | None = None
+        if fs_type == "hugetlbfs":
+            m = re.search(r"(?:^|,)pagesize=(\d+)([KMG])", options)
+            if m:
+                page_kib = int(m.group(1)) << {"K": 0, "M": 10, "G": 20}[m.group(2)]
+            else:
+                page_kib = default_hugepage_kib
+        mounts.append(Mount(_unescape_mount(path), fs_type, page_kib, options))
+    return tuple(mounts)
+
+
+def read_host(root: str = "/") -> HostFacts:
+    """Read every host fact kvmaccel plans with.  Raises :class:`HostError`."""
+    meminfo = read_meminfo(root)
+    default_huge = meminfo.get("Hugepagesize") or None
+    return HostFacts(
+        nodes=read_nodes(root),
+        online_cpus=read_online_cpus(root),
+        mem_available_kib=meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),
+        base_page_size_kib=os.sysconf("SC_PAGE_SIZE") // 1024,
+        hugepages=_read_pools(_path(root, "sys/kernel/mm/hugepages"), host_wide=True),
+        default_hugepage_kib=default_huge,
+        mounts=read_mounts(root, default_huge),
+    )
+
+
+def allowed_cpus() -> frozenset[int]:
+    """CPUs this process may run on (its affinity mask, which a cgroup cpuset narrows)."""
+    return frozenset(os.sched_getaffinity(0))
