@@ -60,6 +60,16 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class CpuFreq:
+    """The cpufreq driver and governor of the online CPUs (``governors``: each distinct
+    governor in use, sorted).  A guest start populating memory is CPU-bound: ``powersave``
+    on ``intel_pstate`` or a slow ``schedutil`` ramp shows up in the timings."""
+
+    driver: str
+    governors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class HostFacts:
     nodes: dict[int, NumaNode]
     online_cpus: frozenset[int]
@@ -68,6 +78,7 @@ class HostFacts:
     hugepages: dict[int, HugePagePool]  # host-wide pools by page_size_kib
     default_hugepage_kib: int | None
     mounts: tuple[Mount, ...]
+    cpufreq: CpuFreq | None = None  # None: no cpufreq (VMs, some kernels)
 
     @property
     def hugetlbfs_mounts(self) -> tuple[Mount, ...]:
@@ -192,6 +203,25 @@ def read_mounts(root: str = "/", default_hugepage_kib: int | None = None) -> tup
     return tuple(mounts)
 
 
+def read_cpufreq(root: str = "/", cpus: frozenset[int] | None = None) -> CpuFreq | None:
+    """Return the cpufreq driver and governors of ``cpus`` (default: the online CPUs), or None
+    when the host has no cpufreq (a debug line: most VMs have none)."""
+    base = _path(root, "sys/devices/system/cpu")
+    ids = sorted(cpus if cpus is not None else read_online_cpus(root))
+    driver = ""
+    governors: set[str] = set()
+    for cpu in ids:
+        d = os.path.join(base, f"cpu{cpu}", "cpufreq")
+        if not os.path.isdir(d):
+            continue
+        driver = driver or cat(os.path.join(d, "scaling_driver"))
+        governors.add(cat(os.path.join(d, "scaling_governor")))
+    if not driver:
+        log.debug("no cpufreq under %s", base)
+        return None
+    return CpuFreq(driver, tuple(sorted(governors)))
+
+
 def read_host(root: str = "/") -> HostFacts:
     """Read every host fact kvmaccel plans with.  Raises :class:`HostError`."""
     meminfo = read_meminfo(root)
@@ -204,6 +234,7 @@ def read_host(root: str = "/") -> HostFacts:
         hugepages=_read_pools(_path(root, "sys/kernel/mm/hugepages"), host_wide=True),
         default_hugepage_kib=default_huge,
         mounts=read_mounts(root, default_huge),
+        cpufreq=read_cpufreq(root),
     )
 
 
