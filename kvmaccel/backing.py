@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from . import sysmem
 from .engine import EngineOps, PopulateResult, ProgressFn, WorkItem, populate, split_across_nodes
-from .errors import BackingError, CapacityError, KvmaccelError
+from .errors import BackingError, CapacityError, KvmaccelError, UsageError
 from .host import HostFacts
 from .limits import Limits
 from .slots import run_dir
@@ -210,6 +210,11 @@ def check_capacity(targets: Sequence[_Target], host: HostFacts) -> None:
     huge_total: dict[int, int] = defaultdict(int)
     base_need = 0
     for t in targets:
+        missing = sorted(set(t.spec.nodes) - set(host.nodes))
+        if missing:
+            raise UsageError(
+                f"NUMA node {','.join(map(str, missing))} does not exist; this host has "
+                f"node(s) {','.join(map(str, sorted(host.nodes)))}")
         need = max(0, t.spec.size_bytes - t.existing_bytes)
         if 0 <= t.fs_available_bytes < need:
             raise CapacityError(
@@ -237,9 +242,6 @@ def check_capacity(targets: Sequence[_Target], host: HostFacts) -> None:
         if node is None:
             continue
         kib = page >> 10
-        if node not in host.nodes:
-            raise CapacityError(f"NUMA node {node} does not exist; this host has nodes "
-                                f"{','.join(map(str, sorted(host.nodes)))}", node_id=node)
         pool = host.nodes[node].hugepages.get(kib)
         have = pool.free_pages if pool else 0
         if pages > have:

@@ -226,7 +226,8 @@ class _Run:
 
 
 def _translate(exc: OSError, page_size: int) -> Exception:
-    if exc.errno in (errno.ENOMEM, errno.EFAULT, errno.EHWPOISON):
+    # 133 is EHWPOISON, which Python's errno module lacks.
+    if exc.errno in (errno.ENOMEM, errno.EFAULT, 133):
         return CapacityError(
             f"the kernel could not allocate a {page_size >> 10} KiB page while populating "
             f"({errno.errorcode.get(exc.errno or 0, exc.errno)}); free memory or reserve more "

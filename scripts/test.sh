@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Install what kvmaccel's tests need, start it, run the tests, put the machine back.
+#
+#   scripts/test.sh [pytest args...]
+#
+# Needs root (huge pages, hugetlbfs, libvirtd) on Debian 12.  What it changes and restores:
+# Debian packages (installed, left installed), .venv/ in the checkout, vm.nr_hugepages,
+# a hugetlbfs mount on /dev/hugepages, /dev/kvm's group and mode, virtlogd and libvirtd
+# (started only if not running, stopped again).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+top=$PWD
+
+APT_PACKAGES=(libvirt-daemon-system qemu-system-x86 libvirt-dev pkg-config python3-venv)
+HUGEPAGES_2M=${KVMACCEL_TEST_HUGEPAGES:-1536}   # 3 GiB of 2M pages for the tests
+
+log() { printf 'test.sh: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  log "run as root: the tests reserve huge pages, mount hugetlbfs and start libvirtd"
+  exit 2
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[libvirt,dev]'
+
+# --- save the machine's state, restore it whatever happens ----------------------------------
+saved_nr=$(cat /proc/sys/vm/nr_hugepages)
+mounted_huge=0
+kvm_mode=""; kvm_group=""
+started_virtlogd=0; started_libvirtd=0
+restore() {
+  rc=$?
+  set +e
+  if [ "$started_libvirtd" = 1 ] && [ -f /run/libvirtd.pid ]; then
+    kill "$(cat /run/libvirtd.pid)" 2>/dev/null
+    for _ in $(seq 50); do [ -e /run/libvirtd.pid ] || break; sleep 0.1; done
+  fi
+  if [ "$started_virtlogd" = 1 ] && [ -f /run/virtlogd.pid ]; then
+    kill "$(cat /run/virtlogd.pid)" 2>/dev/null
+  fi
+  [ -n "$kvm_mode" ] && chmod "$kvm_mode" /dev/kvm && chgrp "$kvm_group" /dev/kvm
+  find /dev/hugepages -maxdepth 1 -name 'kvmaccel-*' -delete 2>/dev/null
+  if [ "$mounted_huge" = 1 ]; then umount /dev/hugepages; fi
+  echo "$saved_nr" > /proc/sys/vm/nr_hugepages
+  rm -rf "${KVMACCEL_RUN_DIR:-/nonexistent}"
+  log "machine restored (nr_hugepages=$saved_nr)"
+  exit $rc
+}
+trap restore EXIT
+trap 'exit 130' INT TERM
+
+if ! grep -qs ' /dev/hugepages hugetlbfs ' /proc/mounts; then
+  mkdir -p /dev/hugepages
+  mount -t hugetlbfs -o pagesize=2M none /dev/hugepages
+  mounted_huge=1
+fi
+if [ "$saved_nr" -lt "$HUGEPAGES_2M" ]; then
+  echo "$HUGEPAGES_2M" > /proc/sys/vm/nr_hugepages
+fi
+got=$(cat /proc/sys/vm/nr_hugepages)
+[ "$got" -ge "$HUGEPAGES_2M" ] || { log "could only reserve $got of $HUGEPAGES_2M huge pages"; exit 1; }
+
+if [ -e /dev/kvm ]; then
+  kvm_mode=$(stat -c %a /dev/kvm); kvm_group=$(stat -c %G /dev/kvm)
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+if ! pgrep -x virtlogd >/dev/null; then virtlogd -d; started_virtlogd=1; fi
+if ! pgrep -x libvirtd >/dev/null; then libvirtd -d; started_libvirtd=1; fi
+for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.1; done
+
+export KVMACCEL_RUN_DIR=$(mktemp -d /run/kvmaccel-test.XXXXXX)
+export KVMACCEL_REQUIRE_ENV=1
+log "ruff"
+.venv/bin/ruff check kvmaccel tests hooks
+log "pytest"
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+exit $rc
