@@ -378,9 +378,9 @@ def _backend(ctx: _Ctx, src: _Source) -> BackendPlan:
         skip = ("placement='auto': numad picks the nodes as the guest starts; they are not "
                 "known here, and pages populated elsewhere would stay on the wrong nodes")
     elif fs not in POPULATABLE_FS:
-        skip = (f"memory_backing_dir {ctx.qemu_conf.memory_backing_dir} is on {fs or 'an '}"
-                "unknown filesystem, not hugetlbfs or tmpfs: populating would write guest RAM "
-                "to disk")
+        skip = (f"memory_backing_dir {ctx.qemu_conf.memory_backing_dir} is on "
+                f"{fs or 'an unknown filesystem'}, not hugetlbfs or tmpfs: populating would "
+                "write guest RAM to disk")
     return BackendPlan(
         backend_id=src.backend_id, alias=src.alias, kind=src.kind, guest_node=src.guest_node,
         qom_type=qom, mem_path=mem_path, mem_path_is_dir=is_dir, size_bytes=src.size_bytes,
@@ -501,8 +501,10 @@ def _notes(domain: Domain) -> tuple[str, ...]:
     notes = []
     devices = sum(d.target_size_bytes for d in domain.memory_devices)
     if domain.cells and domain.cells_bytes + devices != domain.memory_bytes:
-        notes.append(f"<memory> says {format_size(domain.memory_bytes)} but the NUMA cells add "
-                     f"up to {format_size(domain.cells_bytes)}: libvirt uses the cells")
+        notes.append(f"<memory> says {format_size(domain.memory_bytes)} but the NUMA cells "
+                     f"({format_size(domain.cells_bytes)}) and memory devices "
+                     f"({format_size(devices)}) add up to "
+                     f"{format_size(domain.cells_bytes + devices)}: libvirt uses that sum")
     if domain.hostdevs:
         addrs = ", ".join(h.pci_address for h in domain.hostdevs)
         notes.append(f"VFIO device(s) {addrs}: QEMU pins all guest RAM at start, so every page "

@@ -62,3 +62,16 @@ def shm_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = tempfile.mkdtemp(prefix="kvtest-", dir="/dev/shm")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+# --- golden files for vm-fixtures (tests/test_plan.py) -------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--regen-golden", action="store_true", default=False,
+                     help="Rewrite vm-fixtures/*.plan.json from the current planner.")
+
+
+@pytest.fixture
+def regen_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--regen-golden"))
