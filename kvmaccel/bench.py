@@ -287,23 +287,26 @@ def scaling(backing: BenchBacking, host: HostFacts, threads: Sequence[int], runs
              "(apt-get install qemu-system-x86)")
     emit(f"bench: {backing.describe()}, {runs} run(s), threads {','.join(map(str, threads))}")
     run_once(backing, host, bench_limits(max(threads), nice), "warmup")  # untimed
-    times: dict[str, list[float]] = {"bare": []}
-    qemu_times: dict[str, list[float]] = {"startup": []}
+    # Every configuration runs once per round; the order rotates from round to round so
+    # that no configuration always inherits the page state its predecessor left.
+    configs: list[tuple[str, Callable[[], float]]] = [
+        ("bare", lambda: bare_madvise_once(backing, host))]
     for t in threads:
-        times[f"t{t}"] = []
-        qemu_times[f"t{t}"] = []
+        configs.append((f"t{t}", lambda t=t: run_once(backing, host, bench_limits(t, nice),
+                                                        f"t{t}").seconds))
+    if qemu:
+        configs.append(("startup", lambda: qemu_prealloc_once(qemu, backing, 1, False, "s")))
+        for t in threads:
+            configs.append((f"qemu{t}", lambda t=t: qemu_prealloc_once(qemu, backing, t, True,
+                                                                        f"q{t}")))
+    times: dict[str, list[float]] = {key: [] for key, _ in configs}
     for r in range(runs):
-        order = list(threads) if r % 2 == 0 else list(reversed(threads))
-        times["bare"].append(bare_madvise_once(backing, host))
-        for t in order:
-            result = run_once(backing, host, bench_limits(t, nice), f"t{t}")
-            times[f"t{t}"].append(result.seconds)
-            if qemu:
-                qemu_times[f"t{t}"].append(qemu_prealloc_once(qemu, backing, t, True, f"t{t}"))
-        if qemu:
-            qemu_times["startup"].append(qemu_prealloc_once(qemu, backing, 1, False, "startup"))
+        shift = r % len(configs)
+        for key, measure in configs[shift:] + configs[:shift]:
+            times[key].append(measure())
         emit(f"  run {r + 1}/{runs}: " + ", ".join(
             f"{k} {v[-1]:.3f}s" for k, v in times.items()))
+    qemu_times = times
     size = backing.size_bytes
     bare = Row("bare madvise", tuple(times["bare"]), size)
     rows = [Row(f"{t} thread{'s' if t > 1 else ''}", tuple(times[f"t{t}"]), size)
@@ -322,11 +325,11 @@ def scaling(backing: BenchBacking, host: HostFacts, threads: Sequence[int], runs
         startup = statistics.median(qemu_times["startup"])
         nets, ratios = [], []
         for t, row in zip(threads, rows, strict=True):
-            net = max(statistics.median(qemu_times[f"t{t}"]) - startup, 1e-9)
+            net = max(statistics.median(qemu_times[f"qemu{t}"]) - startup, 1e-9)
             nets.append(f"{net:.3f}")
             ratios.append(f"{net / row.median:.2f}x")
             report["threads"][str(t)].update(
-                qemu_seconds=qemu_times[f"t{t}"], qemu_net_median_s=net,
+                qemu_seconds=qemu_times[f"qemu{t}"], qemu_net_median_s=net,
                 vs_qemu=net / row.median)
         extra = {"qemu s": tuple(nets), "vs qemu": tuple(ratios)}
         report["qemu_startup_s"] = qemu_times["startup"]
