@@ -233,13 +233,7 @@ def bench(size: str, kind: str, page_size: str | None, directory: str | None,
         click.echo(json.dumps(report, indent=2))
 
 
-def _register_optional() -> None:
-    """Commands from modules that may be absent in a partial install."""
-    try:
-        from .cli_plan import plan
-    except ImportError:  # planner not installed in this tree
-        return
-    main.add_command(plan)
+# --- commands that live in their own modules (one line each; keep this list at the end) ---
+from .cli_plan import plan  # noqa: E402
 
-
-_register_optional()
+main.add_command(plan)

@@ -33,6 +33,7 @@ How it runs, and why (see ../shared/FACTS.md for the measurements):
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -158,6 +159,7 @@ class _Run:
         self.lock = threading.Lock()
         self.inflight: dict[_Chunk, int] = {}  # chunk -> tid of the helper holding it
         self.busy_tids: set[int] = set()  # helpers inside a step right now
+        self.helper_tids: set[int] = set()  # helpers that have not exited yet
         self.ops = ops
         self.cancel = cancel
         self.stop = threading.Event()
@@ -324,13 +326,17 @@ def populate(
         def helper(node: int | None, index: int) -> None:
             assert run is not None
             tid = threading.get_native_id()
+            with run.lock:
+                run.helper_tids.add(tid)
             try:
                 try:
                     sysmem.set_thread_name(f"kvmaccel-{'a' if node is None else node}-{index}")
-                    os.setpriority(os.PRIO_PROCESS, tid, limits.nice)
                     ops.pin(_helper_cpus(node, host, allowed))
                 finally:
                     barrier.wait()
+                # Nice only after the barrier: a helper niced before it could be starved on a
+                # busy host for a long time, and the caller would wait for it at the barrier.
+                os.setpriority(os.PRIO_PROCESS, tid, limits.nice)
                 while not run.stopped():
                     chunk = run.take(node, tid, caller=False)
                     if chunk is None:
@@ -342,6 +348,9 @@ def populate(
                 run.fail(_translate(e, page_max))
             except BaseException as e:  # noqa: BLE001 - reported by the caller
                 run.fail(e)
+            finally:
+                with run.lock:
+                    run.helper_tids.discard(tid)
 
         for node, count in sorted(helpers.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
             for index in range(count):  # 2. start every helper before anyone populates
@@ -386,6 +395,7 @@ def _caller_loop(run: _Run, progress: ProgressFn | None, total: int, caller_tid:
                  caller_nice: int) -> None:
     """The calling thread's share: queued chunks, then helpers' leftovers, then waiting."""
     last_report = 0.0
+    t_start = time.monotonic()
 
     def report() -> None:
         nonlocal last_report
@@ -409,6 +419,7 @@ def _caller_loop(run: _Run, progress: ProgressFn | None, total: int, caller_tid:
                     run.done[chunk.node_id] += claimed[1]
                     run.done_by_caller += claimed[1]
                 report()
+        t_queues = time.monotonic()
         # flush_work_at_nice: take what the (niced) helpers have not started yet ...
         while not run.stopped():
             with run.lock:
@@ -418,22 +429,24 @@ def _caller_loop(run: _Run, progress: ProgressFn | None, total: int, caller_tid:
             for chunk in pending:
                 run.run_chunk(chunk, caller_tid, caller=True)
                 report()
-        # ... and lend our priority to each helper still inside its last step.
+        t_flush = time.monotonic()
+        # ... and lend our priority to every helper until it has finished: one still inside
+        # its last step, and one that must wake up only to find nothing left and exit.
         boosted: set[int] = set()
         while True:
             with run.lock:
-                busy = set(run.busy_tids)
-                waiting = bool(run.inflight) or bool(busy)
-            if not waiting or run.stopped():
+                alive = set(run.helper_tids)
+            if not alive:
                 break
-            for tid in busy - boosted:
-                try:
+            for tid in alive - boosted:
+                with contextlib.suppress(PermissionError, ProcessLookupError):
                     os.setpriority(os.PRIO_PROCESS, tid, caller_nice)
-                    boosted.add(tid)
-                except (PermissionError, ProcessLookupError):
-                    boosted.add(tid)
+                boosted.add(tid)
             report()
             time.sleep(0.002)
+        log.debug("caller: queues dry at %.3f s, helpers' chunks taken %.3f s later, helpers "
+                  "gone %.3f s after that", t_queues - t_start, t_flush - t_queues,
+                  time.monotonic() - t_flush)
     except OSError as e:
         run.fail(e)
     except BaseException as e:
