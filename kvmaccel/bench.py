@@ -79,10 +79,12 @@ def choose_backing(kind: str, size_bytes: int, page_size_kib: int | None, direct
     raise UsageError(f"unknown backing {kind!r}; use hugetlbfs, tmpfs or memfd")
 
 
-def bench_limits(threads: int, nice: int) -> Limits:
-    """Exactly ``threads`` threads: bench measures scaling, so the default caps are lifted."""
+def bench_limits(threads: int, nice: int, idle_cpus_only: bool = False) -> Limits:
+    """``threads`` threads: bench measures scaling, so the default caps are lifted, and
+    helpers start whatever the load unless ``idle_cpus_only``."""
     return Limits(threads=threads, nice=nice, max_helpers_host=threads - 1,
-                  max_helpers_per_node=threads - 1, min_chunk_bytes=32 << 20)
+                  max_helpers_per_node=threads - 1, min_chunk_bytes=32 << 20,
+                  idle_cpus_only=idle_cpus_only)
 
 
 def run_once(backing: BenchBacking, host: HostFacts, limits: Limits, tag: str
@@ -357,11 +359,13 @@ def competitor(backing: BenchBacking, host: HostFacts, threads: int, seconds: fl
     scenarios: list[tuple[str, Limits | None]] = [
         ("load alone", None),
         ("caller only", bench_limits(1, 19)),
-        ("helpers nice 19", bench_limits(threads, 19)),
+        ("helpers nice 19", bench_limits(threads, 19, idle_cpus_only=True)),
+        ("nice 19, ungated", bench_limits(threads, 19)),
         ("helpers nice 0", bench_limits(threads, 0)),
     ]
     out: dict[str, Any] = {}
-    lines = [("scenario", "load s", "load slowdown", "vs caller only", "populate GiB/s")]
+    lines = [("scenario", "load s", "load slowdown", "vs caller only", "populate GiB/s",
+              "helpers")]
     for name, limits in scenarios:
         holder: list[list[PopulateResult]] = []
 
@@ -379,8 +383,11 @@ def competitor(backing: BenchBacking, host: HostFacts, threads: int, seconds: fl
         results = holder[0] if holder else []
         gibs = (sum(r.bytes_total for r in results) / GIB / sum(r.seconds for r in results)
                 if results else 0.0)
-        out[name] = {"load_s": load_s, "populate_gib_per_s": gibs, "populations": len(results)}
-        emit(f"  {name}: load {load_s:.2f} s, {len(results)} population(s), {gibs:.2f} GiB/s")
+        helpers = statistics.fmean(r.threads - 1 for r in results) if results else 0.0
+        out[name] = {"load_s": load_s, "populate_gib_per_s": gibs, "populations": len(results),
+                     "mean_helpers": helpers}
+        emit(f"  {name}: load {load_s:.2f} s, {len(results)} population(s), {gibs:.2f} GiB/s, "
+             f"{helpers:.2f} helper(s) on average")
     alone = out["load alone"]["load_s"]
     base = out["caller only"]["load_s"]
     for name, data in out.items():
@@ -388,9 +395,11 @@ def competitor(backing: BenchBacking, host: HostFacts, threads: int, seconds: fl
         data["vs_caller_only"] = data["load_s"] / base - 1
         lines.append((name, f"{data['load_s']:.2f}", f"{data['slowdown'] * 100:+.1f}%",
                       "-" if name == "load alone" else f"{data['vs_caller_only'] * 100:+.1f}%",
-                      "-" if name == "load alone" else f"{data['populate_gib_per_s']:.2f}"))
-    widths = [max(len(line[c]) for line in lines) for c in range(5)]
+                      "-" if name == "load alone" else f"{data['populate_gib_per_s']:.2f}",
+                      "-" if name == "load alone" else f"{data['mean_helpers']:.2f}"))
+    widths = [max(len(line[c]) for line in lines) for c in range(6)]
     emit("\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True))
                    for line in lines))
-    emit("vs caller only: what the helpers add to the load beyond single-threaded population")
+    emit("vs caller only: what the helpers add to the load beyond single-threaded population; "
+         "helpers: mean helpers per population (the gate starts niced helpers on idle CPUs only)")
     return out

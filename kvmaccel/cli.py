@@ -125,15 +125,18 @@ def limits_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "(default 80%% of online CPUs)."),
         click.option("--min-chunk", default=format_size(DEFAULT_MIN_CHUNK_BYTES),
                      show_default=True, help="Smallest chunk of work."),
+        click.option("--ignore-load", is_flag=True,
+                     help="Start niced helpers even on CPUs that are busy right now."),
     ]):
         func = option(func)
     return func
 
 
 def make_limits(threads: int | None, nice: int, max_helpers_per_node: int | None,
-                max_helpers: int | None, min_chunk: str) -> Limits:
+                max_helpers: int | None, min_chunk: str, ignore_load: bool = False) -> Limits:
     return Limits(threads=threads, nice=nice, max_helpers_per_node=max_helpers_per_node,
-                  max_helpers_host=max_helpers, min_chunk_bytes=parse_size(min_chunk))
+                  max_helpers_host=max_helpers, min_chunk_bytes=parse_size(min_chunk),
+                  idle_cpus_only=not ignore_load)
 
 
 @main.command()

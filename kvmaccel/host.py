@@ -238,6 +238,15 @@ def read_host(root: str = "/") -> HostFacts:
     )
 
 
+def runnable_tasks(root: str = "/") -> int:
+    """Tasks runnable on the host at this instant (``procs_running`` in /proc/stat), the
+    reading thread included."""
+    for line in cat(_path(root, "proc/stat")).splitlines():
+        if line.startswith("procs_running "):
+            return int(line.split()[1])
+    raise HostError(f"no procs_running in {_path(root, 'proc/stat')}")
+
+
 def allowed_cpus() -> frozenset[int]:
     """CPUs this process may run on (its affinity mask, which a cgroup cpuset narrows)."""
     return frozenset(os.sched_getaffinity(0))

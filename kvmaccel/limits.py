@@ -39,6 +39,7 @@ class Limits:
     max_helpers_host: int | None = None
     nice: int = DEFAULT_NICE
     min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES
+    idle_cpus_only: bool = True  # niced helpers only on CPUs idle when the run starts
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

@@ -40,7 +40,7 @@ def memfd(size: int, huge_kib: int | None = None) -> int:
 
 
 def two_threads() -> Limits:
-    return Limits(threads=2, max_helpers_host=1, max_helpers_per_node=1, min_chunk_bytes=16 * MIB)
+    return Limits(threads=2, max_helpers_host=1, max_helpers_per_node=1, min_chunk_bytes=16 * MIB, idle_cpus_only=False)
 
 
 def test_memfd_populated_and_resident() -> None:
@@ -168,7 +168,7 @@ def test_dynamic_balancing_with_uneven_chunks() -> None:
         sysmem.madvise(addr, length, sysmem.MADV_POPULATE_WRITE)
 
     limits = Limits(threads=2, max_helpers_host=1, max_helpers_per_node=1,
-                    min_chunk_bytes=16 * MIB)
+                    min_chunk_bytes=16 * MIB, idle_cpus_only=False)
     try:
         result = populate([WorkItem(fd, 0, size, 4096)], read_host(), limits,
                           ops=EngineOps(populate=uneven))
@@ -213,7 +213,7 @@ def test_helpers_steal_from_other_nodes_and_bind_per_node() -> None:
 
     base_threads = threading.active_count()
     limits = Limits(threads=3, max_helpers_host=2, max_helpers_per_node=1,
-                    min_chunk_bytes=16 * MIB)
+                    min_chunk_bytes=16 * MIB, idle_cpus_only=False)
     items = [WorkItem(fd, 0, size, 4096, node_id=0), WorkItem(fd, size, size, 4096, node_id=1)]
     try:
         result = populate(items, host, limits,
@@ -245,7 +245,7 @@ def test_caller_takes_over_a_starved_helpers_chunk() -> None:
 
     # One chunk per thread; each chunk is two 64 MiB steps.
     limits = Limits(threads=2, max_helpers_host=1, max_helpers_per_node=1,
-                    min_chunk_bytes=size)
+                    min_chunk_bytes=size, idle_cpus_only=False)
     try:
         t0 = time.monotonic()
         result = populate([WorkItem(fd, 0, size, 4096)], read_host(), limits,
@@ -327,3 +327,32 @@ def test_split_across_nodes() -> None:
                                                           (1, 5 * page, 5 * page)]
     assert split_across_nodes(7 * page, (2, 3), page) == [(2, 0, 3 * page),
                                                          (3, 3 * page, 4 * page)]
+
+
+def test_niced_helpers_only_on_idle_cpus() -> None:
+    """With a CPU-bound process on every CPU, no helper at nice 19 is started (it would
+    starve and hold the caller up); helpers at the caller's own nice still are."""
+    import subprocess
+    import sys
+
+    size = 128 * MIB
+    cpus = len(os.sched_getaffinity(0))
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(cpus)]
+    fd = memfd(size)
+    try:
+        time.sleep(0.3)
+        limits = Limits(threads=2, max_helpers_host=1, min_chunk_bytes=16 * MIB)
+        result = populate([WorkItem(fd, 0, size, 4096)], read_host(), limits)
+        assert result.threads == 1
+        assert any(r.startswith("host busy: 0 idle CPU(s) for helpers at nice 19")
+                   for r in result.reasons), result.reasons
+        same_nice = dataclasses.replace(limits, nice=os.getpriority(os.PRIO_PROCESS, 0))
+        assert populate([WorkItem(fd, 0, size, 4096)], read_host(), same_nice).threads == 2
+        ungated = dataclasses.replace(limits, idle_cpus_only=False)
+        assert populate([WorkItem(fd, 0, size, 4096)], read_host(), ungated).threads == 2
+    finally:
+        os.close(fd)
+        for b in burners:
+            b.kill()
+            b.wait()
