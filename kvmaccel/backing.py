@@ -40,7 +40,10 @@ MFD_HUGE_SHIFT = 26
 
 @dataclass(frozen=True)
 class BackingSpec:
-    """What to create.  ``path`` None means an anonymous memfd named ``name``.
+    """What to create.  ``path`` None means an anonymous memfd named ``name``, or, with
+    ``tmpfile_dir``, an unlinked file in that directory (``O_TMPFILE``, Linux 3.11; hugetlbfs
+    and tmpfs support it): it has no name, is never recorded, and its memory returns when the
+    last descriptor or mapping goes, whatever happens to the process holding it.
 
     ``nodes``: the host NUMA nodes the memory is split across, in equal contiguous parts
     (empty: any node).  ``page_size_kib``: for a memfd, the huge page size (None: base
@@ -56,9 +59,16 @@ class BackingSpec:
     uid: int | None = None
     gid: int | None = None
     name: str = "kvmaccel"
+    tmpfile_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.tmpfile_dir is not None:
+            raise ValueError("give a BackingSpec either a path or a tmpfile_dir, not both")
 
     @property
     def label(self) -> str:
+        if self.tmpfile_dir is not None:
+            return f"tmpfile:{self.tmpfile_dir}"
         return self.path or f"memfd:{self.name}"
 
 
@@ -164,16 +174,20 @@ class _Target:
 
 
 def _classify(spec: BackingSpec, host: HostFacts) -> _Target:
-    if spec.path is None:
+    if spec.path is None and spec.tmpfile_dir is None:
         page = (spec.page_size_kib or host.base_page_size_kib) * 1024
         kind = "hugetlbfs" if spec.page_size_kib else "memfd"
         return _Target(spec, kind, page, -1, 0)
-    where = spec.path if os.path.exists(spec.path) else os.path.dirname(
-        os.path.abspath(spec.path))
+    if spec.path is None:
+        where = spec.tmpfile_dir or ""
+    elif os.path.exists(spec.path):
+        where = spec.path
+    else:
+        where = os.path.dirname(os.path.abspath(spec.path))
     try:
         f_type, bsize, available = sysmem.fs_info(where)
     except OSError as e:
-        raise BackingError(f"cannot use {spec.path}: {where}: {e.strerror}; create the "
+        raise BackingError(f"cannot use {spec.label}: {where}: {e.strerror}; create the "
                            "directory first", path=spec.path) from e
     if f_type == sysmem.HUGETLBFS_MAGIC:
         kind, page = "hugetlbfs", bsize
@@ -181,10 +195,10 @@ def _classify(spec: BackingSpec, host: HostFacts) -> _Target:
         kind, page = "tmpfs", host.base_page_size_kib * 1024
     else:
         raise BackingError(
-            f"{spec.path} is not on hugetlbfs or tmpfs (filesystem magic {f_type:#x}); "
+            f"{spec.path or where} is not on hugetlbfs or tmpfs (filesystem magic {f_type:#x}); "
             "choose a path under a hugetlbfs mount or /dev/shm", path=spec.path)
     existing = 0
-    if os.path.lexists(spec.path):
+    if spec.path is not None and os.path.lexists(spec.path):
         if not created_by_us(spec.path):
             raise BackingError(
                 f"{spec.path} exists and was not created by kvmaccel; refusing to reuse or "
@@ -233,9 +247,10 @@ def check_capacity(targets: Sequence[_Target], host: HostFacts) -> None:
         pool = host.hugepages.get(kib)
         have = pool.available_pages if pool else 0
         if pages > have:
+            target = pages - have + (pool.nr_pages if pool else 0)
             raise CapacityError(
                 f"need {pages} free {kib} KiB huge pages ({format_size(pages * page)}) but the "
-                f"host has {have}; reserve more: echo {pages - have + (pool.nr_pages if pool else 0)}"
+                f"host has {have}; reserve more: echo {target}"
                 f" > /sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages",
                 page_size_kib=kib, needed_bytes=pages * page, available_bytes=have * page)
     for (node, page), pages in huge_need.items():
@@ -264,10 +279,13 @@ def check_capacity(targets: Sequence[_Target], host: HostFacts) -> None:
 
 def _open(target: _Target) -> Backing:
     spec = target.spec
+    if spec.tmpfile_dir is not None:
+        return _open_tmpfile(target)
     if spec.path is None:
         flags = os.MFD_CLOEXEC
         if spec.page_size_kib:
-            flags |= os.MFD_HUGETLB | ((spec.page_size_kib * 1024).bit_length() - 1) << MFD_HUGE_SHIFT
+            log2_page = (spec.page_size_kib * 1024).bit_length() - 1
+            flags |= os.MFD_HUGETLB | log2_page << MFD_HUGE_SHIFT
         try:
             fd = os.memfd_create(spec.name, flags)
             os.ftruncate(fd, spec.size_bytes)
@@ -295,6 +313,28 @@ def _open(target: _Target) -> Backing:
         raise BackingError(f"cannot size or set owner of {spec.path}: {e.strerror}",
                            path=spec.path) from e
     return backing
+
+
+def _open_tmpfile(target: _Target) -> Backing:
+    """An unlinked file in ``spec.tmpfile_dir``: nothing to record or remove, ever."""
+    spec = target.spec
+    directory = spec.tmpfile_dir or ""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, spec.mode)
+    except OSError as e:
+        raise BackingError(f"cannot create an unlinked file in {directory}: {e.strerror} "
+                           "(O_TMPFILE needs Linux 3.11 and a filesystem that has it, such as "
+                           "hugetlbfs or tmpfs)") from e
+    try:
+        os.ftruncate(fd, spec.size_bytes)
+        if spec.uid is not None or spec.gid is not None:
+            os.fchown(fd, -1 if spec.uid is None else spec.uid,
+                      -1 if spec.gid is None else spec.gid)
+    except OSError as e:
+        os.close(fd)
+        raise BackingError(f"cannot size or set owner of an unlinked file in {directory}: "
+                           f"{e.strerror}") from e
+    return Backing(spec, fd, target.fs_kind, target.page_size_bytes, created=False)
 
 
 def open_backings(specs: Sequence[BackingSpec], host: HostFacts) -> list[Backing]:
