@@ -1,3 +1,3 @@
-"""kvmaccel: populate large KVM guest memory backings in parallel, NUMA-aware, before QEMU starts."""
+"""kvmaccel: populate large KVM guest memory in parallel, NUMA-aware, before QEMU starts."""
 
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ configurations alternated within each round, medians quoted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import multiprocessing
@@ -219,7 +220,7 @@ def _burn(rounds: int, ready: Any, go: Any) -> None:
 
 
 def run_competitor(cpus: int, rounds: int,
-                   during: Callable[[], contextlib.AbstractContextManager[object]] | None = None
+                   during: Callable[[], contextlib.AbstractContextManager[None]] | None = None
                    ) -> float:
     """Seconds for ``cpus`` processes (nice 0) to each finish ``rounds`` of work, while the
     context ``during()`` is entered.  The processes are forked before ``during`` starts any
@@ -251,10 +252,10 @@ def run_competitor(cpus: int, rounds: int,
 
 
 @contextlib.contextmanager
-def populating_loop(backing: BenchBacking, host: HostFacts, limits: Limits | None
-                    ) -> Iterator[list[PopulateResult]]:
-    """Populate and free over and over in a background thread while the block runs."""
-    results: list[PopulateResult] = []
+def populating_loop(backing: BenchBacking, host: HostFacts, limits: Limits | None,
+                    results: list[PopulateResult]) -> Iterator[None]:
+    """Populate and free over and over in a background thread while the block runs,
+    appending each result to ``results``.  ``limits`` None: do nothing (the load alone)."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -270,7 +271,7 @@ def populating_loop(backing: BenchBacking, host: HostFacts, limits: Limits | Non
     thread = threading.Thread(target=loop, name="kvmaccel-bench-loop")
     thread.start()
     try:
-        yield results
+        yield
     finally:
         stop.set()
         thread.join()
@@ -293,14 +294,17 @@ def scaling(backing: BenchBacking, host: HostFacts, threads: Sequence[int], runs
     # that no configuration always inherits the page state its predecessor left.
     configs: list[tuple[str, Callable[[], float]]] = [
         ("bare", lambda: bare_madvise_once(backing, host))]
+    def engine_run(t: int) -> float:
+        return run_once(backing, host, bench_limits(t, nice), f"t{t}").seconds
+
     for t in threads:
-        configs.append((f"t{t}", lambda t=t: run_once(backing, host, bench_limits(t, nice),
-                                                        f"t{t}").seconds))
+        configs.append((f"t{t}", functools.partial(engine_run, t)))
     if qemu:
-        configs.append(("startup", lambda: qemu_prealloc_once(qemu, backing, 1, False, "s")))
+        configs.append(("startup", functools.partial(qemu_prealloc_once, qemu, backing, 1,
+                                                     False, "s")))
         for t in threads:
-            configs.append((f"qemu{t}", lambda t=t: qemu_prealloc_once(qemu, backing, t, True,
-                                                                        f"q{t}")))
+            configs.append((f"qemu{t}", functools.partial(qemu_prealloc_once, qemu, backing, t,
+                                                          True, f"q{t}")))
     times: dict[str, list[float]] = {key: [] for key, _ in configs}
     for r in range(runs):
         shift = r % len(configs)
@@ -367,20 +371,9 @@ def competitor(backing: BenchBacking, host: HostFacts, threads: int, seconds: fl
     lines = [("scenario", "load s", "load slowdown", "vs caller only", "populate GiB/s",
               "helpers")]
     for name, limits in scenarios:
-        holder: list[list[PopulateResult]] = []
-
-        def during(limits: Limits | None = limits) -> contextlib.AbstractContextManager[object]:
-            cm = populating_loop(backing, host, limits)
-
-            @contextlib.contextmanager
-            def wrapped() -> Iterator[object]:
-                with cm as results:
-                    holder.append(results)
-                    yield results
-            return wrapped()
-
-        load_s = run_competitor(cpus, rounds, during)
-        results = holder[0] if holder else []
+        results: list[PopulateResult] = []
+        load_s = run_competitor(cpus, rounds, functools.partial(
+            populating_loop, backing, host, limits, results))
         gibs = (sum(r.bytes_total for r in results) / GIB / sum(r.seconds for r in results)
                 if results else 0.0)
         helpers = statistics.fmean(r.threads - 1 for r in results) if results else 0.0

@@ -135,7 +135,8 @@ def test_host_wide_cap_holds_across_processes(shm_dir: str) -> None:
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         assert HostSlots(1).acquire(1) == 0
-        limits = Limits(threads=2, max_helpers_host=1, min_chunk_bytes=16 * MIB, idle_cpus_only=False)
+        limits = Limits(threads=2, max_helpers_host=1, min_chunk_bytes=16 * MIB,
+                        idle_cpus_only=False)
         _, result = populate_backings([BackingSpec(os.path.join(shm_dir, "a"), 64 * MIB)],
                                       read_host(), limits)
         assert result.threads == 1 and sum(result.helpers_per_node.values()) == 0
@@ -144,6 +145,5 @@ def test_host_wide_cap_holds_across_processes(shm_dir: str) -> None:
         holder.communicate("")
     # The holder is gone, so is its lock: the slot is free again.
     _, result = populate_backings([BackingSpec(os.path.join(shm_dir, "b"), 64 * MIB)],
-                                  read_host(), Limits(threads=2, max_helpers_host=1,
-                                                      min_chunk_bytes=16 * MIB, idle_cpus_only=False))
+                                  read_host(), limits)
     assert result.threads == 2

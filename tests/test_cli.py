@@ -67,7 +67,8 @@ def test_release_refuses_foreign_file(shm_dir: str) -> None:
         f.write("keep me")
     proc = kvmaccel("release", path)
     assert proc.returncode == 1 and "not created by kvmaccel" in proc.stderr
-    assert open(path).read() == "keep me"
+    with open(path) as f:
+        assert f.read() == "keep me"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

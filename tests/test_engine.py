@@ -40,7 +40,8 @@ def memfd(size: int, huge_kib: int | None = None) -> int:
 
 
 def two_threads() -> Limits:
-    return Limits(threads=2, max_helpers_host=1, max_helpers_per_node=1, min_chunk_bytes=16 * MIB, idle_cpus_only=False)
+    return Limits(threads=2, max_helpers_host=1, max_helpers_per_node=1,
+                  min_chunk_bytes=16 * MIB, idle_cpus_only=False)
 
 
 def test_memfd_populated_and_resident() -> None:
