@@ -8,11 +8,11 @@ configured here and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import logging
 import os
 import pwd
-import grp
 import signal
 import sys
 import threading
