@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import sysmem
-from .engine import EngineOps, PopulateResult, ProgressFn, WorkItem, populate, split_across_nodes
+from .engine import EngineOps, PopulateResult, ProgressFn, WorkItem, populate
 from .errors import BackingError, CapacityError, KvmaccelError, UsageError
 from .host import HostFacts
-from .limits import Limits
+from .limits import Limits, split_across_nodes
 from .slots import run_dir
 from .units import format_size
 

@@ -482,24 +482,6 @@ def _caller_loop(run: _Run, progress: ProgressFn | None, total: int, caller_tid:
         raise
 
 
-def split_across_nodes(size_bytes: int, nodes: Sequence[int], page_size_bytes: int
-                       ) -> list[tuple[int | None, int, int]]:
-    """Split ``size_bytes`` into one contiguous ``(node, offset, length)`` part per node,
-    each a whole number of pages (the last part takes the remainder).  No nodes: one part
-    for any node."""
-    if not nodes:
-        return [(None, 0, size_bytes)]
-    pages = size_bytes // page_size_bytes
-    per_node = pages // len(nodes)
-    parts: list[tuple[int | None, int, int]] = []
-    offset = 0
-    for i, node in enumerate(nodes):
-        count = per_node if i < len(nodes) - 1 else pages - per_node * (len(nodes) - 1)
-        parts.append((node, offset, count * page_size_bytes))
-        offset += count * page_size_bytes
-    return parts
-
-
 def describe_helpers(result: PopulateResult) -> str:
     """``node 0: 3, node 1: 3`` for logs."""
     parts = []

@@ -16,6 +16,7 @@ helpers a run will start (less any host-wide slots other processes hold at that 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -156,3 +157,20 @@ def chunk_size_bytes(total_bytes: int, threads: int, page_size_bytes: int,
     a multiple of ``page_size_bytes``."""
     size = max(math.ceil(total_bytes / (threads * CHUNKS_PER_THREAD)), min_chunk_bytes)
     return -(-size // page_size_bytes) * page_size_bytes
+
+
+def split_across_nodes(size_bytes: int, nodes: Sequence[int], page_size_bytes: int
+                       ) -> list[tuple[int | None, int, int]]:
+    """Split ``size_bytes`` into one contiguous ``(node, offset_bytes, length_bytes)`` part per
+    node, each a whole number of pages, the remainder pages going to the first nodes.  No
+    nodes: one part for any node.  The planner and the engine both split with this."""
+    if not nodes:
+        return [(None, 0, size_bytes)]
+    per_node, extra = divmod(size_bytes // page_size_bytes, len(nodes))
+    parts: list[tuple[int | None, int, int]] = []
+    offset = 0
+    for i, node in enumerate(nodes):
+        length = (per_node + (1 if i < extra else 0)) * page_size_bytes
+        parts.append((node, offset, length))
+        offset += length
+    return parts

@@ -76,7 +76,7 @@ from typing import Any
 from .domain import Domain, MemoryDevice
 from .errors import PlanError
 from .host import HostFacts, Mount
-from .limits import HelperPlan, Limits, distribute_helpers
+from .limits import HelperPlan, Limits, distribute_helpers, split_across_nodes
 from .qemuconf import QemuConf
 from .units import MIB, align_up, format_cpu_spec, format_size
 
@@ -396,12 +396,8 @@ def _backend(ctx: _Ctx, src: _Source) -> BackendPlan:
 def split_by_node(backend: BackendPlan) -> dict[int | None, int]:
     """Bytes of ``backend`` per host node: all on its one node, evenly (in whole pages, the
     remainder to the first nodes) over several, or ``{None: size}`` when it is not bound."""
-    if not backend.host_nodes:
-        return {None: backend.file_size_bytes}
-    page = backend.page_size_kib * 1024
-    pages, extra = divmod(backend.file_size_bytes // page, len(backend.host_nodes))
-    return {n: (pages + (1 if i < extra else 0)) * page
-            for i, n in enumerate(backend.host_nodes)}
+    return {node: length for node, _, length in split_across_nodes(
+        backend.file_size_bytes, backend.host_nodes or (), backend.page_size_kib * 1024)}
 
 
 def _node_key(node: int | None) -> tuple[bool, int]:

@@ -12,10 +12,10 @@ import pytest
 
 from kvmaccel import sysmem
 from kvmaccel.backing import BackingSpec, populate_backings
-from kvmaccel.engine import EngineOps, WorkItem, populate, split_across_nodes
+from kvmaccel.engine import EngineOps, WorkItem, populate
 from kvmaccel.errors import CancelledError, PopulateError
 from kvmaccel.host import HostFacts, NumaNode, read_host
-from kvmaccel.limits import Limits
+from kvmaccel.limits import Limits, split_across_nodes
 
 from .conftest import free_hugepages_2m
 
@@ -326,8 +326,8 @@ def test_split_across_nodes() -> None:
     assert split_across_nodes(10 * page, (), page) == [(None, 0, 10 * page)]
     assert split_across_nodes(10 * page, (0, 1), page) == [(0, 0, 5 * page),
                                                           (1, 5 * page, 5 * page)]
-    assert split_across_nodes(7 * page, (2, 3), page) == [(2, 0, 3 * page),
-                                                         (3, 3 * page, 4 * page)]
+    assert split_across_nodes(7 * page, (2, 3), page) == [(2, 0, 4 * page),
+                                                         (3, 4 * page, 3 * page)]
 
 
 def test_niced_helpers_only_on_idle_cpus() -> None:
