@@ -487,7 +487,7 @@ def describe_helpers(result: PopulateResult) -> str:
     parts = []
     for node, count in sorted(result.helpers_per_node.items(),
                               key=lambda kv: (kv[0] is None, kv[0] or 0)):
-        parts.append(f"{'any' if node is None else f'node {node}'}: {count}")
+        parts.append(f"{'any node' if node is None else f'node {node}'}: {count}")
     return ", ".join(parts) or "none"
 
 

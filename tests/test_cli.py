@@ -92,3 +92,19 @@ def test_signal_cancels_and_leaves_nothing(shm_dir: str, run_dir: str, signum: i
     assert "cancelled" in err
     assert not os.path.exists(path)
     assert os.listdir(os.path.join(run_dir, "files")) == []
+
+
+def test_progress_bar_on_a_tty(shm_dir: str) -> None:
+    """On a terminal (util-linux's script gives one) populate draws a progress bar."""
+    import shlex
+    import shutil
+
+    if shutil.which("script") is None:
+        pytest.fail("util-linux's script is missing (Debian: bsdutils)")
+    path = os.path.join(shm_dir, "tty")
+    command = shlex.join([sys.executable, "-m", "kvmaccel", "populate", path, "--size", "512M"])
+    proc = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "100"})
+    assert proc.returncode == 0, proc.stdout
+    assert "populating" in proc.stdout and "100%" in proc.stdout
+    assert f"{path}: 512M in " in proc.stdout
