@@ -240,3 +240,6 @@ def bench(size: str, kind: str, page_size: str | None, directory: str | None,
 from .cli_plan import plan  # noqa: E402
 
 main.add_command(plan)
+from .cli_hook import hook  # noqa: E402
+
+main.add_command(hook)

@@ -88,3 +88,18 @@ class ConfigError(KvmaccelError):
     """The kvmaccel configuration file is malformed."""
 
     exit_code = 2
+
+
+class HookError(KvmaccelError):
+    """The libvirt hook cannot be installed or removed (a foreign file, a missing directory)."""
+class NotPopulatedError(KvmaccelError):
+    """The plan left some memory backend out (``prealloc``); the rest was populated.
+
+    ``backends`` holds ``(backend_id, reason)`` for each backend left out.
+    """
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, backends: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.backends = backends
