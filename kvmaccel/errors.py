@@ -92,6 +92,8 @@ class ConfigError(KvmaccelError):
 
 class HookError(KvmaccelError):
     """The libvirt hook cannot be installed or removed (a foreign file, a missing directory)."""
+
+
 class NotPopulatedError(KvmaccelError):
     """The plan left some memory backend out (``prealloc``); the rest was populated.
 
