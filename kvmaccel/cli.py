@@ -243,3 +243,7 @@ main.add_command(plan)
 from .cli_hook import hook  # noqa: E402
 
 main.add_command(hook)
+from .cli_run import COMMANDS as RUN_COMMANDS  # noqa: E402
+
+for command in RUN_COMMANDS:  # run, prealloc, status
+    main.add_command(command)
