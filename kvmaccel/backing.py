@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import sysmem
@@ -362,15 +362,19 @@ def populate_backings(
     cancel: threading.Event | None = None,
     ops: EngineOps | None = None,
     keep_open: bool = False,
+    on_open: Callable[[list[Backing]], None] | None = None,
 ) -> tuple[list[Backing], PopulateResult]:
     """Create (or reopen) and populate every backing.  Returns the backings (closed unless
     ``keep_open``; memfds are always kept open, since closing one frees it) and the result.
+    ``on_open`` is called with the backings once they exist, before population.
 
     On any error or cancel every file this call created is removed, then the error is
     raised (a :class:`~kvmaccel.errors.KvmaccelError`).
     """
     backings = open_backings(specs, host)
     try:
+        if on_open:
+            on_open(backings)
         items = [item for backing in backings for item in backing.work_items()]
         result = populate(items, host, limits, progress=progress, cancel=cancel, ops=ops)
     except BaseException as e:

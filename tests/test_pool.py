@@ -1,0 +1,256 @@
+"""The warm pool on real hugetlbfs and tmpfs files: states, linking, scrubbing, limits."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kvmaccel import sysmem
+from kvmaccel.host import read_host
+from kvmaccel.limits import Limits
+from kvmaccel.pool import Pool, PoolError, PoolKey, key_for, pool_dir_for
+
+from .conftest import free_hugepages_2m
+
+MIB = 1 << 20
+PATTERN = b"guest-secret-"
+
+
+@pytest.fixture
+def huge_area(hugetlbfs: str) -> Iterator[tuple[str, str]]:
+    """(pool directory, guest directory) on the 2M hugetlbfs, removed afterwards."""
+    base = tempfile.mkdtemp(prefix="kvtest-pool-", dir=hugetlbfs)
+    pool_dir, guest_dir = os.path.join(base, "pool"), os.path.join(base, "guest")
+    os.makedirs(guest_dir)
+    yield pool_dir, guest_dir
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def limits() -> Limits:
+    return Limits(threads=2, max_helpers_host=1, min_chunk_bytes=16 * MIB, idle_cpus_only=False)
+
+
+def write_pattern(path: str, size: int, every: int) -> None:
+    """What a guest does: write its data all over the memory."""
+    fd = os.open(path, os.O_RDWR)
+    addr = sysmem.mmap_shared(fd, size)
+    try:
+        for offset in range(0, size, every):
+            ctypes.memmove(addr + offset, PATTERN, len(PATTERN))
+    finally:
+        sysmem.munmap(addr, size)
+        os.close(fd)
+
+
+def pattern_count(path: str, size: int) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+            return m[:].count(PATTERN)
+    finally:
+        os.close(fd)
+
+
+def test_key_filename_round_trip() -> None:
+    key = PoolKey(8 << 30, 2048, (0, 1), "bind", "0b7e3a38-7b0e-4c0e-9d7b-6b0c5a1b2c3d")
+    assert PoolKey.from_filename(key.filename("0123abcd")) == key
+    assert PoolKey.from_filename(PoolKey(4096, 4).filename("deadbeef")) == PoolKey(4096, 4)
+    assert PoolKey.from_filename("not-ours") is None
+    with pytest.raises(Exception, match="multiple"):
+        key_for(3 * MIB, 2048)
+
+
+def test_pool_dir_is_on_the_guests_filesystem() -> None:
+    mounts = read_host().mounts
+    assert pool_dir_for("/dev/shm/libvirt/qemu/1-x/pc.ram", mounts) == "/dev/shm/.kvmaccel-pool"
+    with pytest.raises(Exception, match="not hugetlbfs or tmpfs"):
+        pool_dir_for("/var/lib/libvirt/qemu/ram/1-x/pc.ram", mounts)
+
+
+def test_guest_data_never_reaches_the_next_guest(huge_area: tuple[str, str]) -> None:
+    pool_dir, guest_dir = huge_area
+    host = read_host()
+    pool = Pool(pool_dir)
+    key = key_for(32 * MIB, 2048)
+    free_before = free_hugepages_2m()
+    pool.fill(key, 2, host, limits())
+    assert [e.state for e in pool.entries()] == ["clean", "clean"]
+    assert free_before - free_hugepages_2m() == 32
+
+    # Guest A starts from the pool and writes all over its memory.
+    target = os.path.join(guest_dir, "a-ram")
+    taken = pool.take(key, target, domain_uuid="uuid-a", backend_id="pc.ram", uid=65534)
+    assert taken is not None and os.stat(target).st_nlink == 2
+    assert os.stat(target).st_uid == 65534 and os.stat(target).st_mode & 0o777 == 0o600
+    write_pattern(target, 32 * MIB, 2 * MIB)
+    os.unlink(target)  # libvirt removes the guest's directory after it stops
+    assert {e.state for e in pool.entries()} == {"clean", "dirty"}  # its guest is gone
+
+    pool.release_domain("uuid-a")
+    dirty = [e for e in pool.entries() if e.state == "dirty"]
+    assert len(dirty) == 1 and pattern_count(dirty[0].path, 32 * MIB) == 16
+
+    # Guest B gets the other clean file, never the dirty one; then none is left.
+    b1 = pool.take(key, os.path.join(guest_dir, "b-ram"), domain_uuid="uuid-b",
+                   backend_id="pc.ram")
+    assert b1 is not None and b1.path != dirty[0].path
+    assert pool.take(key, os.path.join(guest_dir, "c-ram"), domain_uuid="uuid-c",
+                     backend_id="pc.ram") is None
+    assert not os.path.exists(os.path.join(guest_dir, "c-ram"))
+
+    # The scrub zeroes it; guest C then gets it, with none of A's bytes.
+    assert [e.path for e in pool.scrub(host, limits())] == [dirty[0].path]
+    c = pool.take(key, os.path.join(guest_dir, "c-ram"), domain_uuid="uuid-c",
+                  backend_id="pc.ram")
+    assert c is not None and c.path == dirty[0].path
+    assert pattern_count(os.path.join(guest_dir, "c-ram"), 32 * MIB) == 0
+    assert free_before - free_hugepages_2m() == 32  # the pool kept its pages throughout
+
+
+def test_unreadable_or_foreign_state_is_dirty(huge_area: tuple[str, str]) -> None:
+    pool_dir, guest_dir = huge_area
+    pool = Pool(pool_dir)
+    key = key_for(4 * MIB, 2048)
+    pool.fill(key, 2, read_host(), limits())
+    first, second = pool.entries()
+    with open(pool._state_path(first.path), "w") as f:
+        f.write("{not json")
+    record = json.load(open(pool._state_path(second.path)))
+    record["ino"] += 1  # a state written for another file
+    with open(pool._state_path(second.path), "w") as f:
+        json.dump(record, f)
+    assert [e.state for e in pool.entries()] == ["dirty", "dirty"]
+    assert pool.take(key, os.path.join(guest_dir, "x"), domain_uuid="u",
+                     backend_id="pc.ram") is None
+
+
+def test_clean_file_with_a_second_link_is_not_handed_out(huge_area: tuple[str, str]) -> None:
+    pool_dir, guest_dir = huge_area
+    pool = Pool(pool_dir)
+    key = key_for(4 * MIB, 2048)
+    pool.fill(key, 1, read_host(), limits())
+    (entry,) = pool.entries()
+    os.link(entry.path, os.path.join(guest_dir, "sneaky"))
+    assert pool.entries()[0].state == "dirty"
+    assert pool.take(key, os.path.join(guest_dir, "x"), domain_uuid="u",
+                     backend_id="pc.ram") is None
+
+
+def test_scrub_killed_midway_leaves_the_file_dirty(shm_dir: str) -> None:
+    """SIGKILL the scrubbing process while it zeroes: the file is never handed out until a
+    later scrub finishes."""
+    pool_dir, guest_dir = os.path.join(shm_dir, "pool"), os.path.join(shm_dir, "guest")
+    os.makedirs(guest_dir)
+    pool = Pool(pool_dir)
+    key = key_for(1024 * MIB, 4)
+    pool.fill(key, 1, read_host(), limits())
+    target = os.path.join(guest_dir, "ram")
+    assert pool.take(key, target, domain_uuid="u1", backend_id="pc.ram")
+    write_pattern(target, 1024 * MIB, 1 * MIB)
+    os.unlink(target)
+    pool.release_domain("u1")
+    script = (
+        "import sys, time\n"
+        "from kvmaccel import pool as p\n"
+        "from kvmaccel.host import read_host\n"
+        "real = p.zero_file\n"
+        "def slow(*a, **k):\n"
+        "    print('zeroing', flush=True)\n"
+        "    time.sleep(60)\n"
+        "p.zero_file = slow\n"
+        f"p.Pool({pool_dir!r}).scrub(read_host())\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "zeroing"
+        (entry,) = pool.entries()
+        assert entry.state == "scrubbing" and entry.recorded_state == "scrubbing"
+        assert Pool(pool_dir).scrub(read_host()) == []  # another scrubber holds it
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (entry,) = pool.entries()
+    assert entry.recorded_state == "scrubbing" and entry.state == "dirty"
+    assert pool.take(key, os.path.join(guest_dir, "next"), domain_uuid="u2",
+                     backend_id="pc.ram") is None
+    assert [e.path for e in pool.scrub(read_host(), limits())] == [entry.path]
+    assert pool.take(key, os.path.join(guest_dir, "next"), domain_uuid="u2",
+                     backend_id="pc.ram") is not None
+    assert pattern_count(os.path.join(guest_dir, "next"), 1024 * MIB) == 0
+
+
+def test_real_interrupted_zeroing_is_never_clean(shm_dir: str) -> None:
+    """The real zeroing, killed with SIGKILL as soon as it starts: the file is dirty, or (if
+    the scrub won the race) clean and really all zero: never clean with data in it."""
+    pool_dir = os.path.join(shm_dir, "pool")
+    pool = Pool(pool_dir)
+    key = key_for(2048 * MIB, 4)
+    pool.fill(key, 1, read_host(), limits())
+    (entry,) = pool.entries()
+    write_pattern(entry.path, 2048 * MIB, 1 * MIB)
+    pool._write_state(entry.path, "dirty")
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "from kvmaccel.pool import Pool\n"
+                             "from kvmaccel.host import read_host\n"
+                             f"Pool({pool_dir!r}).scrub(read_host())\n"])
+    deadline = time.monotonic() + 30
+    while pool.entries()[0].recorded_state != "scrubbing" and time.monotonic() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (entry,) = pool.entries()
+    if entry.state == "clean":
+        assert pattern_count(entry.path, 2048 * MIB) == 0
+    else:
+        assert entry.state == "dirty" and entry.recorded_state == "scrubbing"
+        assert pool.take(key, os.path.join(shm_dir, "g"), domain_uuid="u",
+                         backend_id="pc.ram") is None
+
+
+def test_pool_limits(huge_area: tuple[str, str]) -> None:
+    pool_dir, guest_dir = huge_area
+    key = key_for(8 * MIB, 2048, (0,), "bind")
+    pool = Pool(pool_dir, max_bytes=16 * MIB)
+    pool.fill(key, 2, read_host(), limits())
+    with pytest.raises(PoolError, match="would pass its limit of 16M"):
+        pool.fill(key, 1, read_host(), limits())
+    assert len(pool.entries()) == 2
+    guest = os.path.join(guest_dir, "fresh")
+    with open(guest, "wb"):
+        pass
+    assert pool.adopt(guest, key, domain_uuid="u", backend_id="pc.ram") is None  # not refilled
+    per_node = Pool(pool_dir, max_node_bytes=16 * MIB)
+    assert "per-node limit of 16M" in (per_node.room_for(key) or "")
+
+
+def test_adopt_then_drain_returns_every_page(huge_area: tuple[str, str]) -> None:
+    pool_dir, guest_dir = huge_area
+    host = read_host()
+    free_before = free_hugepages_2m()
+    pool = Pool(pool_dir)
+    key = key_for(16 * MIB, 2048)
+    pool.fill(key, 2, host, limits())
+    # A guest's freshly populated file joins the pool, in use by that guest.
+    guest = os.path.join(guest_dir, "ram")
+    fd = os.open(guest, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 16 * MIB)
+    os.close(fd)
+    adopted = pool.adopt(guest, key, domain_uuid="u", backend_id="pc.ram")
+    assert adopted is not None and adopted.state == "in_use"
+    assert pool.drain() == 32 * MIB  # never the file in use
+    assert [e.state for e in pool.entries()] == ["in_use"]
+    os.unlink(guest)
+    pool.release_domain("u")
+    assert pool.drain() == 16 * MIB
+    assert pool.entries() == []
+    assert free_hugepages_2m() == free_before
