@@ -126,7 +126,8 @@ def test_unreadable_or_foreign_state_is_dirty(huge_area: tuple[str, str]) -> Non
     first, second = pool.entries()
     with open(pool._state_path(first.path), "w") as f:
         f.write("{not json")
-    record = json.load(open(pool._state_path(second.path)))
+    with open(pool._state_path(second.path)) as f:
+        record = json.load(f)
     record["ino"] += 1  # a state written for another file
     with open(pool._state_path(second.path), "w") as f:
         json.dump(record, f)
