@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .cli import cancel_on_signals, limits_options, make_limits, progress_bar
+from .cli_common import cancel_on_signals, limits_options, make_limits, progress_bar
 from .engine import describe_helpers
 from .errors import UsageError
 from .host import read_host
@@ -173,6 +173,31 @@ def status(domain_name: str | None, uri: str | None, pid: int | None, as_json: b
                    f"{_nodes_text(b)}")
 
 
+@click.command(name="bench-run")
+@click.option("--size", default="8G", show_default=True, help="Guest RAM.")
+@click.option("--dir", "directory", default="/dev/hugepages", show_default=True,
+              help="hugetlbfs directory for the guest's mem-path.")
+@click.option("--threads", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Populating threads, for QEMU (prealloc-threads) and kvmaccel alike.")
+@click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.option("--qemu", default="qemu-system-x86_64", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the times as JSON.")
+def bench_run_cmd(size: str, directory: str, threads: int, runs: int, qemu: str,
+                  as_json: bool) -> None:
+    """Time to a running QEMU: its own prealloc against kvmaccel run (medians, one run)."""
+    from .bench_run import bench_run
+    from .units import parse_size
+
+    check_program([qemu])
+    emit = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+    result = bench_run(qemu, directory, parse_size(size), threads, runs, emit)
+    if as_json:
+        click.echo(json.dumps({"size_bytes": result.size_bytes, "threads": result.threads,
+                               "seconds": result.seconds,
+                               "medians": {c: result.median(c) for c in result.seconds},
+                               "ratio_qemu_over_kvmaccel": result.ratio}, indent=2))
+
+
 # Explicitly typed names for kvmaccel.cli to register: cli.py and this module import each
 # other, and mypy cannot infer a decorated command's type across that cycle.
-COMMANDS: tuple[click.Command, ...] = (run, prealloc, status)
+COMMANDS: tuple[click.Command, ...] = (run, prealloc, status, bench_run_cmd)

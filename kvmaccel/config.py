@@ -37,6 +37,11 @@ its default::
     max_helpers = -1                    # host-wide, shared by all kvmaccel runs; -1: 80%
     min_chunk_mib = 128                 # smallest chunk of work, MiB
 
+    [pool]                              # the warm pool (see `kvmaccel pool --help`)
+    enabled = true                      # start guests from clean pool files; scrub after
+    max_mib = 0                         # most a pool may hold per filesystem, MiB; 0: no cap
+    max_node_mib = 0                    # most a pool may hold per NUMA node, MiB; 0: no cap
+
 Unknown keys and values of the wrong type raise :class:`~kvmaccel.errors.ConfigError` naming
 the file and key, so that a typo never silently does nothing.  ``<allocation threads='N'/>``
 in the domain XML still caps ``threads`` (the smaller one wins).
@@ -77,12 +82,17 @@ class HookConfig:
     qemu_conf: str = "/etc/libvirt/qemu.conf"
     limits: Limits = field(default_factory=Limits)
     path: str | None = None
+    pool_enabled: bool = True
+    pool_max_bytes: int | None = None
+    pool_max_node_bytes: int | None = None
 
 
 _TOP: dict[str, type | tuple[type, ...]] = {
     "strict": bool, "enabled": bool, "populate_timeout_s": (int, float), "syslog": bool,
     "log_file": str, "log_level": str, "run_dir": str, "qemu_conf": str, "limits": dict,
+    "pool": dict,
 }
+_POOL: dict[str, type] = {"enabled": bool, "max_mib": int, "max_node_mib": int}
 _LIMITS: dict[str, type] = {
     "threads": int, "nice": int, "max_helpers_per_node": int, "max_helpers": int,
     "min_chunk_mib": int,
@@ -111,6 +121,11 @@ def parse_config(text: str, path: str = "<string>") -> HookConfig:
     _check(data, _TOP, "", path)
     lim = data.pop("limits", {})
     _check(lim, dict(_LIMITS), "limits.", path)
+    pool = data.pop("pool", {})
+    _check(pool, dict(_POOL), "pool.", path)
+    for key in ("max_mib", "max_node_mib"):
+        if pool.get(key, 0) < 0:
+            raise ConfigError(f"{path}: pool.{key} must be 0 (no cap) or more MiB")
     timeout = float(data.get("populate_timeout_s", 0))
     if timeout < 0:
         raise ConfigError(f"{path}: populate_timeout_s must be 0 (no limit) or more seconds")
@@ -137,6 +152,9 @@ def parse_config(text: str, path: str = "<string>") -> HookConfig:
         log_file=data.get("log_file", DEFAULT_LOG_FILE), log_file_set="log_file" in data,
         log_level=level, run_dir=data.get("run_dir", DEFAULT_RUN_DIR),
         qemu_conf=data.get("qemu_conf", "/etc/libvirt/qemu.conf"), limits=limits, path=path,
+        pool_enabled=pool.get("enabled", True),
+        pool_max_bytes=pool.get("max_mib", 0) * MIB or None,
+        pool_max_node_bytes=pool.get("max_node_mib", 0) * MIB or None,
     )
 
 
