@@ -180,9 +180,11 @@ def status(domain_name: str | None, uri: str | None, pid: int | None, as_json: b
 @click.option("--threads", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Populating threads, for QEMU (prealloc-threads) and kvmaccel alike.")
 @click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.option("--nice", type=int, default=0, show_default=True,
+              help="Niceness of kvmaccel's helpers (QEMU's threads run at 0).")
 @click.option("--qemu", default="qemu-system-x86_64", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the times as JSON.")
-def bench_run_cmd(size: str, directory: str, threads: int, runs: int, qemu: str,
+def bench_run_cmd(size: str, directory: str, threads: int, runs: int, nice: int, qemu: str,
                   as_json: bool) -> None:
     """Time to a running QEMU: its own prealloc against kvmaccel run (medians, one run)."""
     from .bench_run import bench_run
@@ -190,7 +192,7 @@ def bench_run_cmd(size: str, directory: str, threads: int, runs: int, qemu: str,
 
     check_program([qemu])
     emit = (lambda line: click.echo(line, err=True)) if as_json else click.echo
-    result = bench_run(qemu, directory, parse_size(size), threads, runs, emit)
+    result = bench_run(qemu, directory, parse_size(size), threads, runs, emit, nice)
     if as_json:
         click.echo(json.dumps({"size_bytes": result.size_bytes, "threads": result.threads,
                                "seconds": result.seconds,
