@@ -77,6 +77,11 @@ def _kill(pidfile: str) -> None:
         time.sleep(0.01)
 
 
+def _available(page_kib: int) -> int:
+    pool = read_host().hugepages.get(page_kib)
+    return pool.available_pages if pool else 0
+
+
 def start_once(config: str, qemu: str, directory: str, size_bytes: int, threads: int,
                nice: int = 0) -> float:
     """Seconds from spawn to a running (daemonized) QEMU for ``config``.  Raises HostError."""
@@ -99,11 +104,12 @@ def start_once(config: str, qemu: str, directory: str, size_bytes: int, threads:
 
 
 def bench_run(qemu: str, directory: str, size_bytes: int, threads: int, runs: int,
-              emit: Callable[[str], None], nice: int = 0) -> BenchRunResult:
+              emit: Callable[[str], None], nice: int = 0, wait_s: float = 0.0) -> BenchRunResult:
     """Time every configuration ``runs`` times (after one warm-up round).
 
-    Raises :class:`CapacityError` when the hugetlbfs pool lacks the pages for one guest
-    (checked before every start: the pool is shared), HostError when QEMU fails.
+    Raises :class:`CapacityError` when the hugetlbfs pool lacks the pages for one guest for
+    ``wait_s`` seconds (checked before every start: the pool is shared), HostError when QEMU
+    fails.
     """
     mount = next((m for m in read_host().hugetlbfs_mounts
                   if os.path.realpath(directory).startswith(m.path)), None)
@@ -115,8 +121,9 @@ def bench_run(qemu: str, directory: str, size_bytes: int, threads: int, runs: in
     for round_no in range(runs + 1):
         order = CONFIGS[round_no % 3:] + CONFIGS[:round_no % 3]
         for config in order:
-            pool = read_host().hugepages.get(page_kib)
-            free = pool.available_pages if pool else 0
+            deadline = time.monotonic() + wait_s
+            while (free := _available(page_kib)) < pages and time.monotonic() < deadline:
+                time.sleep(0.5)  # the pool is shared: wait for other users to give pages back
             if free < pages:
                 raise CapacityError(
                     f"need {pages} free {page_kib} KiB huge pages for one guest, the pool has "

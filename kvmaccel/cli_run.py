@@ -182,17 +182,20 @@ def status(domain_name: str | None, uri: str | None, pid: int | None, as_json: b
 @click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True)
 @click.option("--nice", type=int, default=0, show_default=True,
               help="Niceness of kvmaccel's helpers (QEMU's threads run at 0).")
+@click.option("--wait", "wait_s", type=float, default=0.0, show_default=True,
+              help="Seconds to wait for free huge pages before each start (a shared pool).")
 @click.option("--qemu", default="qemu-system-x86_64", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the times as JSON.")
-def bench_run_cmd(size: str, directory: str, threads: int, runs: int, nice: int, qemu: str,
-                  as_json: bool) -> None:
+def bench_run_cmd(size: str, directory: str, threads: int, runs: int, nice: int,
+                  wait_s: float, qemu: str, as_json: bool) -> None:
     """Time to a running QEMU: its own prealloc against kvmaccel run (medians, one run)."""
     from .bench_run import bench_run
     from .units import parse_size
 
     check_program([qemu])
     emit = (lambda line: click.echo(line, err=True)) if as_json else click.echo
-    result = bench_run(qemu, directory, parse_size(size), threads, runs, emit, nice)
+    result = bench_run(qemu, directory, parse_size(size), threads, runs, emit, nice,
+                       wait_s)
     if as_json:
         click.echo(json.dumps({"size_bytes": result.size_bytes, "threads": result.threads,
                                "seconds": result.seconds,
