@@ -105,3 +105,12 @@ class NotPopulatedError(KvmaccelError):
     def __init__(self, message: str, *, backends: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.backends = backends
+
+
+class VirshError(KvmaccelError):
+    """A virsh call or the local libvirt daemon failed (benchmark and tests only).  ``stderr``
+    holds virsh's own message."""
+
+    def __init__(self, message: str, *, stderr: str = "") -> None:
+        super().__init__(message)
+        self.stderr = stderr

@@ -60,6 +60,8 @@ HANDLED_OPS = frozenset({("prepare", "begin"), ("start", "begin"), ("stopped", "
 """(op, subop) pairs kvmaccel acts on; keep in step with the check at the top of hooks/qemu."""
 
 SYSLOG_SOCKET = "/dev/log"
+FALLBACK_CONFIG = HookConfig()
+"""What the hook logs with when the config file itself is broken (then it fails open)."""
 FILE_MODE = 0o600
 
 
@@ -330,7 +332,7 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) ->
     try:
         config = read_config(config_path)
     except KvmaccelError as e:
-        setup_logging(HookConfig(), name, op)
+        setup_logging(FALLBACK_CONFIG, name, op)
         log.error("%s; failing open: the guest starts without kvmaccel", e)
         return 0
     setup_logging(config, name, op)

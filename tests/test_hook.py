@@ -1,0 +1,212 @@
+"""kvmaccel.hook, the libvirt hook contract, on real tmpfs files without libvirt.
+
+What libvirt does around the hook is done here by hand: a qemu.conf whose memory_backing_dir
+is on /dev/shm, the per-domain directory made before ``start begin`` and deleted before
+``stopped end``, the XML on stdin (with ``id`` from prepare on, without it at stop).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import pytest
+
+from kvmaccel import hook
+from kvmaccel.backing import created_by_us
+from kvmaccel.config import HookConfig
+
+NAME = "kvtest-hook"
+UUID = "0e6c4c39-51b0-4b0e-9d7e-6b1d2a3c4d5e"
+SIZE_MIB = 64
+
+
+def domain_xml(size_mib: int = SIZE_MIB, domain_id: int | None = 7) -> bytes:
+    id_attr = f" id='{domain_id}'" if domain_id is not None else ""
+    return f"""<domain type='kvm'{id_attr}>
+  <name>{NAME}</name><uuid>{UUID}</uuid>
+  <memory unit='MiB'>{size_mib}</memory>
+  <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>
+  <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>
+</domain>""".encode()
+
+
+class NoRead(io.BytesIO):
+    def read(self, *args: object) -> bytes:  # type: ignore[override]
+        raise AssertionError("the hook read stdin for an operation it ignores")
+
+
+@dataclass
+class Env:
+    config_path: str
+    log_file: str
+    domain_dir: str
+    file_path: str
+
+    def write_config(self, extra: str = "") -> None:
+        with open(self.config_path, "w") as f:
+            f.write(f'syslog = false\nlog_file = "{self.log_file}"\nlog_level = "debug"\n'
+                    f'run_dir = "{os.environ["KVMACCEL_RUN_DIR"]}"\n'
+                    f'qemu_conf = "{os.path.dirname(self.config_path)}/qemu.conf"\n{extra}')
+
+    def run(self, op: str, subop: str, xml: bytes | None = None) -> int:
+        return hook.main([NAME, op, subop, "-"], io.BytesIO(domain_xml() if xml is None else xml),
+                         config_path=self.config_path)
+
+    def log(self) -> str:
+        with open(self.log_file) as f:
+            return f.read()
+
+
+@pytest.fixture
+def env(tmp_path: object, shm_dir: str, monkeypatch: pytest.MonkeyPatch) -> Env:
+    with open(f"{tmp_path}/qemu.conf", "w") as f:
+        f.write(f'memory_backing_dir = "{shm_dir}"\n')
+    domain_dir = f"{shm_dir}/libvirt/qemu/7-{NAME}"
+    e = Env(f"{tmp_path}/kvmaccel.toml", f"{tmp_path}/hook.log", domain_dir,
+            f"{domain_dir}/pc.ram")
+    e.write_config()
+    monkeypatch.setattr(hook, "FALLBACK_CONFIG", HookConfig(syslog=False, log_file=e.log_file))
+    return e
+
+
+def test_wrong_argv_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert hook.main(["a", "b"], NoRead()) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "usage:" in out.err
+
+
+@pytest.mark.parametrize(("op", "subop"), [
+    ("started", "begin"), ("stopped", "begin"), ("release", "begin"), ("migrate", "begin"),
+    ("restore", "begin"), ("reconnect", "begin"), ("attach", "begin"), ("prepare", "end"),
+    ("start", "end"), ("unknown", "-"),
+])
+def test_other_operations_exit_0_without_reading(op: str, subop: str, env: Env,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert hook.main([NAME, op, subop, "-"], NoRead(), config_path=env.config_path) == 0
+    assert capsys.readouterr() == ("", "")
+    assert not os.path.exists(env.log_file)
+
+
+def test_start_populates_and_stop_removes(env: Env, run_dir: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert env.run("prepare", "begin") == 0
+    assert "plan: populate" in env.log()
+    os.makedirs(env.domain_dir)  # libvirt makes it just before `start begin`
+    assert env.run("start", "begin") == 0
+    st = os.stat(env.file_path)
+    assert st.st_size == SIZE_MIB << 20 and st.st_mode & 0o777 == 0o600
+    assert st.st_blocks * 512 == SIZE_MIB << 20  # every page is there before QEMU runs
+    assert (st.st_uid, st.st_gid) == (os.stat(env.domain_dir).st_uid,
+                                      os.stat(env.domain_dir).st_gid)
+    assert created_by_us(env.file_path)
+    with open(f"{run_dir}/domains/{UUID}.json") as f:
+        state = json.load(f)
+    assert state["files"] == [env.file_path] and state["id"] == 7
+    assert state["result"]["bytes"] == SIZE_MIB << 20
+    summary = [line for line in env.log().splitlines() if "populated 64M in" in line]
+    assert len(summary) == 1 and f"{NAME} start: INFO" in summary[0]
+    assert "GiB/s" in summary[0] and "helpers per node" in summary[0]
+
+    # At stop the XML has no id; the file is found through the uuid.
+    assert env.run("stopped", "end", domain_xml(domain_id=None)) == 0
+    assert not os.path.exists(env.file_path)
+    assert not os.path.exists(f"{run_dir}/domains/{UUID}.json")
+    assert os.listdir(f"{run_dir}/files") == []
+    assert env.run("release", "end", domain_xml(domain_id=None)) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_stop_after_libvirt_removed_the_directory(env: Env, run_dir: str) -> None:
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    shutil.rmtree(env.domain_dir)  # what libvirt does before `stopped end`
+    assert env.run("stopped", "end", domain_xml(domain_id=None)) == 0
+    assert os.listdir(f"{run_dir}/files") == [] and os.listdir(f"{run_dir}/domains") == []
+    assert "libvirt removed the files" in env.log()
+
+
+def test_stop_leaves_a_file_kvmaccel_did_not_create(env: Env, run_dir: str) -> None:
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    os.unlink(env.file_path)
+    with open(env.file_path, "w") as f:  # someone else's file at the same path now
+        f.write("x")
+    assert env.run("stopped", "end", domain_xml(domain_id=None)) == 0
+    assert os.path.exists(env.file_path)
+    assert "left alone" in env.log()
+
+
+def test_existing_file_fails_open_and_is_untouched(env: Env) -> None:
+    os.makedirs(env.domain_dir)
+    with open(env.file_path, "w") as f:
+        f.write("guest data")
+    assert env.run("start", "begin") == 0
+    with open(env.file_path) as f:
+        assert f.read() == "guest data"
+    assert "failing open" in env.log() and "not created by kvmaccel" in env.log()
+
+
+def test_strict_refuses_with_one_line(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    env.write_config("strict = true\n")
+    assert env.run("start", "begin") == 1  # the per-domain directory does not exist
+    err = capsys.readouterr()
+    assert err.out == ""
+    assert err.err.startswith("kvmaccel: ") and err.err.count("\n") == 1
+    assert "libvirt should have created it" in err.err
+    assert "strict = true: refusing the start" in env.log()
+
+
+def test_capacity_checked_at_prepare(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    huge = domain_xml(size_mib=64 << 20)  # 64 TiB: more than any test machine has
+    assert env.run("prepare", "begin", huge) == 0
+    assert "failing open" in env.log() and "is free (MemAvailable)" in env.log()
+    env.write_config("strict = true\n")
+    assert env.run("prepare", "begin", huge) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"kvmaccel: guest {NAME} needs 64T") and "reserve more" in err
+
+
+def test_time_budget_cancels_and_removes_the_file(env: Env, run_dir: str) -> None:
+    env.write_config("strict = true\npopulate_timeout_s = 0.001\n[limits]\nthreads = 1\n"
+                     "min_chunk_mib = 2\n")
+    os.makedirs(env.domain_dir)
+    big = domain_xml(size_mib=2048)
+    assert env.run("start", "begin", big) == 0  # never fatal, even when strict
+    assert not os.path.exists(env.file_path)
+    assert "populate ran past populate_timeout_s = 0.001 s" in env.log()
+    with open(f"{run_dir}/domains/{UUID}.json") as f:
+        assert json.load(f)["files"] == []
+
+
+def test_broken_config_fails_open(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    with open(env.config_path, "w") as f:
+        f.write("strict = [\n")
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    assert capsys.readouterr() == ("", "")
+    assert not os.path.exists(env.file_path)
+    assert "not valid TOML" in env.log() and "failing open" in env.log()
+
+
+def test_disabled_does_nothing(env: Env) -> None:
+    env.write_config("enabled = false\n")
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    assert not os.path.exists(env.file_path)
+
+
+def test_nothing_to_populate(env: Env) -> None:
+    xml = domain_xml().replace(b"<source type='file'/><access mode='shared'/>", b"")
+    assert env.run("prepare", "begin", xml) == 0
+    assert env.run("start", "begin", xml) == 0
+    assert "nothing for kvmaccel to populate" in env.log()
+    assert "anonymous memory" in env.log()
+
+
+def test_state_key_cannot_leave_the_directory() -> None:
+    with pytest.raises(Exception, match="cannot name a state file"):
+        hook.state_path("../x")

@@ -1,0 +1,138 @@
+"""kvmaccel.hook_install and ``kvmaccel hook install|uninstall|status`` in a temporary libvirt
+directory, with an existing hooks/qemu that must keep working; and the installed script run
+as libvirt runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from kvmaccel import hook, hook_install
+from kvmaccel.cli import main
+from kvmaccel.errors import HookError
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXISTING = "#!/bin/sh\necho existing hook ran >> \"$(dirname \"$0\")/ran\"\n"
+
+
+@pytest.fixture
+def libvirt_dir(tmp_path: object) -> str:
+    d = f"{tmp_path}/libvirt"
+    os.makedirs(f"{d}/hooks")
+    with open(f"{d}/hooks/qemu", "w") as f:
+        f.write(EXISTING)
+    os.chmod(f"{d}/hooks/qemu", 0o755)
+    return d
+
+
+def test_source_tree_hook_is_the_rendered_script() -> None:
+    with open(f"{TOP}/hooks/qemu") as f:
+        assert f.read() == hook_install.render_script("/usr/bin/env python3", None)
+    assert os.access(f"{TOP}/hooks/qemu", os.X_OK)
+
+
+def test_script_checks_the_same_operations_as_the_hook() -> None:
+    text = hook_install.render_script("/x", None)
+    pairs = {(op, sub) for op, sub in
+             (p.strip("() ").split(", ") for p in text.split("{\n", 1)[1].split("}")[0]
+              .replace('"', "").strip().rstrip(":").split("),"))}
+    assert pairs == set(hook.HANDLED_OPS)
+
+
+def test_install_keeps_the_existing_hook(libvirt_dir: str) -> None:
+    st = hook_install.install(libvirt_dir, config_path="/etc/k.toml")
+    path = f"{libvirt_dir}/hooks/qemu.d/kvmaccel"
+    assert st.installed and st.ours and st.path == path and st.python == sys.executable
+    assert st.python_ok and st.main_hook == f"{libvirt_dir}/hooks/qemu"
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    with open(path) as f:
+        text = f.read()
+    assert text.startswith(f"#!{sys.executable}\n# kvmaccel-hook: ")
+    assert "config_path='/etc/k.toml'" in text
+    with open(f"{libvirt_dir}/hooks/qemu") as f:
+        assert f.read() == EXISTING
+    # Reinstalling is an upgrade; uninstalling removes qemu.d (install made it) but not
+    # hooks/ (it was there before) nor hooks/qemu.
+    hook_install.install(libvirt_dir)
+    assert hook_install.uninstall(libvirt_dir) == [path, f"{libvirt_dir}/hooks/qemu.d"]
+    assert os.listdir(f"{libvirt_dir}/hooks") == ["qemu"]
+    assert hook_install.uninstall(libvirt_dir) == []
+    assert not hook_install.status(libvirt_dir).installed
+
+
+def test_install_into_a_bare_directory_and_back(tmp_path: object) -> None:
+    d = f"{tmp_path}/etc-libvirt"
+    os.makedirs(d)
+    hook_install.install(d)
+    hook_install.uninstall(d)
+    assert os.listdir(d) == []
+
+
+def test_foreign_file_is_refused(libvirt_dir: str) -> None:
+    os.makedirs(f"{libvirt_dir}/hooks/qemu.d")
+    with open(f"{libvirt_dir}/hooks/qemu.d/kvmaccel", "w") as f:
+        f.write("#!/bin/sh\nexit 0\n")
+    with pytest.raises(HookError, match="not written by kvmaccel"):
+        hook_install.install(libvirt_dir)
+    with pytest.raises(HookError, match="not written by kvmaccel"):
+        hook_install.uninstall(libvirt_dir)
+    assert os.path.exists(f"{libvirt_dir}/hooks/qemu.d/kvmaccel")
+    st = hook_install.status(libvirt_dir)
+    assert st.installed and not st.ours
+
+
+def test_install_errors(tmp_path: object, libvirt_dir: str) -> None:
+    with pytest.raises(HookError, match="is libvirt installed"):
+        hook_install.install(f"{tmp_path}/none")
+    with pytest.raises(HookError, match="absolute path"):
+        hook_install.install(libvirt_dir, config_path="k.toml")
+    with pytest.raises(HookError, match="executable absolute path"):
+        hook_install.install(libvirt_dir, python="python3")
+
+
+def test_cli_install_status_uninstall(libvirt_dir: str, tmp_path: object) -> None:
+    runner = CliRunner()
+    args = ["--libvirt-dir", libvirt_dir]
+    r = runner.invoke(main, ["hook", "status", *args])
+    assert r.exit_code == 1 and "not installed" in r.output
+    config = f"{tmp_path}/k.toml"
+    with open(config, "w") as f:
+        f.write("strict = true\n")
+    r = runner.invoke(main, ["hook", "install", *args, "--config", config])
+    assert r.exit_code == 0, r.output
+    assert "installed" in r.output and "kept" in r.output
+    assert "SIGHUP" in r.output or "no libvirt daemon is running" in r.output
+    r = runner.invoke(main, ["hook", "status", *args])
+    assert r.exit_code == 0, r.output
+    assert "strict = true" in r.output and f"other hook: {libvirt_dir}/hooks/qemu" in r.output
+    with open(config, "w") as f:
+        f.write("strict = maybe\n")
+    r = runner.invoke(main, ["hook", "status", *args])
+    assert "BROKEN, the hook fails open" in r.output
+    r = runner.invoke(main, ["hook", "install", *args, "--config", config])
+    assert r.exit_code == 2 and r.output.startswith("kvmaccel: error: ")
+    r = runner.invoke(main, ["hook", "uninstall", *args])
+    assert r.exit_code == 0 and "removed" in r.output
+
+
+def test_installed_script_runs_as_libvirt_runs_it(libvirt_dir: str, tmp_path: object) -> None:
+    config = f"{tmp_path}/k.toml"
+    with open(config, "w") as f:
+        f.write(f'enabled = false\nsyslog = false\nlog_file = "{tmp_path}/h.log"\n')
+    st = hook_install.install(libvirt_dir, config_path=config)
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}  # libvirt cleans the environment
+    t0 = time.monotonic()
+    ignored = subprocess.run([st.path, "g", "started", "begin", "-"], env=env,
+                             capture_output=True, input=b"", check=False)
+    assert (ignored.returncode, ignored.stdout, ignored.stderr) == (0, b"", b"")
+    assert time.monotonic() - t0 < 2
+    handled = subprocess.run([st.path, "g", "prepare", "begin", "-"], env=env,
+                             capture_output=True, input=b"<domain/>", check=False)
+    assert (handled.returncode, handled.stdout) == (0, b"")
+    bad = subprocess.run([st.path, "only-one"], env=env, capture_output=True, check=False)
+    assert bad.returncode == 2 and bad.stdout == b"" and b"usage" in bad.stderr
