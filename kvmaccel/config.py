@@ -30,6 +30,14 @@ its default::
     # libvirt's qemu.conf, read for memory_backing_dir, hugetlbfs_mount, user and group.
     qemu_conf = "/etc/libvirt/qemu.conf"
 
+    # Energy policy (docs/energy.md).  "auto": while one of energy_signals holds, at most
+    # energy_threads threads; "performance": no limit, signals ignored; "powersave": always
+    # at most energy_threads.  Signals: on_battery, powersave_epp (powersave governor with
+    # EPP power or balance_power), powersave_governor (any EPP), energy_epp (any governor).
+    energy = "auto"
+    energy_threads = 1                  # threads in all, the caller included, when limited
+    energy_signals = ["on_battery", "powersave_epp"]
+
     [limits]                            # the engine's knobs; see `kvmaccel populate --help`
     threads = 0                         # threads in all, the caller included (0: the caps)
     nice = 19                           # niceness of the helper threads, -20..19
@@ -55,6 +63,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .energy import DEFAULT_ENERGY_THREADS, DEFAULT_SIGNALS, EnergySettings
 from .errors import ConfigError, UsageError
 from .limits import DEFAULT_MIN_CHUNK_BYTES, DEFAULT_NICE, Limits
 from .slots import DEFAULT_RUN_DIR
@@ -85,12 +94,13 @@ class HookConfig:
     pool_enabled: bool = True
     pool_max_bytes: int | None = None
     pool_max_node_bytes: int | None = None
+    energy: EnergySettings = field(default_factory=EnergySettings)
 
 
 _TOP: dict[str, type | tuple[type, ...]] = {
     "strict": bool, "enabled": bool, "populate_timeout_s": (int, float), "syslog": bool,
     "log_file": str, "log_level": str, "run_dir": str, "qemu_conf": str, "limits": dict,
-    "pool": dict,
+    "pool": dict, "energy": str, "energy_threads": int, "energy_signals": list,
 }
 _POOL: dict[str, type] = {"enabled": bool, "max_mib": int, "max_node_mib": int}
 _LIMITS: dict[str, type] = {
@@ -146,6 +156,15 @@ def parse_config(text: str, path: str = "<string>") -> HookConfig:
         )
     except UsageError as e:
         raise ConfigError(f"{path}: [limits]: {e}") from None
+    signals = data.get("energy_signals", list(DEFAULT_SIGNALS))
+    if not all(isinstance(name, str) for name in signals):
+        raise ConfigError(f"{path}: energy_signals must be a list of names, not {signals!r}")
+    try:
+        energy = EnergySettings(data.get("energy", "auto"),
+                                data.get("energy_threads", DEFAULT_ENERGY_THREADS),
+                                tuple(signals))
+    except UsageError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return HookConfig(
         strict=data.get("strict", False), enabled=data.get("enabled", True),
         populate_timeout_s=timeout, syslog=data.get("syslog", True),
@@ -155,6 +174,7 @@ def parse_config(text: str, path: str = "<string>") -> HookConfig:
         pool_enabled=pool.get("enabled", True),
         pool_max_bytes=pool.get("max_mib", 0) * MIB or None,
         pool_max_node_bytes=pool.get("max_node_mib", 0) * MIB or None,
+        energy=energy,
     )
 
 

@@ -222,6 +222,118 @@ def read_cpufreq(root: str = "/", cpus: frozenset[int] | None = None) -> CpuFreq
     return CpuFreq(driver, tuple(sorted(governors)))
 
 
+def _cat_optional(path: str) -> str | None:
+    """The stripped text of an optional file, None when it is missing or unreadable."""
+    try:
+        return cat(path)
+    except HostError:
+        return None
+
+
+def read_cpu_model(root: str = "/") -> str:
+    """The first ``model name`` in /proc/cpuinfo (x86); ``""`` when there is none (a debug line:
+    arm64 kernels print no model name)."""
+    text = _cat_optional(_path(root, "proc/cpuinfo")) or ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return " ".join(value.split())
+    log.debug("no model name in %s", _path(root, "proc/cpuinfo"))
+    return ""
+
+
+def read_kernel_release(root: str = "/") -> str:
+    """The running kernel's release (``/proc/sys/kernel/osrelease``, what ``uname -r`` says).
+    Raises :class:`HostError` when it cannot be read."""
+    return cat(_path(root, "proc/sys/kernel/osrelease"))
+
+
+@dataclass(frozen=True)
+class CpuEnergy:
+    """One online CPU's cpufreq governor and energy_performance_preference (EPP).
+
+    ``epp`` is None when the driver has none: EPP exists with intel_pstate on HWP CPUs
+    (Linux 4.10) and amd-pstate in its active mode (Linux 6.3).  Its values are
+    ``default``, ``performance``, ``balance_performance``, ``balance_power`` and ``power``.
+    """
+
+    cpu: int
+    governor: str
+    epp: str | None
+
+
+@dataclass(frozen=True)
+class PowerSupply:
+    """One ``/sys/class/power_supply/<name>`` entry, as the kernel reports it.
+
+    ``supply_type``: ``Mains``, ``Battery``, ``UPS``, ``USB``...; ``online`` (mains, USB):
+    whether it supplies power; ``status`` (batteries): ``Charging``, ``Discharging``,
+    ``Full``, ``Not charging`` or ``Unknown``; ``scope``: ``System``, or ``Device`` for the
+    battery of a peripheral (a wireless mouse), which says nothing about the host's power.
+    """
+
+    name: str
+    supply_type: str
+    online: bool | None = None
+    status: str | None = None
+    capacity_percent: int | None = None
+    scope: str | None = None
+
+
+@dataclass(frozen=True)
+class EnergyFacts:
+    """What the energy policy looks at: every online CPU with cpufreq, and every power supply.
+    A VM without cpufreq and a server without batteries have empty tuples."""
+
+    cpus: tuple[CpuEnergy, ...] = ()
+    supplies: tuple[PowerSupply, ...] = ()
+
+
+def read_cpu_energy(root: str = "/", cpus: frozenset[int] | None = None
+                    ) -> tuple[CpuEnergy, ...]:
+    """Governor and EPP of ``cpus`` (default: the online CPUs) that have cpufreq."""
+    base = _path(root, "sys/devices/system/cpu")
+    out: list[CpuEnergy] = []
+    for cpu in sorted(cpus if cpus is not None else read_online_cpus(root)):
+        d = os.path.join(base, f"cpu{cpu}", "cpufreq")
+        if not os.path.isdir(d):
+            continue
+        governor = _cat_optional(os.path.join(d, "scaling_governor")) or ""
+        out.append(CpuEnergy(cpu, governor,
+                             _cat_optional(os.path.join(d, "energy_performance_preference"))))
+    return tuple(out)
+
+
+def read_power_supplies(root: str = "/") -> tuple[PowerSupply, ...]:
+    """Every entry of ``/sys/class/power_supply`` (symbolic links to the devices on a real
+    host), sorted by name.  No such directory, or an empty one, is a host without them."""
+    base = _path(root, "sys/class/power_supply")
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        log.debug("no %s", base)
+        return ()
+    supplies: list[PowerSupply] = []
+    for name in names:
+        d = os.path.join(base, name)
+        online = _cat_optional(os.path.join(d, "online"))
+        capacity = _cat_optional(os.path.join(d, "capacity"))
+        supplies.append(PowerSupply(
+            name=name,
+            supply_type=_cat_optional(os.path.join(d, "type")) or "Unknown",
+            online=None if online is None or not online.isdigit() else int(online) > 0,
+            status=_cat_optional(os.path.join(d, "status")),
+            capacity_percent=int(capacity) if capacity and capacity.isdigit() else None,
+            scope=_cat_optional(os.path.join(d, "scope")),
+        ))
+    return tuple(supplies)
+
+
+def read_energy(root: str = "/") -> EnergyFacts:
+    """Governors, EPPs and power supplies, read now (they change while the host runs)."""
+    return EnergyFacts(read_cpu_energy(root), read_power_supplies(root))
+
+
 def read_host(root: str = "/") -> HostFacts:
     """Read every host fact kvmaccel plans with.  Raises :class:`HostError`."""
     meminfo = read_meminfo(root)
