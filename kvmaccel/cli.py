@@ -166,3 +166,6 @@ for command in RUN_COMMANDS:  # run, prealloc, status
 from .cli_pool import pool  # noqa: E402
 
 main.add_command(pool)
+from .cli_tune import tune  # noqa: E402
+
+main.add_command(tune)

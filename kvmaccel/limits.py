@@ -4,7 +4,8 @@ The rules follow the kernel's ktask proposal:
 
 * the calling thread always works; *helpers* are the extra threads, and caps count helpers;
 * no more threads than there are minimum-size chunks of work (``ceil(total / min_chunk)``);
-* helpers per node: default 80% of the node's CPUs (at least 1);
+* helpers per node: default 80% of the node's CPUs (at least 1), or the count
+  ``kvmaccel tune`` measured on this host (:attr:`Limits.tuned_helpers_per_node`);
 * helpers host-wide: default 80% of the online CPUs (at least 1), shared by every kvmaccel
   process on the host (the engine enforces it with lock-file slots);
 * a requested thread count (``--threads``, ``<allocation threads='N'/>``) counts the caller.
@@ -41,6 +42,9 @@ class Limits:
     nice: int = DEFAULT_NICE
     min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES
     idle_cpus_only: bool = True  # niced helpers only on CPUs idle when the run starts
+    # Per-node default caps measured by `kvmaccel tune`, ((node_id, helpers), ...): they
+    # replace the 80% rule on those nodes; max_helpers_per_node, when set, wins over both.
+    tuned_helpers_per_node: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -122,13 +126,15 @@ def distribute_helpers(
         if node is None:
             return node_chunks
         cpus = node_cpu_counts.get(node, 0)
-        cap = (
-            limits.max_helpers_per_node
-            if limits.max_helpers_per_node is not None
-            else default_cap(cpus)
-        )
+        if limits.max_helpers_per_node is not None:
+            cap = limits.max_helpers_per_node
+        elif node in tuned:
+            cap = min(tuned[node], cpus)
+        else:
+            cap = default_cap(cpus)
         return min(cap, node_chunks)
 
+    tuned = dict(limits.tuned_helpers_per_node)
     caps = {node: node_cap(node) for node in work_bytes}
     helpers = {node: 0 for node in work_bytes}
     # Hand out helpers one at a time to the node with the most work per thread (its own
@@ -141,11 +147,12 @@ def distribute_helpers(
         helpers[best] += 1
     for node in sorted(work_bytes, key=lambda n: (n is None, n or 0)):
         if helpers[node] == caps[node] and node is not None and work_bytes[node] > 0:
-            per_node = (
-                f"configured {limits.max_helpers_per_node}"
-                if limits.max_helpers_per_node is not None
-                else f"80% of {node_cpu_counts.get(node, 0)} CPU(s)"
-            )
+            if limits.max_helpers_per_node is not None:
+                per_node = f"configured {limits.max_helpers_per_node}"
+            elif node in tuned:
+                per_node = "measured by kvmaccel tune"
+            else:
+                per_node = f"80% of {node_cpu_counts.get(node, 0)} CPU(s)"
             if caps[node] < wanted:
                 reasons.append(f"{_label(node)}: per-node cap {caps[node]} ({per_node})")
     return HelperPlan(helpers, tuple(reasons))

@@ -27,6 +27,15 @@ def need(condition: bool, why: str) -> None:
 
 
 @pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test gets its own kvmaccel state directory (``kvmaccel tune``'s tuning.json), so
+    a tuning stored on this machine never changes a plan under test."""
+    path = str(tmp_path_factory.mktemp("state"))
+    monkeypatch.setenv("KVMACCEL_STATE_DIR", path)
+    return path
+
+
+@pytest.fixture(autouse=True)
 def run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test gets its own kvmaccel run directory (records, slots)."""
     path = str(tmp_path_factory.mktemp("run"))
