@@ -8,17 +8,21 @@ A thin layer: it reads the XML file, the host facts and qemu.conf, calls
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 
 import click
 
+from .config import read_config
 from .domain import parse_domain
+from .energy import MODES
 from .errors import UsageError
 from .host import read_host
 from .limits import Limits
 from .plan import DomainPlan, plan_domain, plan_to_json
+from .policy import host_policy
 from .qemuconf import read_qemu_conf
 from .units import format_cpu_spec, format_size
 
@@ -64,6 +68,10 @@ def format_plan(plan: DomainPlan) -> str:
     lines.append(f"threads: {plan.helpers.threads} (the caller and {plan.helpers.helpers} "
                  f"helper(s){': ' + per_node if per_node else ''})")
     lines.extend(f"  - {reason}" for reason in plan.helpers.reasons)
+    if plan.energy is not None:
+        lines.append(f"energy: {plan.energy.reason}")
+        lines.extend(f"  - signal {name}: {detail}" for name, detail in plan.energy.holding
+                     if name != plan.energy.deciding_signal)
     if plan.capacity:
         lines.append("capacity:")
         for c in plan.capacity:
@@ -85,9 +93,14 @@ def format_plan(plan: DomainPlan) -> str:
               help="Domain id for the paths (default: the XML's id, else -1).")
 @click.option("--root", default="/", show_default=True, metavar="DIR",
               help="Read /sys and /proc under DIR (a fake host tree for tests).")
+@click.option("--config", "config_path", metavar="FILE",
+              help="kvmaccel.toml for the energy policy (default: $KVMACCEL_CONFIG, else "
+                   "/etc/kvmaccel/kvmaccel.toml; missing: the defaults).")
+@click.option("--energy", type=click.Choice(MODES),
+              help="Energy policy mode, overriding the config file's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(domain_xml: str, qemu_conf: str | None, domain_id: int | None, root: str,
-         as_json: bool) -> None:
+         config_path: str | None, energy: str | None, as_json: bool) -> None:
     """Show the memory backends libvirt will create for DOMAIN.xml and kvmaccel's plan."""
     try:
         with open(domain_xml, "rb") as f:
@@ -97,8 +110,13 @@ def plan(domain_xml: str, qemu_conf: str | None, domain_id: int | None, root: st
     if not os.path.isdir(root):
         raise UsageError(f"--root {root} is not a directory")
     domain = parse_domain(data)
-    result = plan_domain(domain, read_host(root), read_qemu_conf(qemu_conf, root), Limits(),
-                         domain_id=domain_id)
+    settings = read_config(config_path).energy
+    if energy is not None:
+        settings = dataclasses.replace(settings, mode=energy)
+    host = read_host(root)
+    tuned, decision = host_policy(settings, host, root)
+    result = plan_domain(domain, host, read_qemu_conf(qemu_conf, root), Limits(),
+                         domain_id=domain_id, tuned=tuned, energy=decision)
     if as_json:
         click.echo(json.dumps(plan_to_json(result), indent=2))
     else:

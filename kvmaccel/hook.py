@@ -29,7 +29,6 @@ Nothing is written to stdout.  Logging is configured here (the hook's entry poin
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import logging.handlers
@@ -49,6 +48,7 @@ from .errors import BackingError, CancelledError, CapacityError, KvmaccelError, 
 from .host import read_host
 from .limits import Limits
 from .plan import DomainPlan, plan_domain
+from .policy import host_policy
 from .qemuconf import read_qemu_conf
 from .slots import run_dir
 from .units import format_size
@@ -153,16 +153,18 @@ def read_state(key: str) -> dict[str, object] | None:
 # --- the operations -------------------------------------------------------------------------
 
 def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
-    """Parse and plan the guest on this host; also return the limits the engine runs with
-    (the config's, with ``<allocation threads='N'/>`` as a cap on threads, as the planner
-    does).  Raises :class:`KvmaccelError` subclasses."""
+    """Parse and plan the guest on this host; also return the limits the engine runs with:
+    the config's, with ``<allocation threads='N'/>``, the energy policy and the tuned
+    per-node counts applied exactly as the planner applies them (the plan's ``limits``).
+    Raises :class:`KvmaccelError` subclasses."""
     domain = parse_domain(xml)
-    limits = config.limits
-    threads = domain.memory_backing.allocation_threads
-    if threads is not None and (limits.threads is None or threads < limits.threads):
-        limits = dataclasses.replace(limits, threads=threads)
-    plan = plan_domain(domain, read_host(), read_qemu_conf(config.qemu_conf), config.limits)
-    return plan, limits
+    host = read_host()
+    tuned, energy = host_policy(config.energy, host)
+    if energy.max_threads is not None:
+        log.info("%s", energy.reason)
+    plan = plan_domain(domain, host, read_qemu_conf(config.qemu_conf), config.limits,
+                       tuned=tuned, energy=energy)
+    return plan, plan.limits
 
 
 def op_prepare(xml: bytes, config: HookConfig) -> None:

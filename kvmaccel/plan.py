@@ -58,8 +58,17 @@ JSON shape (:func:`plan_to_json`, ``kvmaccel plan --json``), stable within ``sch
                   "reasons": [str]},
       "capacity": [{"node": int|null, "page_size_kib": int, "needed_bytes": int,
                     "available_bytes": int, "source": str, "ok": bool}],
-      "notes": [str]
+      "notes": [str],
+      "tuning": {"status": "none"|"used"|"ignored", "reason": str|null,   # kvmaccel tune
+                 "helpers_per_node": [{"node": int, "helpers": int}]}|null,
+      "energy": {"mode": "auto"|"performance"|"powersave", "max_threads": int|null,
+                 "deciding_signal": str|null, "reason": str,
+                 "signals": [{"name": str, "detail": str}]}|null     # docs/energy.md
     }
+
+``tuning`` and ``energy`` are null when the caller planned without them.  A tuned per-node
+count replaces the 80% rule (see :mod:`kvmaccel.tuning`); an energy cap lowers ``threads``
+like ``<allocation threads='N'/>`` (the smaller one wins); both say so in the helper reasons.
 
 Errors: :class:`~kvmaccel.errors.PlanError` for a nodeset naming nodes the host lacks, a huge
 page size no hugetlbfs mount serves, or a path that would leave its directory.
@@ -70,14 +79,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .domain import Domain, MemoryDevice
+from .energy import EnergyDecision, apply_energy
 from .errors import PlanError
 from .host import HostFacts, Mount
 from .limits import HelperPlan, Limits, distribute_helpers, split_across_nodes
 from .qemuconf import QemuConf
+from .tuning import TunedDefault
 from .units import MIB, align_up, format_cpu_spec, format_size
 
 log = logging.getLogger(__name__)
@@ -153,6 +164,9 @@ class DomainPlan:
     helpers: HelperPlan
     capacity: tuple[CapacityCheck, ...]
     notes: tuple[str, ...]
+    limits: Limits = field(default_factory=Limits)  # what the engine runs with, all caps in
+    tuning: TunedDefault | None = None
+    energy: EnergyDecision | None = None
 
     @property
     def populated(self) -> tuple[BackendPlan, ...]:
@@ -446,6 +460,8 @@ def plan_domain(
     domain_id: int | None = None,
     hugetlbfs: tuple[HugetlbfsMount, ...] | None = None,
     auto_nodeset: frozenset[int] | None = None,
+    tuned: TunedDefault | None = None,
+    energy: EnergyDecision | None = None,
 ) -> DomainPlan:
     """Plan ``domain`` on ``host``.  Pure; raises :class:`PlanError`.
 
@@ -453,6 +469,9 @@ def plan_domain(
     ``virsh domxml-to-native``); ``hugetlbfs`` overrides the mounts from qemu.conf and
     ``host.mounts``; ``auto_nodeset`` is numad's answer for ``placement='auto'``.
     ``<allocation threads='N'/>`` becomes ``Limits.threads`` (the smaller one when both are set).
+    ``tuned`` (from :func:`kvmaccel.policy.host_policy`) gives the per-node default
+    helpers when used; ``energy`` (from :func:`kvmaccel.energy.decide`) may lower ``threads``
+    further.  The plan's ``limits`` are the result, which the engine should run with.
     """
     did = domain_id if domain_id is not None else (
         domain.domain_id if domain.domain_id is not None else -1)
@@ -472,6 +491,16 @@ def plan_domain(
     if threads is not None and (limits.threads is None or threads < limits.threads):
         eff = dataclasses.replace(limits, threads=threads)
         reasons.append(f"<allocation threads='{threads}'/> in the domain XML")
+    if energy is not None:
+        lowered = apply_energy(eff, energy)
+        if lowered is not eff:
+            reasons.append(f"energy policy: {energy.reason}")
+        eff = lowered
+    if tuned is not None:
+        if tuned.status == "used" and not eff.tuned_helpers_per_node:
+            eff = dataclasses.replace(eff, tuned_helpers_per_node=tuned.helpers_per_node)
+        if tuned.reason:
+            reasons.append(tuned.reason)
     online = host.online_cpus
     helpers = distribute_helpers(
         work, {n: len(node.cpus & online) for n, node in host.nodes.items()}, len(online), eff)
@@ -490,6 +519,7 @@ def plan_domain(
         created_dirs=tuple(created), qemu_user=qemu_conf.user, qemu_group=qemu_conf.group,
         backends=backends, work_bytes=tuple(sorted(work.items(), key=lambda kv: _node_key(kv[0]))),
         helpers=helpers, capacity=_capacity(host, backends), notes=_notes(domain),
+        limits=eff, tuning=tuned, energy=energy,
     )
 
 
@@ -543,4 +573,6 @@ def plan_to_json(plan: DomainPlan) -> dict[str, Any]:
                       "needed_bytes": c.needed_bytes, "available_bytes": c.available_bytes,
                       "source": c.source, "ok": c.ok} for c in plan.capacity],
         "notes": list(plan.notes),
+        "tuning": plan.tuning.as_dict() if plan.tuning else None,
+        "energy": plan.energy.as_dict() if plan.energy else None,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,9 @@ def run_plan(*args: str) -> tuple[int, str, str]:
 
 
 def fixture_args(name: str) -> list[str]:
-    args = [str(FIXTURES / f"{name}.xml"), "--root", str(TWO_NODE), "--id", "7"]
+    # An empty config: the energy policy's defaults, whatever /etc/kvmaccel holds here.
+    args = [str(FIXTURES / f"{name}.xml"), "--root", str(TWO_NODE), "--id", "7",
+            "--config", os.devnull]
     conf = FIXTURES / f"{name}.qemu.conf"
     if conf.exists():
         args += ["--qemu-conf", str(conf)]
