@@ -43,7 +43,8 @@ class Limits:
     min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES
     idle_cpus_only: bool = True  # niced helpers only on CPUs idle when the run starts
     # Per-node default caps measured by `kvmaccel tune`, ((node_id, helpers), ...): they
-    # replace the 80% rule on those nodes; max_helpers_per_node, when set, wins over both.
+    # replace the 80% rule on those nodes, and memory bound to no node gets the knees of all
+    # nodes together; max_helpers_per_node, when set, wins over both.
     tuned_helpers_per_node: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
@@ -124,7 +125,9 @@ def distribute_helpers(
     def node_cap(node: int | None) -> int:
         node_chunks = math.ceil(work_bytes[node] / limits.min_chunk_bytes)
         if node is None:
-            return node_chunks
+            # Unbound memory may land on any node: the tuned knees of all nodes together
+            # (each knee counts the one caller, hence the -1 per node but one).
+            return node_chunks if any_node_tuned is None else min(node_chunks, any_node_tuned)
         cpus = node_cpu_counts.get(node, 0)
         if limits.max_helpers_per_node is not None:
             cap = limits.max_helpers_per_node
@@ -135,6 +138,8 @@ def distribute_helpers(
         return min(cap, node_chunks)
 
     tuned = dict(limits.tuned_helpers_per_node)
+    any_node_tuned = (sum(h + 1 for h in tuned.values()) - 1
+                      if tuned and limits.max_helpers_per_node is None else None)
     caps = {node: node_cap(node) for node in work_bytes}
     helpers = {node: 0 for node in work_bytes}
     # Hand out helpers one at a time to the node with the most work per thread (its own
@@ -155,6 +160,10 @@ def distribute_helpers(
                 per_node = f"80% of {node_cpu_counts.get(node, 0)} CPU(s)"
             if caps[node] < wanted:
                 reasons.append(f"{_label(node)}: per-node cap {caps[node]} ({per_node})")
+        elif (node is None and any_node_tuned is not None and work_bytes[node] > 0
+              and helpers[node] == caps[node] == any_node_tuned < wanted):
+            reasons.append(f"any node: cap {any_node_tuned} (the knees of all nodes, measured "
+                           "by kvmaccel tune)")
     return HelperPlan(helpers, tuple(reasons))
 
 

@@ -189,6 +189,7 @@ def measure(host: HostFacts, fingerprint: Fingerprint, *, size_bytes: int | None
             f"no page size of {list(page_sizes_kib or [])} KiB here; choose from {have} KiB")))
     total = count_runs([counts for _, counts, _ in blocks], rounds)
     done = 0
+    started_unix = time.time()
     t_start = time.monotonic()
     curves: list[Curve] = []
     saved_affinity = os.sched_getaffinity(0)
@@ -221,6 +222,6 @@ def measure(host: HostFacts, fingerprint: Fingerprint, *, size_bytes: int | None
                             ) from e
     finally:
         os.sched_setaffinity(0, saved_affinity)
-    return Tuning(fingerprint, time.time(), rounds, tuple(curves),
+    return Tuning(fingerprint, started_unix, rounds, tuple(curves),
                   time.monotonic() - t_start, tuple(notes))
 

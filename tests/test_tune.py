@@ -107,6 +107,17 @@ def test_tuned_caps_replace_the_80_percent_rule() -> None:
     assert distribute_helpers(work, cpus, 64, configured).helpers_per_node == {0: 7, 1: 7}
 
 
+def test_unbound_memory_gets_the_knees_of_all_nodes() -> None:
+    work: dict[int | None, int] = {None: 64 * GIB}
+    tuned = Limits(tuned_helpers_per_node=((0, 3), (1, 5)))
+    plan = distribute_helpers(work, {0: 32, 1: 32}, 64, tuned)
+    assert plan.helpers_per_node == {None: 9}  # 4 + 6 threads, one of them the caller
+    assert "any node: cap 9 (the knees of all nodes, measured by kvmaccel tune)" in plan.reasons
+    assert distribute_helpers(work, {0: 32, 1: 32}, 64, Limits()).helpers_per_node == {None: 51}
+    configured = Limits(max_helpers_per_node=7, tuned_helpers_per_node=((0, 3), (1, 5)))
+    assert distribute_helpers(work, {0: 32, 1: 32}, 64, configured).helpers == 51
+
+
 def test_scratch_sizes_on_the_two_node_tree() -> None:
     host = read_host(str(DATA / "two-node"))
     scratch, notes = plan_scratch(host, 1, 32)
