@@ -43,7 +43,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from . import hook_install, virsh
+from . import virsh
 from .errors import CapacityError, UsageError, VirshError
 from .host import read_host
 from .units import format_size
@@ -136,32 +136,12 @@ def _check_room(size_bytes: int, configs: Sequence[StartConfig]) -> None:
 @contextlib.contextmanager
 def _bench_hook(workdir: str, threads: int) -> Iterator[Callable[[bool], None]]:
     """Install the hook (config in ``workdir``) for the run; yield ``enable(bool)``."""
-    path = hook_install.hook_path(virsh.LIBVIRT_DIR)
-    aside = os.path.join(workdir, "hook-saved")
-    had = os.path.lexists(path)
-    if had:
-        shutil.copy2(path, aside)
     config = os.path.join(workdir, "kvmaccel.toml")
     with open(config, "w", encoding="utf-8") as f:
         f.write(f'strict = true\nsyslog = false\nlog_file = "{workdir}/hook.log"\n'
                 f'run_dir = "{workdir}/run"\n[limits]\nthreads = {threads}\n')
-    hook_install.install(virsh.LIBVIRT_DIR, config_path=config)
-    parked = os.path.join(workdir, "hook-parked")
-
-    def enable(on: bool) -> None:
-        if on and os.path.exists(parked):
-            os.replace(parked, path)
-        elif not on and os.path.exists(path):
-            shutil.move(path, parked)
-
-    try:
+    with virsh.temporary_hook(config, workdir) as enable:
         yield enable
-    finally:
-        enable(True)
-        if had:
-            shutil.copy2(aside, path)
-        else:
-            hook_install.uninstall(virsh.LIBVIRT_DIR)
 
 
 def _hook_seconds(workdir: str, cfg: StartConfig, name: str) -> float | None:
@@ -208,8 +188,14 @@ def run(size_bytes: int, *, runs: int, threads: int, only: Sequence[str] | None,
             raise UsageError(f"unknown configuration(s) {', '.join(sorted(unknown))}; "
                              f"choose from {', '.join(c.name for c in configs)}")
         configs = [c for c in configs if c.name in only]
-    _check_room(size_bytes, configs)
-    virsh.daemon_ready(timeout_s=5)
+    with virsh.exclusive_libvirt():
+        _check_room(size_bytes, configs)
+        virsh.daemon_ready(timeout_s=5)
+        return _run_locked(configs, size_bytes, runs, threads, keep_going, emit)
+
+
+def _run_locked(configs: Sequence[StartConfig], size_bytes: int, runs: int, threads: int,
+                keep_going: bool, emit: Emit) -> list[StartResult]:
     results = {c.name: StartResult(c) for c in configs}
     groups: dict[tuple[tuple[str, str | int], ...], list[StartConfig]] = {}
     for c in configs:

@@ -9,6 +9,7 @@ here needs root.  Errors raise :class:`~kvmaccel.errors.VirshError` with virsh's
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -16,10 +17,11 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import psutil
 
+from . import hook_install
 from .errors import VirshError
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ URI = "qemu:///system"
 LIBVIRT_DIR = "/etc/libvirt"
 QEMU_CONF = "/etc/libvirt/qemu.conf"
 PIDFILE = "/run/libvirtd.pid"
+LOCK_PATH = "/run/kvmaccel-libvirt.lock"
 
 
 def virsh(*args: str, check: bool = True,
@@ -82,9 +85,19 @@ def restart_libvirtd() -> None:
         if not os.path.exists(PIDFILE):
             break
         time.sleep(0.1)
+    stopped_unix = time.time()
     # stdio to /dev/null: the daemon must not hold a caller's pipe open.
-    subprocess.run(["libvirtd", "-d"], check=True, stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(["libvirtd", "-d"], check=False, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        # Someone else (another developer's shell, a test command) may have started one in
+        # the gap: it read the current qemu.conf too, so it will do.
+        time.sleep(0.5)
+        other = _daemon_pid()
+        if other is None or psutil.Process(other).create_time() < stopped_unix - 1:
+            raise VirshError(f"libvirtd -d failed (exit status {proc.returncode}); see "
+                             "/var/log/libvirt/libvirtd.log")
+        log.info("libvirtd pid %d was started by someone else meanwhile; using it", other)
     daemon_ready()
 
 
@@ -161,3 +174,59 @@ def mapped_files(pid: int) -> dict[str, int]:
             if len(parts) == 6 and parts[1].endswith("s") and parts[5].startswith("/"):
                 out[parts[5].strip()] = int(parts[4])
     return out
+
+
+@contextlib.contextmanager
+def temporary_hook(config_path: str, workdir: str) -> Iterator[Callable[[bool], None]]:
+    """Install kvmaccel's hook in /etc/libvirt with ``config_path`` for a block; yield
+    ``enable(on)``, which parks the script in ``workdir`` and back.  libvirtd lists
+    ``hooks/qemu.d/`` at every call, but runs hooks at all only if it found one when it
+    started: keep it enabled across daemon restarts.  Whatever was installed before is put
+    back afterwards."""
+    path = hook_install.hook_path(LIBVIRT_DIR)
+    aside = os.path.join(workdir, "hook-saved")
+    had = os.path.lexists(path)
+    if had:
+        shutil.copy2(path, aside)
+    hook_install.install(LIBVIRT_DIR, config_path=config_path)
+    parked = os.path.join(workdir, "hook-parked")
+
+    def enable(on: bool) -> None:
+        if on and os.path.exists(parked):
+            os.replace(parked, path)
+        elif not on and os.path.exists(path):
+            shutil.move(path, parked)
+
+    try:
+        yield enable
+    finally:
+        enable(True)
+        if had:
+            shutil.copy2(aside, path)
+        else:
+            hook_install.uninstall(LIBVIRT_DIR)
+
+
+@contextlib.contextmanager
+def exclusive_libvirt(timeout_s: float = 1800) -> Iterator[None]:
+    """Hold an exclusive lock on the local daemon's setup for a block.
+
+    The integration tests and the start benchmark rewrite qemu.conf, install hooks and
+    restart libvirtd; two of them at once (two test runs in one checkout) would restart
+    the daemon under each other.  Raises :class:`VirshError` after ``timeout_s``.
+    """
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise VirshError(f"another kvmaccel test or benchmark has held {LOCK_PATH} "
+                                     f"for {timeout_s:g} s; wait for it to finish") from None
+                time.sleep(0.5)
+        yield
+    finally:
+        os.close(fd)

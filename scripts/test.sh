@@ -6,7 +6,10 @@
 # Needs root (huge pages, hugetlbfs, libvirtd) on Debian 12.  What it changes and restores:
 # Debian packages (installed, left installed), .venv/ in the checkout, vm.nr_hugepages,
 # a hugetlbfs mount on /dev/hugepages, /dev/kvm's group and mode, virtlogd and libvirtd
-# (started only if not running, stopped again).
+# (started only if not running, stopped again).  The libvirt tests (tests/test_hook_integration.py)
+# rewrite /etc/libvirt/qemu.conf, install hooks in /etc/libvirt/hooks/qemu.d/, restart libvirtd
+# and define guests named kvmaccel-small-*; they undo that themselves, and this script puts
+# qemu.conf, the hooks directory, /var/log/kvmaccel and those guests back once more on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
@@ -43,9 +46,35 @@ saved_nr=$(cat /proc/sys/vm/nr_hugepages)
 mounted_huge=0
 kvm_mode=""; kvm_group=""
 started_virtlogd=0; started_libvirtd=0
+state=$(mktemp -d /tmp/kvmaccel-test-state.XXXXXX)
+QEMU_CONF=/etc/libvirt/qemu.conf
+cp -p "$QEMU_CONF" "$state/qemu.conf" 2>/dev/null || : > "$state/no-qemu.conf"
+[ -d /etc/libvirt/hooks ] && cp -a /etc/libvirt/hooks "$state/hooks" || : > "$state/no-hooks"
+[ -d /var/log/kvmaccel ] || : > "$state/no-log-dir"
+test_guests() { sed -n 's:.*<name>\(.*\)</name>.*:\1:p' vm-fixtures/small-*.xml; }
+restore_libvirt() {
+  local changed=0
+  if pgrep -x libvirtd >/dev/null; then
+    for g in $(test_guests); do
+      virsh -q -c qemu:///system destroy "$g" >/dev/null 2>&1
+      virsh -q -c qemu:///system undefine "$g" >/dev/null 2>&1
+    done
+  fi
+  if [ -f "$state/qemu.conf" ] && ! cmp -s "$state/qemu.conf" "$QEMU_CONF"; then
+    cp -p "$state/qemu.conf" "$QEMU_CONF"; changed=1
+  fi
+  rm -rf /etc/libvirt/hooks
+  [ -d "$state/hooks" ] && cp -a "$state/hooks" /etc/libvirt/hooks
+  [ -f "$state/no-log-dir" ] && rm -rf /var/log/kvmaccel
+  if [ "$changed" = 1 ] && [ "$started_libvirtd" = 0 ] && [ -f /run/libvirtd.pid ]; then
+    log "qemu.conf restored: restarting the libvirtd that was running before"
+    kill "$(cat /run/libvirtd.pid)"; sleep 2; libvirtd -d
+  fi
+}
 restore() {
   rc=$?
   set +e
+  restore_libvirt
   if [ "$started_libvirtd" = 1 ] && [ -f /run/libvirtd.pid ]; then
     kill "$(cat /run/libvirtd.pid)" 2>/dev/null
     for _ in $(seq 50); do [ -e /run/libvirtd.pid ] || break; sleep 0.1; done
@@ -54,10 +83,10 @@ restore() {
     kill "$(cat /run/virtlogd.pid)" 2>/dev/null
   fi
   [ -n "$kvm_mode" ] && chmod "$kvm_mode" /dev/kvm && chgrp "$kvm_group" /dev/kvm
-  find /dev/hugepages -maxdepth 1 -name 'kvmaccel-*' -delete 2>/dev/null
+  find /dev/hugepages -maxdepth 1 \( -name 'kvmaccel-*' -o -name 'kvtest-hog-*' \) -delete 2>/dev/null
   if [ "$mounted_huge" = 1 ]; then umount /dev/hugepages; fi
   echo "$saved_nr" > /proc/sys/vm/nr_hugepages
-  rm -rf "${KVMACCEL_RUN_DIR:-/nonexistent}"
+  rm -rf "${KVMACCEL_RUN_DIR:-/nonexistent}" "$state"
   log "machine restored (nr_hugepages=$saved_nr)"
   exit $rc
 }

@@ -1,0 +1,262 @@
+"""The hook end to end on the real libvirtd and QEMU that ``scripts/test.sh`` starts.
+
+Every test here is marked ``libvirt`` (``pytest -m libvirt`` runs only these; ``-m 'not
+libvirt'`` skips them by hand).  They need root, a running libvirtd, KVM and the 2M hugetlbfs
+on /dev/hugepages; under the test command a missing piece fails them instead of skipping.
+
+For each memory_backing_dir (the hugetlbfs mount, /dev/shm) the module writes qemu.conf and
+restarts libvirtd, installs kvmaccel's hook in /etc/libvirt/hooks/qemu.d/ with a config file
+of its own, plus a test-only observer hook (``zz-...``, run after kvmaccel's, libvirt runs
+qemu.d/ in name order) that records at ``start begin`` what is on disk and how many huge
+pages are free before QEMU is started.  qemu.conf, the hooks and the daemon are put back
+afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psutil
+import pytest
+
+from kvmaccel import virsh
+from kvmaccel.backing import BackingSpec, populate_backings, release
+from kvmaccel.errors import VirshError
+from kvmaccel.host import read_host
+from tests.conftest import HUGETLBFS_DIR, need
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.root]
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(TOP, "vm-fixtures")
+GUEST_BYTES = 1 << 30
+OBSERVER = "zz-kvmaccel-test-observer"
+BACKING_DIRS = {"hugetlbfs": HUGETLBFS_DIR, "shm": "/dev/shm"}
+GUESTS = {"hugetlbfs": "small-hugetlbfs-node0.xml", "shm": "small-shm.xml"}
+ALIASES = {"hugetlbfs": "ram-node0", "shm": "pc.ram"}  # one guest NUMA cell, or none
+
+OBSERVER_SCRIPT = '''#!{python}
+# Test-only libvirt hook: at start begin (after kvmaccel's hook, before QEMU) and started
+# begin, record the guest memory files and the free 2M huge pages.
+import json, os, sys
+if sys.argv[2:4] not in (["start", "begin"], ["started", "begin"]):
+    sys.exit(0)
+sys.stdin.read()
+files = {{}}
+for top, _, names in os.walk({root!r}):
+    for n in names:
+        st = os.stat(os.path.join(top, n))
+        files[os.path.join(top, n)] = [st.st_size, st.st_blocks * 512, st.st_ino]
+meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+with open({out!r}, "a") as f:
+    f.write(json.dumps({{"op": sys.argv[2], "files": files,
+                        "free_2m": int(meminfo["HugePages_Free"])}}) + "\\n")
+'''
+
+
+@dataclass
+class Libvirt:
+    kind: str  # "hugetlbfs" or "shm"
+    backing_root: str  # memory_backing_dir + /libvirt/qemu
+    workdir: str
+    config_path: str
+    log_file: str
+    run_dir: str
+    observer_log: str
+
+    def write_config(self, extra: str = "", raw: str | None = None) -> None:
+        with open(self.config_path, "w") as f:
+            f.write(raw if raw is not None else
+                    f'syslog = false\nlog_file = "{self.log_file}"\nlog_level = "debug"\n'
+                    f'run_dir = "{self.run_dir}"\n{extra}')
+
+    def log(self) -> str:
+        return virsh.read_text(self.log_file)
+
+    def observed(self, op: str) -> list[dict[str, object]]:
+        lines = virsh.read_text(self.observer_log).splitlines()
+        return [rec for rec in map(json.loads, lines) if rec["op"] == op]
+
+
+def free_2m() -> int:
+    pool = read_host().hugepages.get(2048)
+    return pool.free_pages if pool else 0
+
+
+def _environment() -> None:
+    need(os.geteuid() == 0, "needs root")
+    need(shutil.which("virsh") is not None and os.path.exists("/usr/bin/qemu-system-x86_64"),
+         "needs libvirt and qemu-system-x86 (Debian: libvirt-daemon-system qemu-system-x86)")
+    need(os.access("/dev/kvm", os.R_OK | os.W_OK), "needs /dev/kvm")
+    need(virsh.virsh("version", check=False).returncode == 0, "libvirtd is not running")
+    need(any(m.path == HUGETLBFS_DIR and m.page_size_kib == 2048
+             for m in read_host().hugetlbfs_mounts), f"no 2M hugetlbfs on {HUGETLBFS_DIR}")
+
+
+@pytest.fixture(scope="module")
+def hooks_installed() -> Iterator[tuple[str, str]]:
+    """kvmaccel's hook and the observer in /etc/libvirt/hooks/qemu.d; qemu.conf saved."""
+    _environment()
+    workdir = tempfile.mkdtemp(prefix="kvmaccel-itest.", dir="/run")
+    config = os.path.join(workdir, "kvmaccel.toml")
+    observer = os.path.join(virsh.LIBVIRT_DIR, "hooks", "qemu.d", OBSERVER)
+    try:
+        with virsh.exclusive_libvirt(), virsh.saved_file(virsh.QEMU_CONF), \
+                virsh.temporary_hook(config, workdir):
+            try:
+                yield workdir, observer
+            finally:
+                if os.path.exists(observer):
+                    os.unlink(observer)
+        virsh.restart_libvirtd()  # back to the original qemu.conf
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=sorted(BACKING_DIRS))
+def libvirt(request: pytest.FixtureRequest, hooks_installed: tuple[str, str]) -> Libvirt:
+    """libvirtd restarted with memory_backing_dir on the hugetlbfs mount, or on /dev/shm."""
+    workdir, observer = hooks_installed
+    kind: str = request.param
+    sub = os.path.join(workdir, kind)
+    os.makedirs(sub, exist_ok=True)
+    env = Libvirt(kind, f"{BACKING_DIRS[kind]}/libvirt/qemu", sub,
+                  os.path.join(workdir, "kvmaccel.toml"), f"{sub}/hook.log", f"{sub}/run",
+                  f"{sub}/observer.jsonl")
+    env.write_config()
+    with open(observer, "w") as f:
+        f.write(OBSERVER_SCRIPT.format(python=sys.executable, root=env.backing_root,
+                                       out=env.observer_log))
+    os.chmod(observer, 0o755)
+    original = virsh.read_text(virsh.QEMU_CONF)
+    virsh.write_qemu_conf({"memory_backing_dir": BACKING_DIRS[kind]}, original)
+    virsh.restart_libvirtd()
+    return env
+
+
+@pytest.fixture
+def guest(libvirt: Libvirt) -> Iterator[str]:
+    """The 1 GiB fixture guest for this backing, defined; destroyed and undefined after."""
+    path = os.path.join(FIXTURES, GUESTS[libvirt.kind])
+    with open(path) as f:
+        name = f.read().split("<name>", 1)[1].split("</name>", 1)[0]
+    virsh.remove_domain(name)
+    libvirt.write_config()
+    for p in (libvirt.log_file, libvirt.observer_log):
+        if os.path.exists(p):
+            os.unlink(p)
+    virsh.virsh("define", path)
+    try:
+        yield name
+    finally:
+        virsh.remove_domain(name)
+        libvirt.write_config()
+
+
+def shm_used_bytes() -> int:
+    st = os.statvfs("/dev/shm")
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def uuid_of(name: str) -> str:
+    return virsh.virsh("domuuid", name).stdout.strip()
+
+
+def test_hook_populates_the_file_qemu_maps(libvirt: Libvirt, guest: str) -> None:
+    free_before, shm_before = free_2m(), shm_used_bytes()
+    virsh.virsh("start", guest)
+    with open(f"{libvirt.run_dir}/domains/{uuid_of(guest)}.json") as f:
+        state = json.load(f)
+    [path] = state["files"]
+    assert path == f"{libvirt.backing_root}/{state['shortname']}/{ALIASES[libvirt.kind]}"
+    assert state["result"]["bytes"] == GUEST_BYTES
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert (st.st_uid, st.st_gid) == (os.stat(os.path.dirname(path)).st_uid,
+                                      os.stat(os.path.dirname(path)).st_gid)
+
+    # QEMU mapped exactly that file (same inode), shared.
+    pid = virsh.qemu_pid(guest)
+    assert virsh.mapped_files(pid).get(path) == st.st_ino
+
+    # Before QEMU was started (at `start begin`, after kvmaccel's hook) the file already
+    # held every page; on hugetlbfs those pages left the free pool then.
+    [at_start] = libvirt.observed("start")
+    size, allocated, ino = at_start["files"][path]  # type: ignore[index]
+    assert (size, allocated, ino) == (GUEST_BYTES, GUEST_BYTES, st.st_ino)
+    if libvirt.kind == "hugetlbfs":
+        assert at_start["free_2m"] <= free_before - GUEST_BYTES // (2 << 20)  # type: ignore[operator]
+    summary = [line for line in libvirt.log().splitlines() if "populated 1G in" in line]
+    assert len(summary) == 1 and f"{guest} start: INFO" in summary[0]
+
+    # The guest runs: libvirt says so and its vCPU thread uses CPU time.
+    assert virsh.virsh("domstate", guest).stdout.strip() == "running"
+    cpu0 = sum(psutil.Process(pid).cpu_times()[:2])
+    time.sleep(1.0)
+    assert sum(psutil.Process(pid).cpu_times()[:2]) > cpu0
+
+    # Destroying it returns every page and leaves nothing of kvmaccel's behind.
+    virsh.virsh("destroy", guest)
+    for _ in range(50):
+        if free_2m() == free_before and not os.path.exists(path):
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(path)
+    assert free_2m() == free_before
+    if libvirt.kind == "shm":
+        assert abs(shm_used_bytes() - shm_before) < 16 << 20
+    assert os.listdir(f"{libvirt.run_dir}/domains") == []
+    assert os.listdir(f"{libvirt.run_dir}/files") == []
+
+
+@pytest.mark.parametrize("libvirt", ["shm"], indirect=True)
+def test_broken_config_still_starts_the_guest(libvirt: Libvirt, guest: str) -> None:
+    libvirt.write_config(raw='strict = true\nlog_file = "/nowhere\n')
+    virsh.virsh("start", guest)  # fails open: libvirt and QEMU start it as usual
+    assert virsh.virsh("domstate", guest).stdout.strip() == "running"
+    pid = virsh.qemu_pid(guest)
+    assert any(p.startswith(libvirt.backing_root) for p in virsh.mapped_files(pid))
+    [at_start] = libvirt.observed("start")
+    assert at_start["files"] == {}  # kvmaccel created nothing; QEMU made its own file
+    assert not os.path.exists(f"{libvirt.run_dir}/domains/{uuid_of(guest)}.json")
+
+
+@pytest.mark.parametrize("libvirt", ["shm"], indirect=True)
+def test_time_budget_cancels_and_the_guest_starts(libvirt: Libvirt, guest: str) -> None:
+    libvirt.write_config("strict = true\npopulate_timeout_s = 0.01\n")
+    virsh.virsh("start", guest)
+    assert virsh.virsh("domstate", guest).stdout.strip() == "running"
+    assert "populate ran past populate_timeout_s" in libvirt.log()
+    [at_start] = libvirt.observed("start")
+    assert at_start["files"] == {}  # the partial file was removed before QEMU started
+    path = next(p for p in virsh.mapped_files(virsh.qemu_pid(guest))
+                if p.startswith(libvirt.backing_root))
+    assert os.stat(path).st_size == GUEST_BYTES  # QEMU created its own file
+
+
+@pytest.mark.parametrize("libvirt", ["hugetlbfs"], indirect=True)
+def test_strict_refuses_without_enough_huge_pages(libvirt: Libvirt, guest: str) -> None:
+    libvirt.write_config("strict = true\n")
+    free = free_2m()
+    need(free >= 612, f"needs 612 free 2M huge pages, {free} are free")
+    hog = os.path.join(HUGETLBFS_DIR, f"kvtest-hog-{os.getpid()}")
+    keep_free = 100  # fewer than the guest's 512
+    populate_backings([BackingSpec(hog, (free - keep_free) * (2 << 20))], read_host())
+    try:
+        with pytest.raises(VirshError) as e:
+            virsh.virsh("start", guest)
+    finally:
+        release(hog)
+    message = " ".join(e.value.stderr.split())
+    assert f"kvmaccel: guest {guest} needs 1G of 2M pages on node 0" in message
+    assert "reserve more huge pages" in message
+    assert virsh.virsh("domstate", guest).stdout.strip() == "shut off"
+    assert "strict = true: refusing the start" in libvirt.log()
