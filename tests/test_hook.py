@@ -35,7 +35,7 @@ def domain_xml(size_mib: int = SIZE_MIB, domain_id: int | None = 7) -> bytes:
 
 
 class NoRead(io.BytesIO):
-    def read(self, *args: object) -> bytes:  # type: ignore[override]
+    def read(self, *args: object) -> bytes:
         raise AssertionError("the hook read stdin for an operation it ignores")
 
 
