@@ -7,6 +7,7 @@ configured here and nowhere else.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -35,7 +36,20 @@ log = logging.getLogger(__name__)
 
 
 class _Group(click.Group):
-    """Maps kvmaccel's errors to one line and an exit code, in one place."""
+    """Maps kvmaccel's errors to one line and an exit code, in one place, and imports each
+    command of :data:`LAZY_COMMANDS` only when it is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = LAZY_COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module_name, attr = target.split(":")
+        command = getattr(importlib.import_module(module_name), attr)
+        assert isinstance(command, click.Command)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -152,20 +166,15 @@ def bench(size: str, kind: str, page_size: str | None, directory: str | None,
         click.echo(json.dumps(report, indent=2))
 
 
-# --- commands that live in their own modules (one line each; keep this list at the end) ---
-from .cli_plan import plan  # noqa: E402
-
-main.add_command(plan)
-from .cli_hook import hook  # noqa: E402
-
-main.add_command(hook)
-from .cli_run import COMMANDS as RUN_COMMANDS  # noqa: E402
-
-for command in RUN_COMMANDS:  # run, prealloc, status
-    main.add_command(command)
-from .cli_pool import pool  # noqa: E402
-
-main.add_command(pool)
-from .cli_tune import tune  # noqa: E402
-
-main.add_command(tune)
+# --- commands that live in their own modules, imported only when they run -----------------
+# (``kvmaccel run`` execs QEMU: every module it does not need is start-up time it adds.)
+LAZY_COMMANDS: dict[str, str] = {
+    "plan": "kvmaccel.cli_plan:plan",
+    "hook": "kvmaccel.cli_hook:hook",
+    "run": "kvmaccel.cli_run:run",
+    "prealloc": "kvmaccel.cli_run:prealloc",
+    "status": "kvmaccel.cli_run:status",
+    "bench-run": "kvmaccel.cli_run:bench_run_cmd",
+    "pool": "kvmaccel.cli_pool:pool",
+    "tune": "kvmaccel.cli_tune:tune",
+}
