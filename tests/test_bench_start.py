@@ -1,0 +1,43 @@
+"""kvmaccel.bench_start and kvmaccel.virsh: the pure parts (XML, qemu.conf, the table)."""
+
+from __future__ import annotations
+
+from kvmaccel.bench_start import StartResult, configurations, domain_xml, format_table
+from kvmaccel.domain import parse_domain
+from kvmaccel.virsh import render_qemu_conf
+
+
+def test_configurations_and_their_xml() -> None:
+    configs = {c.name: c for c in configurations(2, "/dev/hugepages")}
+    assert len(configs) == 10 and "kvmaccel-shm+locked" in configs
+    locked = configs["qemu-hugepages-2+locked"]
+    xml = domain_xml(locked, "g", 8 << 30)
+    d = parse_domain(xml)
+    assert d.memory_bytes == 8 << 30 and d.memory_backing.allocation_threads == 2
+    assert "mem-lock=on" in xml
+    assert locked.qemu_conf() == {"user": "root", "group": "root",
+                                  "clear_emulator_capabilities": 0}
+    hook = configs["kvmaccel-hugetlbfs"]
+    d = parse_domain(domain_xml(hook, "g", 1 << 30))
+    assert d.memory_backing.source_type == "file" and d.memory_backing.access_mode == "shared"
+    assert d.memory_backing.allocation_threads is None
+    assert hook.qemu_conf() == {"memory_backing_dir": "/dev/hugepages"}
+
+
+def test_qemu_conf_settings_replace_earlier_ones() -> None:
+    text = render_qemu_conf('# c\nmemory_backing_dir = "/x"\nuser = "qemu"\n',
+                            {"memory_backing_dir": "/dev/shm", "clear_emulator_capabilities": 0})
+    assert '#kvmaccel# memory_backing_dir = "/x"' in text and 'user = "qemu"' in text
+    assert text.endswith('memory_backing_dir = "/dev/shm"\nclear_emulator_capabilities = 0\n')
+
+
+def test_table_ratios() -> None:
+    configs = {c.name: c for c in configurations(2, "/dev/hugepages")}
+    results = [StartResult(configs["qemu-shm-2"], [4.0, 6.0, 5.0]),
+               StartResult(configs["qemu-hugepages-2"], [1.0]),
+               StartResult(configs["kvmaccel-shm"], [4.0], [3.0]),
+               StartResult(configs["kvmaccel-hugetlbfs"], [], error="boom")]
+    table = format_table(results, 8 << 30, 2)
+    assert "| qemu-shm-2 | 5.00 | - | 5.00x | - |" in table
+    assert "| kvmaccel-shm | 4.00 | 3.00 | 4.00x | 0.80x |" in table
+    assert "failed: boom" in table
