@@ -31,6 +31,7 @@ from .errors import BackingError, CapacityError, KvmaccelError, UsageError
 from .host import HostFacts
 from .limits import Limits, split_across_nodes
 from .slots import run_dir
+from .statefile import write_json_atomic
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,7 @@ def remember(path: str, fd: int, size_bytes: int) -> None:
     st = os.fstat(fd)
     record = {"path": os.path.abspath(path), "dev": st.st_dev, "ino": st.st_ino,
               "size_bytes": size_bytes, "created_unix": time.time(), "pid": os.getpid()}
-    target = _record_path(path)
-    os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
-    tmp = f"{target}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-    os.replace(tmp, target)
+    write_json_atomic(_record_path(path), record, dir_mode=0o755)
 
 
 def forget(path: str) -> None:

@@ -51,6 +51,7 @@ from .plan import DomainPlan, plan_domain
 from .policy import host_policy
 from .qemuconf import read_qemu_conf
 from .slots import run_dir
+from .statefile import write_json_atomic
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -131,12 +132,7 @@ def _domain_key(domain: Domain) -> str:
 
 
 def write_state(key: str, state: dict[str, object]) -> None:
-    path = state_path(key)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(state, f)
-    os.replace(tmp, path)
+    write_json_atomic(state_path(key), state)
 
 
 def read_state(key: str) -> dict[str, object] | None:

@@ -49,6 +49,7 @@ from .errors import BackingError, KvmaccelError, UsageError
 from .host import HostFacts, Mount
 from .limits import Limits, split_across_nodes
 from .slots import run_dir
+from .statefile import write_json_atomic
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -156,13 +157,7 @@ class Pool:
         st = os.stat(path)
         record = {"state": state, "dev": st.st_dev, "ino": st.st_ino,
                   "updated_unix": time.time(), **fields}
-        target = self._state_path(path)
-        tmp = f"{target}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_json_atomic(self._state_path(path), record, durable=True)
 
     def _read_state(self, path: str) -> dict[str, object]:
         try:
