@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -21,9 +19,8 @@ from .config import read_config
 from .domain import parse_domain
 from .errors import UsageError
 from .host import HostFacts, read_host
-from .limits import Limits
 from .plan import plan_domain
-from .pool import POOL_DIRNAME, Pool, PoolKey, key_for, pool_dir_for
+from .pool import POOL_DIRNAME, Pool, PoolKey, key_for, pool_dir_for, spawn_scrub
 from .qemuconf import read_qemu_conf
 from .units import format_size, parse_cpu_spec, parse_size
 
@@ -172,17 +169,3 @@ def drain(directories: tuple[str, ...]) -> None:
     """Remove every pool file not in use, giving its pages back to the system."""
     freed = sum(p.drain() for p in _all_pools(read_host(), directories))
     click.echo(f"drained {format_size(freed) if freed else 'nothing'}")
-
-
-def spawn_scrub(directories: tuple[str, ...] = (), limits: Limits | None = None) -> int:
-    """Start ``kvmaccel pool scrub`` detached (own session, nice 19, no terminal); return
-    its pid.  The hook calls this after a guest stops."""
-    args = [sys.executable, "-m", "kvmaccel", "pool", "scrub"]
-    for d in directories:
-        args += ["--dir", d]
-    if limits is not None:
-        args += ["--nice", str(limits.nice)]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=lambda: os.nice(19), close_fds=True)
-    return proc.pid

@@ -29,6 +29,7 @@ Nothing is written to stdout.  Logging is configured here (the hook's entry poin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import logging.handlers
@@ -40,6 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
+from . import hook_pool
 from .backing import BackingSpec, created_by_us, forget, populate_backings
 from .config import HookConfig, read_config
 from .domain import Domain, parse_domain
@@ -170,7 +172,7 @@ def op_prepare(xml: bytes, config: HookConfig) -> None:
         reasons = "; ".join(f"{b.backend_id}: {b.skip_reason}" for b in plan.backends)
         log.info("nothing for kvmaccel to populate (%s)", reasons or "no memory backends")
         return
-    for check in plan.capacity:
+    for check in hook_pool.capacity_after_pool(plan, read_host(), config):
         if not check.ok:
             where = "host-wide" if check.node is None else f"on node {check.node}"
             raise CapacityError(
@@ -215,11 +217,21 @@ def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = No
         return
     specs = backing_specs(plan)
     key = plan.uuid or f"name-{plan.name}"
+    host = read_host()
+    # Record first what this start is about to create, so that a crash leaves a trail.
     state: dict[str, object] = {
         "name": plan.name, "uuid": plan.uuid, "id": plan.domain_id, "shortname": plan.shortname,
-        "files": [s.path for s in specs], "start_unix": time.time(),
+        "files": [s.path for s in specs], "pool_links": [], "start_unix": time.time(),
     }
     write_state(key, state)
+    linked, fresh = hook_pool.take(plan, specs, host, config)
+    state["files"] = [spec.path for _, spec in fresh]
+    state["pool_links"] = [dataclasses.asdict(link) for link in linked]
+    write_state(key, state)
+    if not fresh:
+        log.info("started from the pool: %s", ", ".join(link.link_path for link in linked))
+        return
+    specs = [spec for _, spec in fresh]
     cancel = cancel or threading.Event()
     timed_out = threading.Event()
 
@@ -233,10 +245,9 @@ def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = No
         timer.daemon = True
         timer.start()
     try:
-        _, result = populate_backings(specs, read_host(), limits,
-                                      cancel=cancel)
+        _, result = populate_backings(specs, host, limits, cancel=cancel)
     except CancelledError:
-        write_state(key, {**state, "files": [], "cancelled": True})
+        write_state(key, {**state, "files": [], "cancelled": True})  # pool links stay
         if timed_out.is_set():
             log.warning("populate ran past populate_timeout_s = %g s: cancelled and removed "
                         "the partly populated file(s); QEMU allocates the memory itself",
@@ -249,6 +260,8 @@ def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = No
     finally:
         if timer is not None:
             timer.cancel()
+    adopted = hook_pool.adopt(plan, fresh, host, config)
+    state["pool_links"] = [dataclasses.asdict(link) for link in [*linked, *adopted]]
     write_state(key, {**state, "populated_unix": time.time(), "result": result.as_dict()})
     log.info("populated %s in %.2f s (%.2f GiB/s), %d thread(s), helpers per node %s: %s",
              format_size(result.bytes_total), result.seconds, result.gib_per_s, result.threads,
@@ -276,6 +289,9 @@ def op_stop(xml: bytes, config: HookConfig) -> None:
         elif os.path.lexists(path):
             log.warning("%s is no longer the file kvmaccel created; left alone", path)
         forget(path)
+    links = state.get("pool_links")
+    if domain.uuid and isinstance(links, list) and links:
+        hook_pool.release(domain.uuid, [x for x in links if isinstance(x, dict)])
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state_path(key))
     log.info("released %s", format_size(freed) if freed else "nothing (libvirt removed the "

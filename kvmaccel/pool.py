@@ -38,6 +38,8 @@ import os
 import random
 import re
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -241,6 +243,15 @@ class Pool:
                 nlink=st.st_nlink))
         return sorted(out, key=lambda e: e.updated_unix)
 
+    def clean_for(self, key: PoolKey, domain_uuid: str | None) -> list[PoolEntry]:
+        """Clean files that can serve ``key`` for this guest: those reserved for it first,
+        then unreserved ones."""
+        want = replace(key, reserved_uuid=None)
+        found = [e for e in self.entries() if e.state == "clean"
+                 and replace(e.key, reserved_uuid=None) == want
+                 and e.key.reserved_uuid in (None, domain_uuid)]
+        return sorted(found, key=lambda e: e.key.reserved_uuid is None)
+
     def held_bytes(self) -> tuple[int, dict[int | None, int]]:
         """Bytes the pool holds in all, and per node."""
         total = 0
@@ -305,12 +316,7 @@ class Pool:
         """Link a clean file of ``key`` (one reserved for ``domain_uuid`` first, then an
         unreserved one) at ``target`` and mark it in use; None when there is none."""
         with self._pool_lock():
-            candidates = [e for e in self.entries() if e.state == "clean"
-                          and replace(e.key, reserved_uuid=None) == replace(key,
-                                                                            reserved_uuid=None)
-                          and e.key.reserved_uuid in (None, domain_uuid)]
-            candidates.sort(key=lambda e: e.key.reserved_uuid is None)
-            for entry in candidates:
+            for entry in self.clean_for(key, domain_uuid):
                 self._write_state(entry.path, "in_use", domain_uuid=domain_uuid,
                                   backend_id=backend_id, link_path=os.path.abspath(target))
                 try:
@@ -444,3 +450,14 @@ def key_for(size_bytes: int, page_size_kib: int, host_nodes: Sequence[int] = (),
     return PoolKey(size_bytes, page_size_kib, tuple(sorted(host_nodes)),
                    policy if host_nodes else None, reserved_uuid)
 
+
+def spawn_scrub(directories: Sequence[str] = (), nice: int = 19) -> int:
+    """Start ``kvmaccel pool scrub`` detached (its own session, at ``nice``, no terminal, no
+    inherited descriptors); return its pid.  The hook calls this after a guest stops."""
+    args = [sys.executable, "-m", "kvmaccel", "pool", "scrub", "--nice", str(nice)]
+    for d in directories:
+        args += ["--dir", d]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                            preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, nice))
+    return proc.pid

@@ -7,14 +7,15 @@ pages, libvirtd) skip when run by hand without it, and *fail* under the test com
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 from kvmaccel import host as host_mod
-
-HUGETLBFS_DIR = "/dev/hugepages"
 
 
 def need(condition: bool, why: str) -> None:
@@ -47,30 +48,37 @@ def free_hugepages_2m() -> int:
     return host_mod.read_host().hugepages.get(2048, host_mod.HugePagePool(2048, 0, 0)).free_pages
 
 
+@contextlib.contextmanager
+def private_mount(fs_type: str, options: str, prefix: str = "kvtest-") -> Iterator[str]:
+    """A fresh tmpfs or hugetlbfs of the tests' own, unmounted afterwards: whatever a test
+    leaves in it (pool files, a detached scrub's work) goes with it, and the host's own
+    /dev/shm and /dev/hugepages, and any pool there, are never touched."""
+    need(os.geteuid() == 0, "needs root (mounts a private tmpfs or hugetlbfs)")
+    path = tempfile.mkdtemp(prefix=prefix, dir="/run")
+    os.chmod(path, 0o755)
+    subprocess.run(["mount", "-t", fs_type, "-o", options, "none", path], check=True)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", path], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", path], check=True)  # a detached scrub still in it
+        os.rmdir(path)
+
+
 @pytest.fixture
-def hugetlbfs(tmp_path: object) -> Iterator[str]:
-    """A directory on a 2M hugetlbfs with at least 256 free pages; leftover files removed."""
+def hugetlbfs() -> Iterator[str]:
+    """A private 2M hugetlbfs (the host has at least 256 free 2M pages for it)."""
     need(os.geteuid() == 0, "needs root")
-    mounted = any(m.path == HUGETLBFS_DIR and m.page_size_kib == 2048
-                  for m in host_mod.read_host().hugetlbfs_mounts)
-    need(mounted, f"no 2M hugetlbfs mounted on {HUGETLBFS_DIR}")
     need(free_hugepages_2m() >= 256, "fewer than 256 free 2M huge pages")
-    before = set(os.listdir(HUGETLBFS_DIR))
-    yield HUGETLBFS_DIR
-    for name in set(os.listdir(HUGETLBFS_DIR)) - before:
-        if name.startswith("kvtest-"):
-            os.unlink(os.path.join(HUGETLBFS_DIR, name))
+    with private_mount("hugetlbfs", "pagesize=2M,mode=0755") as path:
+        yield path
 
 
 @pytest.fixture
-def shm_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A fresh directory on /dev/shm (tmpfs), removed afterwards."""
-    import shutil
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix="kvtest-", dir="/dev/shm")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def shm_dir() -> Iterator[str]:
+    """A private tmpfs, as /dev/shm is one."""
+    with private_mount("tmpfs", "mode=0755") as path:
+        yield path
 
 
 # --- golden files for vm-fixtures (tests/test_plan.py) -------------------------------------

@@ -154,7 +154,7 @@ def test_dry_run_prints_plan_and_command(qemu: str, hugetlbfs: str) -> None:
     proc = kvmaccel("run", "--dry-run", "--", qemu, "-machine", "none", "-object",
                     f"memory-backend-file,id=m,size=64M,mem-path={hugetlbfs},share=on")
     assert proc.returncode == 0, proc.stderr
-    assert "populate m (memory-backend-file /dev/hugepages 64M): directory on hugetlbfs" \
+    assert f"populate m (memory-backend-file {hugetlbfs} 64M): directory on hugetlbfs" \
         in proc.stdout
     assert ("exec: qemu-system-x86_64 -machine none -object memory-backend-file,id=m,size=64M,"
             "mem-path=/proc/self/fd/N,share=on,prealloc=off") in proc.stdout
