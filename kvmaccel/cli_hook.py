@@ -109,21 +109,22 @@ def status(ctx: click.Context, libvirt_dir: str) -> None:
 @click.option("--threads", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Threads for QEMU's prealloc-threads and kvmaccel alike.")
 @click.option("--only", metavar="NAMES", help="Comma-separated configuration names to run.")
-@click.option("--hugetlbfs", "hugetlbfs_dir", default="/dev/hugepages", show_default=True,
-              help="The 2M hugetlbfs mount to use.")
+@click.option("--pool-sizes", default="2G", show_default=True, metavar="SIZES",
+              help="Other guest sizes for the warm-pool starts (comma-separated; '' none).")
 @click.option("--keep-going", is_flag=True, help="Report a configuration that fails and go on.")
-def bench_start(size: str, runs: int, threads: int, only: str | None, hugetlbfs_dir: str,
+def bench_start(size: str, runs: int, threads: int, only: str | None, pool_sizes: str,
                 keep_going: bool) -> None:
     """Time `virsh start` for one guest size under each memory configuration.
 
     Needs root and a running libvirtd; changes /etc/libvirt/qemu.conf and the installed hook
     for the run and restarts libvirtd between configurations, restoring both at the end.
+    Guest memory goes to a private hugetlbfs and tmpfs mounted for the run.
     """
-    from . import bench_start as bs
+    from .bench_start import format_table, run
     from .units import parse_size
 
     names = [n.strip() for n in only.split(",")] if only else None
-    results = bs.run(parse_size(size), runs=runs, threads=threads, only=names,
-                     hugetlbfs_dir=hugetlbfs_dir, keep_going=keep_going,
-                     emit=lambda line: click.echo(line, err=True))
-    click.echo(bs.format_table(results, parse_size(size), threads))
+    results = run(parse_size(size), runs=runs, threads=threads, only=names,
+                  keep_going=keep_going, emit=lambda line: click.echo(line, err=True),
+                  pool_sizes=[parse_size(x) for x in pool_sizes.split(",") if x.strip()])
+    click.echo(format_table(results, parse_size(size), threads))

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -230,3 +231,21 @@ def exclusive_libvirt(timeout_s: float = 1800) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def private_mount(fs_type: str, options: str, prefix: str = "kvmaccel-",
+                  parent: str = "/run") -> Iterator[str]:
+    """Mount a fresh tmpfs or hugetlbfs of one's own under ``parent`` for a block, then
+    unmount it (lazily if a process still holds a file in it) and remove the mount point.
+    Tests and benchmarks use one so that they never touch the host's own /dev/shm,
+    /dev/hugepages or a pool on them.  Raises :class:`subprocess.CalledProcessError`."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(path, 0o755)
+    subprocess.run(["mount", "-t", fs_type, "-o", options, "none", path], check=True)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", path], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", path], check=True)
+        os.rmdir(path)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 from kvmaccel import host as host_mod
+from kvmaccel.virsh import private_mount as virsh_private_mount
 
 
 def need(condition: bool, why: str) -> None:
@@ -50,19 +49,12 @@ def free_hugepages_2m() -> int:
 
 @contextlib.contextmanager
 def private_mount(fs_type: str, options: str, prefix: str = "kvtest-") -> Iterator[str]:
-    """A fresh tmpfs or hugetlbfs of the tests' own, unmounted afterwards: whatever a test
-    leaves in it (pool files, a detached scrub's work) goes with it, and the host's own
-    /dev/shm and /dev/hugepages, and any pool there, are never touched."""
+    """A fresh tmpfs or hugetlbfs of the tests' own (:func:`kvmaccel.virsh.private_mount`):
+    whatever a test leaves in it (pool files, a detached scrub's work) goes with it, and the
+    host's own /dev/shm and /dev/hugepages, and any pool there, are never touched."""
     need(os.geteuid() == 0, "needs root (mounts a private tmpfs or hugetlbfs)")
-    path = tempfile.mkdtemp(prefix=prefix, dir="/run")
-    os.chmod(path, 0o755)
-    subprocess.run(["mount", "-t", fs_type, "-o", options, "none", path], check=True)
-    try:
+    with virsh_private_mount(fs_type, options, prefix) as path:
         yield path
-    finally:
-        if subprocess.run(["umount", path], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", path], check=True)  # a detached scrub still in it
-        os.rmdir(path)
 
 
 @pytest.fixture

@@ -8,8 +8,10 @@ from kvmaccel.virsh import render_qemu_conf
 
 
 def test_configurations_and_their_xml() -> None:
-    configs = {c.name: c for c in configurations(2, "/dev/hugepages")}
-    assert len(configs) == 10 and "kvmaccel-shm+locked" in configs
+    configs = {c.name: c for c in configurations(2, "/dev/hugepages", "/dev/shm", [2 << 30])}
+    assert len(configs) == 16 and "kvmaccel-shm+locked" in configs
+    assert configs["kvmaccel-pool-shm@2G"].guest_bytes(8 << 30) == 2 << 30
+    assert configs["kvmaccel-pool-hugetlbfs+locked"].pool
     locked = configs["qemu-hugepages-2+locked"]
     xml = domain_xml(locked, "g", 8 << 30)
     d = parse_domain(xml)
@@ -38,6 +40,6 @@ def test_table_ratios() -> None:
                StartResult(configs["kvmaccel-shm"], [4.0], [3.0]),
                StartResult(configs["kvmaccel-hugetlbfs"], [], error="boom")]
     table = format_table(results, 8 << 30, 2)
-    assert "| qemu-shm-2 | 5.00 | - | 5.00x | - |" in table
-    assert "| kvmaccel-shm | 4.00 | 3.00 | 4.00x | 0.80x |" in table
+    assert "| qemu-shm-2 | 5.00 | - | - | 5.00x | - |" in table
+    assert "| kvmaccel-shm | 4.00 | 3.00 | - | 4.00x | 0.80x |" in table
     assert "failed: boom" in table
