@@ -41,10 +41,13 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
-from .host import CpuEnergy, EnergyFacts, PowerSupply
 from .limits import Limits
+
+if TYPE_CHECKING:  # the hook imports this at every start: keep it light
+    from .host import CpuEnergy, EnergyFacts, PowerSupply
 
 log = logging.getLogger(__name__)
 

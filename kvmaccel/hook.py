@@ -28,8 +28,6 @@ Nothing is written to stdout.  Logging is configured here (the hook's entry poin
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
 import logging.handlers
@@ -41,20 +39,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
-from . import hook_pool
-from .backing import BackingSpec, created_by_us, forget, populate_backings
 from .config import HookConfig, read_config
-from .domain import Domain, parse_domain
-from .engine import describe_helpers
-from .errors import BackingError, CancelledError, CapacityError, KvmaccelError, UsageError
-from .host import read_host
-from .limits import Limits
-from .plan import DomainPlan, plan_domain
-from .policy import host_policy
-from .qemuconf import read_qemu_conf
+from .errors import BackingError, KvmaccelError, UsageError
 from .slots import run_dir
 from .statefile import write_json_atomic
-from .units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +54,8 @@ SYSLOG_SOCKET = "/dev/log"
 FALLBACK_CONFIG = HookConfig()
 """What the hook logs with when the config file itself is broken (then it fails open)."""
 FILE_MODE = 0o600
+RECIPE_MAX_AGE_S = 600
+"""A ``prepare`` older than this is not trusted by ``start`` (the pool may have changed)."""
 
 
 # --- logging --------------------------------------------------------------------------------
@@ -129,10 +119,6 @@ def state_path(key: str) -> str:
     return os.path.join(run_dir(), "domains", f"{key}.json")
 
 
-def _domain_key(domain: Domain) -> str:
-    return domain.uuid or f"name-{domain.name}"
-
-
 def write_state(key: str, state: dict[str, object]) -> None:
     write_json_atomic(state_path(key), state)
 
@@ -150,157 +136,74 @@ def read_state(key: str) -> dict[str, object] | None:
 
 # --- the operations -------------------------------------------------------------------------
 
-def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
-    """Parse and plan the guest on this host; also return the limits the engine runs with:
-    the config's, with ``<allocation threads='N'/>``, the energy policy and the tuned
-    per-node counts applied exactly as the planner applies them (the plan's ``limits``).
-    Raises :class:`KvmaccelError` subclasses."""
-    domain = parse_domain(xml)
-    host = read_host()
-    tuned, energy = host_policy(config.energy, host)
-    if energy.max_threads is not None:
-        log.info("%s", energy.reason)
-    plan = plan_domain(domain, host, read_qemu_conf(config.qemu_conf), config.limits,
-                       tuned=tuned, energy=energy)
-    return plan, plan.limits
-
-
-def op_prepare(xml: bytes, config: HookConfig) -> None:
-    """Plan and check capacity.  Raises :class:`CapacityError` with the numbers."""
-    plan, _ = make_plan(xml, config)
-    if not plan.populated:
-        reasons = "; ".join(f"{b.backend_id}: {b.skip_reason}" for b in plan.backends)
-        log.info("nothing for kvmaccel to populate (%s)", reasons or "no memory backends")
-        return
-    for check in hook_pool.capacity_after_pool(plan, read_host(), config):
-        if not check.ok:
-            where = "host-wide" if check.node is None else f"on node {check.node}"
-            raise CapacityError(
-                f"guest {plan.name} needs {format_size(check.needed_bytes)} of "
-                f"{format_size(check.page_size_kib * 1024)} pages {where} but only "
-                f"{format_size(check.available_bytes)} is free ({check.source}); reserve more "
-                "huge pages or free memory",
-                node_id=check.node, page_size_kib=check.page_size_kib,
-                needed_bytes=check.needed_bytes, available_bytes=check.available_bytes)
-    log.info("plan: populate %s with %d thread(s)",
-             ", ".join(f"{b.mem_path} ({format_size(b.file_size_bytes)})"
-                       for b in plan.populated), plan.helpers.threads)
-
-
-def backing_specs(plan: DomainPlan) -> list[BackingSpec]:
-    """One spec per populated backend, owned like the directory libvirt made for it.
-
-    Raises :class:`BackingError` when that directory does not exist (libvirt makes it just
-    before ``start begin``).
-    """
-    specs = []
-    for b in plan.populated:
-        assert b.mem_path is not None  # populated backends always have a file
-        directory = os.path.dirname(b.mem_path)
-        try:
-            st = os.stat(directory)
-        except OSError as e:
-            raise BackingError(f"{directory}: {e.strerror}; libvirt should have created it "
-                               "before 'start begin'", path=b.mem_path) from None
-        specs.append(BackingSpec(
-            path=b.mem_path, size_bytes=b.file_size_bytes, nodes=b.host_nodes or (),
-            policy="preferred" if b.policy == "preferred" else "bind", mode=FILE_MODE,
-            uid=st.st_uid, gid=st.st_gid, name=b.alias))
-    return specs
+def recipe_path(domain_uuid: str) -> str:
+    """What ``prepare`` left for a fast start from the pool."""
+    return state_path(f"{domain_uuid}.prepared")
 
 
 def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = None) -> None:
-    """Create and populate every file the plan populates; record them by uuid first."""
-    plan, limits = make_plan(xml, config)
-    if not plan.populated:
-        log.info("nothing for kvmaccel to populate")
+    """Start from the pool when ``prepare`` found a clean file for every backend (a few
+    milliseconds, nothing else imported); otherwise create and populate the files."""
+    if config.pool_enabled and _start_from_pool(xml):
         return
-    specs = backing_specs(plan)
-    key = plan.uuid or f"name-{plan.name}"
-    host = read_host()
-    # Record first what this start is about to create, so that a crash leaves a trail.
-    state: dict[str, object] = {
-        "name": plan.name, "uuid": plan.uuid, "id": plan.domain_id, "shortname": plan.shortname,
-        "files": [s.path for s in specs], "pool_links": [], "start_unix": time.time(),
-    }
-    write_state(key, state)
-    linked, fresh = hook_pool.take(plan, specs, host, config)
-    state["files"] = [spec.path for _, spec in fresh]
-    state["pool_links"] = [dataclasses.asdict(link) for link in linked]
-    write_state(key, state)
-    if not fresh:
-        log.info("started from the pool: %s", ", ".join(link.link_path for link in linked))
-        return
-    specs = [spec for _, spec in fresh]
-    cancel = cancel or threading.Event()
-    timed_out = threading.Event()
+    from .hook_ops import start_populating
 
-    def out_of_time() -> None:
-        timed_out.set()
-        cancel.set()
+    start_populating(xml, config, cancel)
 
-    timer = None
-    if config.populate_timeout_s > 0:
-        timer = threading.Timer(config.populate_timeout_s, out_of_time)
-        timer.daemon = True
-        timer.start()
+
+def _start_from_pool(xml: bytes) -> bool:
+    """Link the clean pool files ``prepare`` found at the paths libvirt hands QEMU; True when
+    every backend is served.  Anything unexpected (no recipe, another domain id, a file
+    taken meanwhile) gives back what was linked and returns False: the full path runs."""
+    import xml.etree.ElementTree as ET
+
+    from .pool import Pool, PoolEntry, PoolKey
+
+    root = ET.fromstring(xml)
+    uuid = (root.findtext("uuid") or "").strip()
+    if not uuid:
+        return False
     try:
-        _, result = populate_backings(specs, host, limits, cancel=cancel)
-    except CancelledError:
-        write_state(key, {**state, "files": [], "cancelled": True})  # pool links stay
-        if timed_out.is_set():
-            log.warning("populate ran past populate_timeout_s = %g s: cancelled and removed "
-                        "the partly populated file(s); QEMU allocates the memory itself",
-                        config.populate_timeout_s)
-            return
-        raise
-    except BaseException:
-        write_state(key, {**state, "files": []})
-        raise
-    finally:
-        if timer is not None:
-            timer.cancel()
-    adopted = hook_pool.adopt(plan, fresh, host, config)
-    state["pool_links"] = [dataclasses.asdict(link) for link in [*linked, *adopted]]
-    write_state(key, {**state, "populated_unix": time.time(), "result": result.as_dict()})
-    log.info("populated %s in %.2f s (%.2f GiB/s), %d thread(s), helpers per node %s: %s",
-             format_size(result.bytes_total), result.seconds, result.gib_per_s, result.threads,
-             describe_helpers(result), ", ".join(str(s.path) for s in specs))
+        with open(recipe_path(uuid), encoding="utf-8") as f:
+            recipe = json.load(f)
+        os.unlink(recipe_path(uuid))
+        fresh = (str(recipe["id"]) == root.get("id")
+                 and time.time() - float(recipe["written_unix"]) < RECIPE_MAX_AGE_S)
+        backends = list(recipe["backends"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not fresh or not backends:
+        return False
+    taken: list[tuple[Pool, PoolEntry, str, str]] = []
+    for b in backends:
+        pool = Pool(b["pool_dir"])
+        target = b["mem_path"]
+        st = os.stat(os.path.dirname(target))
+        entry = pool.take(PoolKey(**{**b["key"], "host_nodes": tuple(b["key"]["host_nodes"])}),
+                          target, domain_uuid=uuid, backend_id=b["backend_id"],
+                          uid=st.st_uid, gid=st.st_gid, mode=FILE_MODE)
+        if entry is None:
+            for p, e, t, _ in taken:
+                p.give_back(e, t)
+            log.info("pool: no clean file for %s any more; populating instead", target)
+            return False
+        taken.append((pool, entry, target, b["backend_id"]))
+    write_state(uuid, {
+        "name": recipe.get("name"), "uuid": uuid, "id": recipe["id"],
+        "shortname": recipe.get("shortname"), "files": [], "start_unix": time.time(),
+        "pool_links": [{"backend_id": bid, "link_path": t, "pool_path": e.path,
+                        "pool_dir": p.directory} for p, e, t, bid in taken]})
+    log.info("started from the pool: %s", ", ".join(t for _, _, t, _ in taken))
+    return True
 
 
-def op_stop(xml: bytes, config: HookConfig) -> None:
-    """Remove the files kvmaccel created for this guest that are still there; forget them."""
-    domain = parse_domain(xml)
-    key = _domain_key(domain)
-    state = read_state(key)
-    if state is None:
-        log.debug("no kvmaccel state for %s", key)
-        return
-    freed = 0
-    files = state.get("files")
-    for path in files if isinstance(files, list) else []:
-        if not isinstance(path, str):
-            continue
-        if os.path.lexists(path) and created_by_us(path):
-            freed += os.stat(path).st_size
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            log.info("removed %s", path)
-        elif os.path.lexists(path):
-            log.warning("%s is no longer the file kvmaccel created; left alone", path)
-        forget(path)
-    links = state.get("pool_links")
-    if domain.uuid and isinstance(links, list) and links:
-        hook_pool.release(domain.uuid, [x for x in links if isinstance(x, dict)])
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(state_path(key))
-    log.info("released %s", format_size(freed) if freed else "nothing (libvirt removed the "
-             "files with the domain directory)")
+def _operation(op: str) -> Callable[[bytes, HookConfig], None]:
+    if op == "start":
+        return op_start
+    from . import hook_ops  # planning and populating: only when needed
 
-
-OPERATIONS: dict[str, Callable[[bytes, HookConfig], None]] = {
-    "prepare": op_prepare, "start": op_start, "stopped": op_stop, "release": op_stop,
-}
+    return {"prepare": hook_ops.op_prepare, "stopped": hook_ops.op_stop,
+            "release": hook_ops.op_stop}[op]
 
 
 # --- entry point ----------------------------------------------------------------------------
@@ -357,7 +260,7 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) ->
     data = (stdin or sys.stdin.buffer).read()
     starting = op in ("prepare", "start")
     try:
-        OPERATIONS[op](data, config)
+        _operation(op)(data, config)
     except (KeyboardInterrupt, Exception) as e:
         if isinstance(e, KvmaccelError):
             reason = " ".join(str(e).split())  # one line: libvirt shows it to the user

@@ -43,16 +43,17 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from . import sysmem
-from .backing import BackingSpec, populate_backings
-from .engine import EngineOps, PopulateResult, WorkItem, populate
 from .errors import BackingError, KvmaccelError, UsageError
-from .host import HostFacts, Mount
 from .limits import Limits, split_across_nodes
 from .slots import run_dir
 from .statefile import write_json_atomic
 from .units import format_size
+
+if TYPE_CHECKING:  # the hook's fast start path imports this module: keep it light
+    from .engine import PopulateResult
+    from .host import HostFacts, Mount
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +290,8 @@ class Pool:
         """Add ``count`` clean files of ``key``, populating each with the engine.  Stops with
         :class:`PoolError` at the pool's limit (what was added stays).  A file is ``filling``
         while it is populated; a fill that dies leaves it dirty, never clean."""
+        from .backing import BackingSpec, populate_backings
+
         results = []
         for _ in range(count):
             with self._pool_lock():
@@ -336,6 +339,16 @@ class Pool:
                 return replace(entry, state="in_use", domain_uuid=domain_uuid,
                                backend_id=backend_id, link_path=os.path.abspath(target), nlink=2)
         return None
+
+    def give_back(self, entry: PoolEntry, target: str) -> None:
+        """Undo :meth:`take` before any guest ran on the file: unlink ``target`` and mark the
+        file clean again."""
+        with self._pool_lock():
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samefile(target, entry.path):
+                    os.unlink(target)
+            if os.stat(entry.path).st_nlink == 1:
+                self._write_state(entry.path, "clean")
 
     def adopt(self, source: str, key: PoolKey, *, domain_uuid: str, backend_id: str
               ) -> PoolEntry | None:
@@ -415,6 +428,9 @@ def zero_file(path: str, key: PoolKey, host: HostFacts, limits: Limits | None = 
     pages 0.24 s vs 0.38 s; 2 GiB of tmpfs 0.61 s vs 1.02 s, two threads each) and keeps the
     pages in the pool instead of handing them back to whoever asks first.
     """
+    from . import sysmem
+    from .engine import EngineOps, WorkItem, populate
+
     page = key.page_size_kib * 1024
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -430,6 +446,8 @@ def zero_file(path: str, key: PoolKey, host: HostFacts, limits: Limits | None = 
 def verify_zero(fd: int, size_bytes: int, page_size_bytes: int,
                 samples: int = VERIFY_SAMPLES) -> None:
     """Check the first, the last and ``samples`` random pages read as zero."""
+    from . import sysmem
+
     pages = size_bytes // page_size_bytes
     chosen = {0, pages - 1} | {random.randrange(pages) for _ in range(min(samples, pages))}
     addr = sysmem.mmap_shared(fd, size_bytes)

@@ -210,3 +210,83 @@ def test_nothing_to_populate(env: Env) -> None:
 def test_state_key_cannot_leave_the_directory() -> None:
     with pytest.raises(Exception, match="cannot name a state file"):
         hook.state_path("../x")
+
+
+# --- the warm pool through the hook -----------------------------------------------------------
+
+def stop(env: Env) -> None:
+    shutil.rmtree(env.domain_dir)  # what libvirt does before `stopped end`
+    assert env.run("stopped", "end", domain_xml(domain_id=None)) == 0
+
+
+def pool_states(run_dir: str, shm_dir: str) -> list[str]:
+    from kvmaccel.pool import Pool
+
+    return [e.state for e in Pool(os.path.join(shm_dir, ".kvmaccel-pool"),
+                                  state_root=os.path.join(run_dir, "pool")).entries()]
+
+
+def wait_clean(run_dir: str, shm_dir: str) -> None:
+    import time
+
+    for _ in range(200):
+        if pool_states(run_dir, shm_dir) == ["clean"]:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"pool states {pool_states(run_dir, shm_dir)}")
+
+
+def test_second_start_takes_the_fast_path_from_the_pool(env: Env, run_dir: str,
+                                                        shm_dir: str) -> None:
+    # First start: populated fresh, joins the pool in use; no recipe (nothing was clean).
+    assert env.run("prepare", "begin") == 0
+    assert not os.path.exists(hook.recipe_path(UUID))
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    assert os.stat(env.file_path).st_nlink == 2
+    stop(env)
+    wait_clean(run_dir, shm_dir)  # the detached scrub ran
+    assert "scrubbing in the background" in env.log()
+
+    # Second start: prepare finds the clean file and leaves a recipe; start links it
+    # without planning (no populate, no import of the planner needed).
+    assert env.run("prepare", "begin") == 0
+    with open(hook.recipe_path(UUID)) as f:
+        recipe = json.load(f)
+    assert recipe["id"] == 7 and [b["mem_path"] for b in recipe["backends"]] == [env.file_path]
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    assert not os.path.exists(hook.recipe_path(UUID))
+    with open(hook.state_path(UUID)) as f:
+        state = json.load(f)
+    assert state["files"] == [] and "result" not in state
+    [link] = state["pool_links"]
+    assert link["link_path"] == env.file_path and os.stat(env.file_path).st_nlink == 2
+    assert "started from the pool" in env.log()
+    assert pool_states(run_dir, shm_dir) == ["in_use"]
+    stop(env)
+    wait_clean(run_dir, shm_dir)
+
+
+def test_a_stale_recipe_is_not_trusted(env: Env, run_dir: str, shm_dir: str) -> None:
+    assert env.run("prepare", "begin") == 0
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    stop(env)
+    wait_clean(run_dir, shm_dir)
+    assert env.run("prepare", "begin") == 0
+    # The guest got another id between prepare and start: the recipe's paths are wrong.
+    os.makedirs(f"{shm_dir}/libvirt/qemu/8-{NAME}")
+    assert env.run("start", "begin", domain_xml(domain_id=8)) == 0
+    with open(hook.state_path(UUID)) as f:
+        state = json.load(f)
+    assert state["id"] == 8 and state["files"] == []  # the full path, from the pool too
+    assert state["pool_links"][0]["link_path"] == f"{shm_dir}/libvirt/qemu/8-{NAME}/pc.ram"
+
+
+def test_pool_disabled_in_the_config(env: Env, run_dir: str, shm_dir: str) -> None:
+    env.write_config("[pool]\nenabled = false\n")
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    assert os.stat(env.file_path).st_nlink == 1
+    assert not os.path.exists(os.path.join(shm_dir, ".kvmaccel-pool"))

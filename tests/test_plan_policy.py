@@ -120,7 +120,7 @@ def test_plan_limits_are_what_the_engine_runs_with() -> None:
 def test_the_hook_runs_the_engine_with_the_plans_limits() -> None:
     """The hook's engine limits are the plan's: energy cap and tuned counts included."""
     from kvmaccel.config import parse_config
-    from kvmaccel.hook import make_plan
+    from kvmaccel.hook_ops import make_plan
 
     host = read_host()
     fp = host_fingerprint(host)
