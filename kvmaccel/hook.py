@@ -28,21 +28,25 @@ Nothing is written to stdout.  Logging is configured here (the hook's entry poin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import logging.handlers
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .config import HookConfig, read_config
 from .errors import BackingError, KvmaccelError, UsageError
 from .slots import run_dir
 from .statefile import write_json_atomic
+
+if TYPE_CHECKING:
+    from .pool import PoolKey
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +82,10 @@ def setup_logging(config: HookConfig, name: str, op: str) -> None:
     must never stop a guest."""
     handlers: list[logging.Handler] = []
     if config.syslog and os.path.exists(SYSLOG_SOCKET):
+        from logging.handlers import SysLogHandler  # here only: hook calls delay the guest
+
         try:
-            sh = logging.handlers.SysLogHandler(
-                address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            sh = SysLogHandler(address=SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)
             sh.setFormatter(logging.Formatter(
                 f"kvmaccel-hook[{os.getpid()}]: %(domain)s %(op)s: %(levelname)s: %(message)s"))
             handlers.append(sh)
@@ -141,33 +146,117 @@ def recipe_path(domain_uuid: str) -> str:
     return state_path(f"{domain_uuid}.prepared")
 
 
+def cache_path(domain_uuid: str) -> str:
+    """The pool-related part of the guest's last plan, for a fast ``prepare``."""
+    return state_path(f"{domain_uuid}.plan-cache")
+
+
+_DOMAIN_ID = re.compile(rb"(<domain\b[^>]*?)\s+id=(['\"])(-?\d+)\2")
+_UUID = re.compile(rb"<uuid>\s*([0-9a-fA-F-]{36})\s*</uuid>")
+
+
+def _ids(xml: bytes) -> tuple[str | None, int | None]:
+    """The domain's uuid and id, read without parsing the whole XML."""
+    m_uuid, m_id = _UUID.search(xml), _DOMAIN_ID.search(xml)
+    return (m_uuid.group(1).decode().lower() if m_uuid else None,
+            int(m_id.group(3)) if m_id else None)
+
+
+def xml_fingerprint(xml: bytes, config: HookConfig) -> str:
+    """What a plan is a function of, as far as a start from the pool goes: the domain XML
+    without its id (which changes at every start), and qemu.conf and kvmaccel's config as
+    they are on disk now."""
+    digest = hashlib.sha256(_DOMAIN_ID.sub(rb"\1", xml, count=1))
+    for path in (config.qemu_conf, config.path):
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        digest.update(f"{path}:{st.st_mtime_ns if st else 0}:{st.st_size if st else 0};"
+                      .encode())
+    return digest.hexdigest()
+
+
+def write_recipe_if_clean(domain_uuid: str, domain_id: int, name: str, shortname: str,
+                          backends: list[dict[str, Any]]) -> bool:
+    """Write the start recipe when a clean pool file waits for every backend."""
+    from .pool import Pool
+
+    wanted: dict[tuple[str, PoolKey], int] = {}
+    for b in backends:
+        slot = (b["pool_dir"], _key(b))
+        wanted[slot] = wanted.get(slot, 0) + 1
+    for (pool_dir, key), count in wanted.items():
+        if len(Pool(pool_dir).clean_for(key, domain_uuid)) < count:
+            return False
+    write_json_atomic(recipe_path(domain_uuid), {
+        "uuid": domain_uuid, "id": domain_id, "name": name, "shortname": shortname,
+        "written_unix": time.time(), "backends": backends})
+    return True
+
+
+def _key(backend: dict[str, Any]) -> PoolKey:
+    from .pool import PoolKey
+
+    return PoolKey(**{**backend["key"], "host_nodes": tuple(backend["key"]["host_nodes"])})
+
+
+def op_prepare(xml: bytes, config: HookConfig) -> None:
+    """Plan and check capacity; when the same XML was planned before and a clean pool file
+    waits for every backend, only leave the start recipe (no planning: every hook call is
+    start-up time of the guest)."""
+    if config.pool_enabled and prepare_from_cache(xml, config):
+        return
+    from .hook_ops import op_prepare as plan_and_check
+
+    plan_and_check(xml, config)
+
+
+def prepare_from_cache(xml: bytes, config: HookConfig) -> bool:
+    """True when the cached plan still holds and the pool serves every backend."""
+    uuid, domain_id = _ids(xml)
+    if uuid is None or domain_id is None:
+        return False
+    try:
+        with open(cache_path(uuid), encoding="utf-8") as f:
+            cache = json.load(f)
+        if cache["fingerprint"] != xml_fingerprint(xml, config):
+            return False
+        shortname = f"{domain_id}-{cache['shortname_tail']}"
+        backends = [{**b, "mem_path": f"/{shortname}/".join(b["path_around_shortname"])}
+                    for b in cache["backends"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not write_recipe_if_clean(uuid, domain_id, cache["name"], shortname, backends):
+        return False
+    log.info("plan: as before; the pool serves %s", ", ".join(b["mem_path"] for b in backends))
+    return True
+
+
 def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = None) -> None:
     """Start from the pool when ``prepare`` found a clean file for every backend (a few
     milliseconds, nothing else imported); otherwise create and populate the files."""
-    if config.pool_enabled and _start_from_pool(xml):
+    if config.pool_enabled and start_from_pool(xml):
         return
     from .hook_ops import start_populating
 
     start_populating(xml, config, cancel)
 
 
-def _start_from_pool(xml: bytes) -> bool:
+def start_from_pool(xml: bytes) -> bool:
     """Link the clean pool files ``prepare`` found at the paths libvirt hands QEMU; True when
     every backend is served.  Anything unexpected (no recipe, another domain id, a file
     taken meanwhile) gives back what was linked and returns False: the full path runs."""
-    import xml.etree.ElementTree as ET
+    from .pool import Pool, PoolEntry
 
-    from .pool import Pool, PoolEntry, PoolKey
-
-    root = ET.fromstring(xml)
-    uuid = (root.findtext("uuid") or "").strip()
-    if not uuid:
+    uuid, domain_id = _ids(xml)
+    if uuid is None:
         return False
     try:
         with open(recipe_path(uuid), encoding="utf-8") as f:
             recipe = json.load(f)
         os.unlink(recipe_path(uuid))
-        fresh = (str(recipe["id"]) == root.get("id")
+        fresh = (recipe["id"] == domain_id
                  and time.time() - float(recipe["written_unix"]) < RECIPE_MAX_AGE_S)
         backends = list(recipe["backends"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -179,8 +268,7 @@ def _start_from_pool(xml: bytes) -> bool:
         pool = Pool(b["pool_dir"])
         target = b["mem_path"]
         st = os.stat(os.path.dirname(target))
-        entry = pool.take(PoolKey(**{**b["key"], "host_nodes": tuple(b["key"]["host_nodes"])}),
-                          target, domain_uuid=uuid, backend_id=b["backend_id"],
+        entry = pool.take(_key(b), target, domain_uuid=uuid, backend_id=b["backend_id"],
                           uid=st.st_uid, gid=st.st_gid, mode=FILE_MODE)
         if entry is None:
             for p, e, t, _ in taken:
@@ -198,12 +286,13 @@ def _start_from_pool(xml: bytes) -> bool:
 
 
 def _operation(op: str) -> Callable[[bytes, HookConfig], None]:
+    if op == "prepare":
+        return op_prepare
     if op == "start":
         return op_start
     from . import hook_ops  # planning and populating: only when needed
 
-    return {"prepare": hook_ops.op_prepare, "stopped": hook_ops.op_stop,
-            "release": hook_ops.op_stop}[op]
+    return {"stopped": hook_ops.op_stop, "release": hook_ops.op_stop}[op]
 
 
 # --- entry point ----------------------------------------------------------------------------

@@ -12,19 +12,21 @@ import logging
 import os
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from . import hook_pool
-from .backing import BackingSpec, created_by_us, forget, populate_backings
 from .config import HookConfig
 from .domain import Domain, parse_domain
-from .engine import describe_helpers
 from .errors import BackingError, CancelledError, CapacityError
 from .hook import (
     FILE_MODE,
+    cache_path,
     read_state,
     recipe_path,
     state_path,
+    write_recipe_if_clean,
     write_state,
+    xml_fingerprint,
 )
 from .host import read_host
 from .limits import Limits
@@ -34,6 +36,9 @@ from .qemuconf import read_qemu_conf
 from .statefile import write_json_atomic
 from .units import format_size
 
+if TYPE_CHECKING:  # prepare needs neither the engine nor the backings: not imported then
+    from .backing import BackingSpec
+
 log = logging.getLogger(__name__)
 
 
@@ -41,26 +46,34 @@ def _domain_key(domain: Domain) -> str:
     return domain.uuid or f"name-{domain.name}"
 
 
-def write_recipe(plan: DomainPlan, config: HookConfig) -> None:
-    """When a clean pool file waits for every backend, leave ``start`` what it needs to link
-    them without planning again (``<run_dir>/domains/<uuid>.prepared.json``)."""
+def write_recipe(plan: DomainPlan, config: HookConfig, xml: bytes) -> None:
+    """Leave what a start from the pool needs, so that it does not plan again:
+
+    * ``<uuid>.plan-cache.json``: the pool-related part of this plan, for the next
+      ``prepare`` of the same XML (:func:`kvmaccel.hook.prepare_from_cache`);
+    * ``<uuid>.prepared.json`` when a clean pool file waits for every backend, for this
+      start (:func:`kvmaccel.hook.start_from_pool`).
+    """
     if not (config.pool_enabled and plan.uuid and plan.populated):
         return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(recipe_path(plan.uuid))
     host = read_host()
     backends = []
     for b in plan.populated:
         assert b.mem_path is not None
         pool = hook_pool.pool_for(b.mem_path, host, config)
-        key = hook_pool.backend_key(b)
-        if pool is None or not pool.clean_for(key, plan.uuid):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(recipe_path(plan.uuid))
+        head, sep, tail = b.mem_path.partition(f"/{plan.shortname}/")
+        if pool is None or not sep:
             return
         backends.append({"backend_id": b.backend_id, "mem_path": b.mem_path,
-                         "pool_dir": pool.directory, "key": dataclasses.asdict(key)})
-    write_json_atomic(recipe_path(plan.uuid), {
-        "uuid": plan.uuid, "id": plan.domain_id, "name": plan.name,
-        "shortname": plan.shortname, "written_unix": time.time(), "backends": backends})
+                         "path_around_shortname": [head, tail], "pool_dir": pool.directory,
+                         "key": dataclasses.asdict(hook_pool.backend_key(b))})
+    id_text = str(plan.domain_id)
+    write_json_atomic(cache_path(plan.uuid), {
+        "fingerprint": xml_fingerprint(xml, config), "name": plan.name,
+        "shortname_tail": plan.shortname[len(id_text) + 1:], "backends": backends})
+    write_recipe_if_clean(plan.uuid, plan.domain_id, plan.name, plan.shortname, backends)
 
 
 def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
@@ -95,7 +108,7 @@ def op_prepare(xml: bytes, config: HookConfig) -> None:
                 "huge pages or free memory",
                 node_id=check.node, page_size_kib=check.page_size_kib,
                 needed_bytes=check.needed_bytes, available_bytes=check.available_bytes)
-    write_recipe(plan, config)
+    write_recipe(plan, config, xml)
     log.info("plan: populate %s with %d thread(s)",
              ", ".join(f"{b.mem_path} ({format_size(b.file_size_bytes)})"
                        for b in plan.populated), plan.helpers.threads)
@@ -107,6 +120,8 @@ def backing_specs(plan: DomainPlan) -> list[BackingSpec]:
     Raises :class:`BackingError` when that directory does not exist (libvirt makes it just
     before ``start begin``).
     """
+    from .backing import BackingSpec
+
     specs = []
     for b in plan.populated:
         assert b.mem_path is not None  # populated backends always have a file
@@ -127,6 +142,9 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
                      ) -> None:
     """Link what clean pool files serve, create and populate the rest; record them by uuid
     first."""
+    from .backing import populate_backings
+    from .engine import describe_helpers
+
     plan, limits = make_plan(xml, config)
     if not plan.populated:
         log.info("nothing for kvmaccel to populate")
@@ -186,6 +204,8 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
 
 def op_stop(xml: bytes, config: HookConfig) -> None:
     """Remove the files kvmaccel created for this guest that are still there; forget them."""
+    from .backing import created_by_us, forget
+
     domain = parse_domain(xml)
     key = _domain_key(domain)
     state = read_state(key)

@@ -18,13 +18,16 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from .backing import BackingSpec
 from .config import HookConfig
 from .errors import UsageError
 from .host import HostFacts
 from .plan import BackendPlan, CapacityCheck, DomainPlan
 from .pool import Pool, PoolKey, key_for, pool_dir_for, spawn_scrub
+
+if TYPE_CHECKING:
+    from .backing import BackingSpec
 
 log = logging.getLogger(__name__)
 

@@ -250,7 +250,10 @@ def test_second_start_takes_the_fast_path_from_the_pool(env: Env, run_dir: str,
 
     # Second start: prepare finds the clean file and leaves a recipe; start links it
     # without planning (no populate, no import of the planner needed).
+    with open(hook.cache_path(UUID)) as f:
+        assert json.load(f)["shortname_tail"] == NAME
     assert env.run("prepare", "begin") == 0
+    assert "plan: as before; the pool serves" in env.log()  # no planning at all
     with open(hook.recipe_path(UUID)) as f:
         recipe = json.load(f)
     assert recipe["id"] == 7 and [b["mem_path"] for b in recipe["backends"]] == [env.file_path]
@@ -290,3 +293,24 @@ def test_pool_disabled_in_the_config(env: Env, run_dir: str, shm_dir: str) -> No
     assert env.run("start", "begin") == 0
     assert os.stat(env.file_path).st_nlink == 1
     assert not os.path.exists(os.path.join(shm_dir, ".kvmaccel-pool"))
+
+
+def test_a_changed_xml_or_qemu_conf_is_planned_again(env: Env, run_dir: str,
+                                                     shm_dir: str) -> None:
+    assert env.run("prepare", "begin") == 0
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    stop(env)
+    wait_clean(run_dir, shm_dir)
+    fingerprint = hook.xml_fingerprint(domain_xml(), hook.read_config(env.config_path))
+    assert fingerprint == hook.xml_fingerprint(domain_xml(domain_id=99),
+                                               hook.read_config(env.config_path))
+    # Another size: the cached plan does not hold; planned again, nothing from the pool.
+    assert env.run("prepare", "begin", domain_xml(size_mib=32)) == 0
+    assert "plan: as before" not in env.log()
+    assert not os.path.exists(hook.recipe_path(UUID))
+    # qemu.conf touched: planned again too (the pool still serves: a recipe is written).
+    qemu_conf = os.path.join(os.path.dirname(env.config_path), "qemu.conf")
+    os.utime(qemu_conf, ns=(1, 1))
+    assert env.run("prepare", "begin") == 0
+    assert "plan: as before" not in env.log() and os.path.exists(hook.recipe_path(UUID))
