@@ -169,10 +169,15 @@ class _Bench:
         return os.path.join(self.workdir, "run")
 
     def write_config(self, pool: bool) -> None:
-        with open(os.path.join(self.workdir, "kvmaccel.toml"), "w", encoding="utf-8") as f:
-            f.write(f'strict = true\nsyslog = false\nlog_file = "{self.workdir}/hook.log"\n'
-                    f'run_dir = "{self.run_dir}"\n[limits]\nthreads = {self.threads}\n'
-                    f'[pool]\nenabled = {"true" if pool else "false"}\n')
+        """Write the hook's config, only when it changes (the hook keys its plan cache on
+        the file's mtime, as an operator's config would stay put between starts)."""
+        path = os.path.join(self.workdir, "kvmaccel.toml")
+        text = (f'strict = true\nsyslog = false\nlog_file = "{self.workdir}/hook.log"\n'
+                f'run_dir = "{self.run_dir}"\n[limits]\nthreads = {self.threads}\n'
+                f'[pool]\nenabled = {"true" if pool else "false"}\n')
+        if virsh.read_text(path) != text:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
 
     def pool(self, cfg: StartConfig) -> Pool:
         assert cfg.backing_dir is not None

@@ -38,7 +38,6 @@ import os
 import random
 import re
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -472,6 +471,7 @@ def key_for(size_bytes: int, page_size_kib: int, host_nodes: Sequence[int] = (),
 def spawn_scrub(directories: Sequence[str] = (), nice: int = 19) -> int:
     """Start ``kvmaccel pool scrub`` detached (its own session, at ``nice``, no terminal, no
     inherited descriptors); return its pid.  The hook calls this after a guest stops."""
+    import subprocess
     args = [sys.executable, "-m", "kvmaccel", "pool", "scrub", "--nice", str(nice)]
     for d in directories:
         args += ["--dir", d]
