@@ -214,6 +214,16 @@ def _classify(spec: BackingSpec, host: HostFacts) -> _Target:
     return _Target(spec, kind, page, available, existing)
 
 
+def check_room(specs: Sequence[BackingSpec], host: HostFacts) -> int:
+    """Bytes missing for ``specs`` to fit now (0: they fit).  Raises what
+    :func:`open_backings` would for anything but capacity."""
+    try:
+        check_capacity([_classify(spec, host) for spec in specs], host)
+    except CapacityError as e:
+        return max(1, e.needed_bytes - e.available_bytes)
+    return 0
+
+
 def check_capacity(targets: Sequence[_Target], host: HostFacts) -> None:
     """Raise :class:`CapacityError`, with the numbers, unless every target fits at once."""
     huge_need: dict[tuple[int | None, int], int] = defaultdict(int)  # (node, page) -> pages

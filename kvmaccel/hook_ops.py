@@ -166,6 +166,8 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
         log.info("started from the pool: %s", ", ".join(link.link_path for link in linked))
         return
     specs = [spec for _, spec in fresh]
+    if config.pool_enabled and hook_pool.make_room(specs, host, config):
+        host = read_host()
     cancel = cancel or threading.Event()
     timed_out = threading.Event()
 

@@ -61,26 +61,46 @@ def pool_for(path: str, host: HostFacts, config: HookConfig) -> Pool | None:
 
 def capacity_after_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
                         ) -> tuple[CapacityCheck, ...]:
-    """The plan's capacity checks less what clean pool files would serve."""
+    """The plan's capacity checks less what clean pool files would serve, with the clean
+    pool files nobody would use counted as available (:func:`make_room` gives them back)."""
     served: dict[tuple[int | None, int], int] = {}
-    clean_left: dict[tuple[str, PoolKey], int] = {}
+    spare: dict[tuple[int | None, int], int] = {}
+    clean: dict[tuple[str, PoolKey], list[PoolKey]] = {}
+    pools: dict[str, Pool] = {}
+    uses: dict[tuple[str, PoolKey], int] = {}
     for backend in plan.populated:
         assert backend.mem_path is not None
         pool = pool_for(backend.mem_path, host, config)
         if pool is None:
             continue
+        pools.setdefault(pool.directory, pool)
         key = backend_key(backend)
         slot = (pool.directory, key)
-        if slot not in clean_left:
-            clean_left[slot] = len(pool.clean_for(key, plan.uuid))
-        if clean_left[slot] == 0:
+        if slot not in clean:
+            clean[slot] = [e.key for e in pool.clean_for(key, plan.uuid)]
+        if not clean[slot]:
             continue
-        clean_left[slot] -= 1
+        clean[slot].pop()
+        uses[slot] = uses.get(slot, 0) + 1
         for node, length in key.node_bytes().items():
-            served[(node, backend.page_size_kib)] = served.get(
-                (node, backend.page_size_kib), 0) + length
+            k = (node, backend.page_size_kib)
+            served[k] = served.get(k, 0) + length
+    for directory, pool in pools.items():
+        serving = dict(uses)  # clean files that will serve this guest: counted above
+        for entry in pool.entries():
+            slot = (directory, replace(entry.key, reserved_uuid=None))
+            if entry.state != "clean":
+                continue
+            if serving.get(slot, 0) > 0:
+                serving[slot] -= 1
+                continue
+            for node, length in entry.key.node_bytes().items():
+                k = (node, entry.key.page_size_kib)
+                spare[k] = spare.get(k, 0) + length
     return tuple(replace(c, needed_bytes=max(0, c.needed_bytes
-                                             - served.get((c.node, c.page_size_kib), 0)))
+                                             - served.get((c.node, c.page_size_kib), 0)),
+                         available_bytes=c.available_bytes
+                         + spare.get((c.node, c.page_size_kib), 0))
                  for c in plan.capacity)
 
 
@@ -143,3 +163,22 @@ def release(domain_uuid: str, links: Sequence[dict[str, object]]) -> list[str]:
         pid = spawn_scrub(pool_dirs)
         log.info("scrubbing in the background (pid %d, nice 19)", pid)
     return pool_dirs
+
+
+def make_room(specs: Sequence[BackingSpec], host: HostFacts, config: HookConfig) -> int:
+    """A pool must never starve the guests it serves: when the files about to be populated
+    would not fit, give back pool files nobody uses (oldest first) on their filesystems
+    until they do.  Returns the bytes given back."""
+    from .backing import check_room
+
+    freed = 0
+    for spec in specs:
+        assert spec.path is not None
+        shortfall = check_room([spec], host)
+        pool = pool_for(spec.path, host, config) if shortfall else None
+        if pool is not None:
+            got = pool.drain(at_least_bytes=shortfall)
+            log.info("pool %s: gave back %d bytes to make room for %s", pool.directory, got,
+                     spec.path)
+            freed += got
+    return freed

@@ -400,11 +400,14 @@ class Pool:
                 log.info("pool: scrubbed %s (%s)", entry.path, format_size(entry.key.size_bytes))
         return done
 
-    def drain(self) -> int:
-        """Remove every file not in use; return the bytes given back."""
+    def drain(self, at_least_bytes: int | None = None) -> int:
+        """Remove files not in use, oldest first (all of them, or until ``at_least_bytes``
+        are given back); return the bytes given back."""
         freed = 0
         with self._pool_lock():
             for entry in self.entries():
+                if at_least_bytes is not None and freed >= at_least_bytes:
+                    break
                 if entry.state in ("in_use", "filling", "scrubbing") or entry.nlink > 1:
                     continue
                 os.unlink(entry.path)

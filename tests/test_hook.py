@@ -314,3 +314,32 @@ def test_a_changed_xml_or_qemu_conf_is_planned_again(env: Env, run_dir: str,
     os.utime(qemu_conf, ns=(1, 1))
     assert env.run("prepare", "begin") == 0
     assert "plan: as before" not in env.log() and os.path.exists(hook.recipe_path(UUID))
+
+
+def test_pool_gives_back_unused_files_to_make_room(tmp_path: object, run_dir: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool never starves a guest: the clean file of another size that nobody uses is
+    given back when the guest's file would not fit otherwise, at prepare and at start."""
+    from kvmaccel.host import read_host
+    from kvmaccel.limits import Limits
+    from kvmaccel.pool import Pool, key_for
+
+    from .conftest import private_mount
+
+    with private_mount("tmpfs", "mode=0755,size=96M") as small:
+        with open(f"{tmp_path}/qemu.conf", "w") as f:
+            f.write(f'memory_backing_dir = "{small}"\n')
+        domain_dir = f"{small}/libvirt/qemu/7-{NAME}"
+        env = Env(f"{tmp_path}/kvmaccel.toml", f"{tmp_path}/hook.log", domain_dir,
+                  f"{domain_dir}/pc.ram")
+        env.write_config("strict = true\n")
+        monkeypatch.setattr(hook, "FALLBACK_CONFIG", HookConfig(syslog=False,
+                                                                log_file=env.log_file))
+        pool = Pool(os.path.join(small, ".kvmaccel-pool"))
+        pool.fill(key_for(48 << 20, 4), 1, read_host(), Limits(idle_cpus_only=False))
+        assert env.run("prepare", "begin") == 0  # 48M free + 48M the pool would give back
+        os.makedirs(env.domain_dir)
+        assert env.run("start", "begin") == 0
+        assert os.stat(env.file_path).st_blocks * 512 == SIZE_MIB << 20
+        assert "gave back" in env.log()
+        assert [e.key.size_bytes for e in pool.entries()] == [SIZE_MIB << 20]  # adopted
