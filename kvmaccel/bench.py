@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import sysmem
-from .backing import BackingSpec, populate_backings, release
+from .backing import BackingSpec, open_backings, populate_backings, release
 from .engine import PopulateResult
 from .errors import HostError, UsageError
 from .host import HostFacts
@@ -62,7 +62,14 @@ class BenchBacking:
 
 def choose_backing(kind: str, size_bytes: int, page_size_kib: int | None, directory: str | None,
                    host: HostFacts) -> BenchBacking:
-    """Resolve the bench's backing.  Raises :class:`UsageError` or :class:`HostError`."""
+    """Resolve the bench's backing; ``auto`` is hugetlbfs when a mount of the page size has
+    enough free huge pages, else tmpfs.  Raises :class:`UsageError` or :class:`HostError`."""
+    if kind == "auto":
+        page = page_size_kib or host.default_hugepage_kib or 2048
+        pool = host.hugepages.get(page)
+        fits = pool is not None and pool.available_pages * page * 1024 >= size_bytes
+        mounted = any(m.page_size_kib == page for m in host.hugetlbfs_mounts)
+        kind = "hugetlbfs" if fits and mounted else "tmpfs"
     if kind == "hugetlbfs":
         page = page_size_kib or host.default_hugepage_kib or 2048
         if directory is None:
@@ -101,8 +108,6 @@ def run_once(backing: BenchBacking, host: HostFacts, limits: Limits, tag: str
 
 def bare_madvise_once(backing: BenchBacking, host: HostFacts) -> float:
     """Seconds for one MADV_POPULATE_WRITE call over the whole range, nothing else."""
-    from .backing import open_backings
-
     (b,) = open_backings([backing.spec("bare")], host)
     try:
         addr = sysmem.mmap_shared(b.fd, backing.size_bytes)

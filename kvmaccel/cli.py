@@ -142,12 +142,6 @@ def bench(size: str, kind: str, page_size: str | None, directory: str | None,
     host = read_host()
     size_bytes = parse_size(size)
     page_kib = parse_size(page_size) // 1024 if page_size else None
-    if kind == "auto":
-        page = page_kib or host.default_hugepage_kib or 2048
-        pool = host.hugepages.get(page)
-        fits = pool is not None and pool.available_pages * page * 1024 >= size_bytes
-        mounted = any(m.page_size_kib == page for m in host.hugetlbfs_mounts)
-        kind = "hugetlbfs" if fits and mounted else "tmpfs"
     backing = b.choose_backing(kind, size_bytes, page_kib, directory, host)
     cpus = len(os.sched_getaffinity(0))
     if threads_text:

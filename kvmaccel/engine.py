@@ -157,8 +157,7 @@ class _Run:
         for chunk in chunks:
             self.queues[chunk.node_id].append(chunk)
         self.lock = threading.Lock()
-        self.inflight: dict[_Chunk, int] = {}  # chunk -> tid of the helper holding it
-        self.busy_tids: set[int] = set()  # helpers inside a step right now
+        self.inflight: set[_Chunk] = set()  # chunks a helper holds (the caller may help)
         self.helper_tids: set[int] = set()  # helpers that have not exited yet
         self.ops = ops
         self.cancel = cancel
@@ -177,7 +176,7 @@ class _Run:
     def stopped(self) -> bool:
         return self.stop.is_set() or self.cancel.is_set()
 
-    def take(self, home: int | None, tid: int, caller: bool) -> _Chunk | None:
+    def take(self, home: int | None, caller: bool) -> _Chunk | None:
         """Next chunk: the home node's queue first, then the fullest other queue."""
         with self.lock:
             queue = self.queues.get(home)
@@ -188,7 +187,7 @@ class _Run:
                 return None
             chunk = queue.popleft()
             if not caller:
-                self.inflight[chunk] = tid
+                self.inflight.add(chunk)
             return chunk
 
     def work_step(self, addr: int, length: int, chunk: _Chunk) -> None:
@@ -203,28 +202,25 @@ class _Run:
         if self.method == "touch":
             self.ops.touch(addr, length, chunk.page_size)
 
-    def run_chunk(self, chunk: _Chunk, tid: int, caller: bool) -> None:
+    def run_chunk(self, chunk: _Chunk, caller: bool,
+                  after_step: Callable[[], None] | None = None) -> None:
+        """Claim and populate ``chunk``'s steps until none is left (or the run stops); a
+        helper then drops the chunk from :attr:`inflight`."""
         while not self.stopped():
             claimed = chunk.claim()
             if claimed is None:
                 break
             addr, length = claimed
-            if not caller:
-                with self.lock:
-                    self.busy_tids.add(tid)
-            try:
-                self.work_step(addr, length, chunk)
-            finally:
-                if not caller:
-                    with self.lock:
-                        self.busy_tids.discard(tid)
+            self.work_step(addr, length, chunk)
             with self.lock:
                 self.done[chunk.node_id] += length
                 if caller:
                     self.done_by_caller += length
+            if after_step:
+                after_step()
         if not caller:
             with self.lock:
-                self.inflight.pop(chunk, None)
+                self.inflight.discard(chunk)
 
 
 def _translate(exc: OSError, page_size: int) -> Exception:
@@ -349,7 +345,6 @@ def populate(
                                      item.node_id, item.page_size_bytes))
         run = _Run(chunks, ops, cancel)
         allowed = allowed_cpus()
-        caller_tid = threading.get_native_id()
 
         def helper(node: int | None, index: int) -> None:
             assert run is not None
@@ -366,10 +361,10 @@ def populate(
                 # busy host for a long time, and the caller would wait for it at the barrier.
                 os.setpriority(os.PRIO_PROCESS, tid, limits.nice)
                 while not run.stopped():
-                    chunk = run.take(node, tid, caller=False)
+                    chunk = run.take(node, caller=False)
                     if chunk is None:
                         break
-                    run.run_chunk(chunk, tid, caller=False)
+                    run.run_chunk(chunk, caller=False)
             except threading.BrokenBarrierError:
                 pass
             except OSError as e:
@@ -388,7 +383,7 @@ def populate(
                 started.append(thread)
         barrier.wait()
         t0 = time.monotonic()
-        _caller_loop(run, progress, total, caller_tid, caller_nice)
+        _caller_loop(run, progress, total, caller_nice)
     except BaseException:
         if run is not None:
             run.stop.set()
@@ -419,8 +414,8 @@ def populate(
     )
 
 
-def _caller_loop(run: _Run, progress: ProgressFn | None, total: int, caller_tid: int,
-                 caller_nice: int) -> None:
+def _caller_loop(run: _Run, progress: ProgressFn | None, total: int, caller_nice: int
+                 ) -> None:
     """The calling thread's share: queued chunks, then helpers' leftovers, then waiting."""
     last_report = 0.0
     t_start = time.monotonic()
@@ -434,19 +429,10 @@ def _caller_loop(run: _Run, progress: ProgressFn | None, total: int, caller_tid:
 
     try:
         while not run.stopped():
-            chunk = run.take(None, caller_tid, caller=True)
+            chunk = run.take(None, caller=True)
             if chunk is None:
                 break
-            # The caller claims step by step like any thread, reporting between steps.
-            while not run.stopped():
-                claimed = chunk.claim()
-                if claimed is None:
-                    break
-                run.work_step(*claimed, chunk)
-                with run.lock:
-                    run.done[chunk.node_id] += claimed[1]
-                    run.done_by_caller += claimed[1]
-                report()
+            run.run_chunk(chunk, caller=True, after_step=report)
         t_queues = time.monotonic()
         # flush_work_at_nice: take what the (niced) helpers have not started yet ...
         while not run.stopped():
@@ -455,8 +441,7 @@ def _caller_loop(run: _Run, progress: ProgressFn | None, total: int, caller_tid:
             if not pending:
                 break
             for chunk in pending:
-                run.run_chunk(chunk, caller_tid, caller=True)
-                report()
+                run.run_chunk(chunk, caller=True, after_step=report)
         t_flush = time.monotonic()
         # ... and lend our priority to every helper until it has finished: one still inside
         # its last step, and one that must wake up only to find nothing left and exit.

@@ -24,7 +24,7 @@ from .config import HookConfig
 from .errors import UsageError
 from .host import HostFacts
 from .plan import BackendPlan, CapacityCheck, DomainPlan
-from .pool import Pool, PoolKey, key_for, pool_dir_for, spawn_scrub
+from .pool import Pool, PoolEntry, PoolKey, key_for, pool_dir_for, reserved_first, spawn_scrub
 
 if TYPE_CHECKING:
     from .backing import BackingSpec
@@ -65,43 +65,32 @@ def capacity_after_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
     pool files nobody would use counted as available (:func:`make_room` gives them back)."""
     served: dict[tuple[int | None, int], int] = {}
     spare: dict[tuple[int | None, int], int] = {}
-    clean: dict[tuple[str, PoolKey], list[PoolKey]] = {}
-    pools: dict[str, Pool] = {}
-    uses: dict[tuple[str, PoolKey], int] = {}
+    clean: dict[str, list[PoolEntry]] = {}  # per pool: clean files not yet spoken for
     for backend in plan.populated:
         assert backend.mem_path is not None
         pool = pool_for(backend.mem_path, host, config)
         if pool is None:
             continue
-        pools.setdefault(pool.directory, pool)
+        left = clean.setdefault(pool.directory,
+                                [e for e in pool.entries() if e.state == "clean"])
         key = backend_key(backend)
-        slot = (pool.directory, key)
-        if slot not in clean:
-            clean[slot] = [e.key for e in pool.clean_for(key, plan.uuid)]
-        if not clean[slot]:
-            continue
-        clean[slot].pop()
-        uses[slot] = uses.get(slot, 0) + 1
-        for node, length in key.node_bytes().items():
-            k = (node, backend.page_size_kib)
-            served[k] = served.get(k, 0) + length
-    for directory, pool in pools.items():
-        serving = dict(uses)  # clean files that will serve this guest: counted above
-        for entry in pool.entries():
-            slot = (directory, replace(entry.key, reserved_uuid=None))
-            if entry.state != "clean":
-                continue
-            if serving.get(slot, 0) > 0:
-                serving[slot] -= 1
-                continue
-            for node, length in entry.key.node_bytes().items():
-                k = (node, entry.key.page_size_kib)
-                spare[k] = spare.get(k, 0) + length
+        match = next((e for e in reserved_first(left) if e.key.serves(key, plan.uuid)), None)
+        if match is not None:
+            left.remove(match)
+            _add(served, key)
+    for left in clean.values():
+        for entry in left:
+            _add(spare, entry.key)
     return tuple(replace(c, needed_bytes=max(0, c.needed_bytes
                                              - served.get((c.node, c.page_size_kib), 0)),
                          available_bytes=c.available_bytes
                          + spare.get((c.node, c.page_size_kib), 0))
                  for c in plan.capacity)
+
+
+def _add(totals: dict[tuple[int | None, int], int], key: PoolKey) -> None:
+    for node, length in key.node_bytes().items():
+        totals[(node, key.page_size_kib)] = totals.get((node, key.page_size_kib), 0) + length
 
 
 def take(plan: DomainPlan, specs: Sequence[BackingSpec], host: HostFacts, config: HookConfig

@@ -93,6 +93,11 @@ class PoolKey:
                    () if nodes == "any" else tuple(int(n) for n in nodes.split("_")),
                    None if policy == "none" else policy, uuid)
 
+    def serves(self, wanted: PoolKey, domain_uuid: str | None) -> bool:
+        """A file of this key can back ``wanted`` (unreserved) for guest ``domain_uuid``."""
+        return (replace(self, reserved_uuid=None) == replace(wanted, reserved_uuid=None)
+                and self.reserved_uuid in (None, domain_uuid))
+
     def node_bytes(self) -> dict[int | None, int]:
         return {node: length for node, _, length in split_across_nodes(
             self.size_bytes, self.host_nodes, self.page_size_kib * 1024)}
@@ -246,11 +251,8 @@ class Pool:
     def clean_for(self, key: PoolKey, domain_uuid: str | None) -> list[PoolEntry]:
         """Clean files that can serve ``key`` for this guest: those reserved for it first,
         then unreserved ones."""
-        want = replace(key, reserved_uuid=None)
-        found = [e for e in self.entries() if e.state == "clean"
-                 and replace(e.key, reserved_uuid=None) == want
-                 and e.key.reserved_uuid in (None, domain_uuid)]
-        return sorted(found, key=lambda e: e.key.reserved_uuid is None)
+        return reserved_first([e for e in self.entries()
+                                if e.state == "clean" and e.key.serves(key, domain_uuid)])
 
     def held_bytes(self) -> tuple[int, dict[int | None, int]]:
         """Bytes the pool holds in all, and per node."""
@@ -416,6 +418,10 @@ class Pool:
                         os.unlink(self._state_path(entry.path) + suffix)
                 freed += entry.key.size_bytes
         return freed
+
+
+def reserved_first(entries: list[PoolEntry]) -> list[PoolEntry]:
+    return sorted(entries, key=lambda e: e.key.reserved_uuid is None)
 
 
 def _opt_str(value: object) -> str | None:
