@@ -30,7 +30,7 @@ from .engine import EngineOps, PopulateResult, ProgressFn, WorkItem, populate
 from .errors import BackingError, CapacityError, KvmaccelError, UsageError
 from .host import HostFacts
 from .limits import Limits, split_across_nodes
-from .slots import run_dir
+from .paths import run_dir
 from .statefile import write_json_atomic
 from .units import format_size
 

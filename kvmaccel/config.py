@@ -66,12 +66,11 @@ from typing import Any
 from .energy import DEFAULT_ENERGY_THREADS, DEFAULT_SIGNALS, EnergySettings
 from .errors import ConfigError, UsageError
 from .limits import DEFAULT_MIN_CHUNK_BYTES, DEFAULT_NICE, Limits
-from .slots import DEFAULT_RUN_DIR
+from .paths import DEFAULT_CONFIG_PATH, DEFAULT_LOG_FILE, DEFAULT_RUN_DIR, config_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PATH = "/etc/kvmaccel/kvmaccel.toml"
-DEFAULT_LOG_FILE = "/var/log/kvmaccel/hook.log"
+DEFAULT_PATH = DEFAULT_CONFIG_PATH
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIB = 1 << 20
 
@@ -188,7 +187,7 @@ def read_config(path: str | None = None) -> HookConfig:
     A missing file gives the defaults.  Raises :class:`ConfigError` for an unreadable or
     malformed file.
     """
-    path = path or os.environ.get("KVMACCEL_CONFIG") or DEFAULT_PATH
+    path = config_path(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()

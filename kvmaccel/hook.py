@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .config import HookConfig, read_config
 from .errors import BackingError, KvmaccelError, UsageError
-from .slots import run_dir
+from .paths import run_dir
 from .statefile import write_json_atomic
 
 if TYPE_CHECKING:

@@ -68,7 +68,7 @@ def write_recipe(plan: DomainPlan, config: HookConfig, xml: bytes) -> None:
             return
         backends.append({"backend_id": b.backend_id, "mem_path": b.mem_path,
                          "path_around_shortname": [head, tail], "pool_dir": pool.directory,
-                         "key": dataclasses.asdict(hook_pool.backend_key(b))})
+                         "key": hook_pool.backend_key(b)._asdict()})
     id_text = str(plan.domain_id)
     write_json_atomic(cache_path(plan.uuid), {
         "fingerprint": xml_fingerprint(xml, config), "name": plan.name,

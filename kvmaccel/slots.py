@@ -13,15 +13,9 @@ import logging
 import os
 
 from .errors import HostError
+from .paths import run_dir
 
 log = logging.getLogger(__name__)
-
-DEFAULT_RUN_DIR = "/run/kvmaccel"
-
-
-def run_dir() -> str:
-    """kvmaccel's runtime directory (``KVMACCEL_RUN_DIR`` overrides ``/run/kvmaccel``)."""
-    return os.environ.get("KVMACCEL_RUN_DIR", DEFAULT_RUN_DIR)
 
 
 class HostSlots:
