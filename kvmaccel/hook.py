@@ -28,25 +28,34 @@ Nothing is written to stdout.  Logging is configured here (the hook's entry poin
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import BinaryIO
 
+from . import hook_fast, paths
 from .config import HookConfig, read_config
-from .errors import BackingError, KvmaccelError, UsageError
-from .paths import run_dir
-from .statefile import write_json_atomic
+from .errors import KvmaccelError
+from .hook_fast import (
+    FILE_MODE,
+    LOG_BODY,
+    SYSLOG_SOCKET,
+    cache_path,
+    log_prefix,
+    plan_inputs,
+    read_state,
+    recipe_path,
+    start_from_pool,
+    state_path,
+    write_recipe_if_clean,
+    write_state,
+)
 
-if TYPE_CHECKING:
-    from .pool import PoolKey
+__all__ = ["FILE_MODE", "HANDLED_OPS", "cache_path", "main", "plan_inputs", "read_state",
+           "recipe_path", "setup_logging", "state_path", "write_recipe_if_clean", "write_state"]
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +63,8 @@ HANDLED_OPS = frozenset({("prepare", "begin"), ("start", "begin"), ("stopped", "
                          ("release", "end")})
 """(op, subop) pairs kvmaccel acts on; keep in step with the check at the top of hooks/qemu."""
 
-SYSLOG_SOCKET = "/dev/log"
 FALLBACK_CONFIG = HookConfig()
 """What the hook logs with when the config file itself is broken (then it fails open)."""
-FILE_MODE = 0o600
-RECIPE_MAX_AGE_S = 600
-"""A ``prepare`` older than this is not trusted by ``start`` (the pool may have changed)."""
 
 
 # --- logging --------------------------------------------------------------------------------
@@ -86,8 +91,7 @@ def setup_logging(config: HookConfig, name: str, op: str) -> None:
 
         try:
             sh = SysLogHandler(address=SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)
-            sh.setFormatter(logging.Formatter(
-                f"kvmaccel-hook[{os.getpid()}]: %(domain)s %(op)s: %(levelname)s: %(message)s"))
+            sh.setFormatter(logging.Formatter(log_prefix() + LOG_BODY))
             handlers.append(sh)
         except OSError:
             pass
@@ -95,9 +99,7 @@ def setup_logging(config: HookConfig, name: str, op: str) -> None:
         try:
             os.makedirs(os.path.dirname(config.log_file), mode=0o755, exist_ok=True)
             fh = logging.FileHandler(config.log_file, encoding="utf-8")
-            fh.setFormatter(logging.Formatter(
-                f"%(asctime)s kvmaccel-hook[{os.getpid()}]: %(domain)s %(op)s: "
-                "%(levelname)s: %(message)s"))
+            fh.setFormatter(logging.Formatter("%(asctime)s " + log_prefix() + LOG_BODY))
             handlers.append(fh)
         except OSError:
             pass
@@ -115,174 +117,24 @@ def setup_logging(config: HookConfig, name: str, op: str) -> None:
     root.propagate = False
 
 
-# --- per-domain state ----------------------------------------------------------------------
-
-def state_path(key: str) -> str:
-    """``<run_dir>/domains/<uuid>.json`` (the run dir comes from ``$KVMACCEL_RUN_DIR``)."""
-    if not key or "/" in key or key.startswith("."):
-        raise UsageError(f"domain key {key!r} cannot name a state file")
-    return os.path.join(run_dir(), "domains", f"{key}.json")
-
-
-def write_state(key: str, state: dict[str, object]) -> None:
-    write_json_atomic(state_path(key), state)
-
-
-def read_state(key: str) -> dict[str, object] | None:
-    try:
-        with open(state_path(key), encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise BackingError(f"cannot read kvmaccel's state {state_path(key)}: {e}") from None
-    return data if isinstance(data, dict) else None
-
-
 # --- the operations -------------------------------------------------------------------------
 
-def recipe_path(domain_uuid: str) -> str:
-    """What ``prepare`` left for a fast start from the pool."""
-    return state_path(f"{domain_uuid}.prepared")
-
-
-def cache_path(domain_uuid: str) -> str:
-    """The pool-related part of the guest's last plan, for a fast ``prepare``."""
-    return state_path(f"{domain_uuid}.plan-cache")
-
-
-_DOMAIN_ID = re.compile(rb"(<domain\b[^>]*?)\s+id=(['\"])(-?\d+)\2")
-_UUID = re.compile(rb"<uuid>\s*([0-9a-fA-F-]{36})\s*</uuid>")
-
-
-def _ids(xml: bytes) -> tuple[str | None, int | None]:
-    """The domain's uuid and id, read without parsing the whole XML."""
-    m_uuid, m_id = _UUID.search(xml), _DOMAIN_ID.search(xml)
-    return (m_uuid.group(1).decode().lower() if m_uuid else None,
-            int(m_id.group(3)) if m_id else None)
-
-
-def xml_fingerprint(xml: bytes, config: HookConfig) -> str:
-    """What a plan is a function of, as far as a start from the pool goes: the domain XML
-    without its id (which changes at every start), and qemu.conf and kvmaccel's config as
-    they are on disk now."""
-    digest = hashlib.sha256(_DOMAIN_ID.sub(rb"\1", xml, count=1))
-    for path in (config.qemu_conf, config.path):
-        try:
-            st = os.stat(path) if path else None
-        except OSError:
-            st = None
-        digest.update(f"{path}:{st.st_mtime_ns if st else 0}:{st.st_size if st else 0};"
-                      .encode())
-    return digest.hexdigest()
-
-
-def write_recipe_if_clean(domain_uuid: str, domain_id: int, name: str, shortname: str,
-                          backends: list[dict[str, Any]]) -> bool:
-    """Write the start recipe when a clean pool file waits for every backend."""
-    from .pool import Pool
-
-    wanted: dict[tuple[str, PoolKey], int] = {}
-    for b in backends:
-        slot = (b["pool_dir"], _key(b))
-        wanted[slot] = wanted.get(slot, 0) + 1
-    for (pool_dir, key), count in wanted.items():
-        if len(Pool(pool_dir).clean_for(key, domain_uuid)) < count:
-            return False
-    write_json_atomic(recipe_path(domain_uuid), {
-        "uuid": domain_uuid, "id": domain_id, "name": name, "shortname": shortname,
-        "written_unix": time.time(), "backends": backends})
-    return True
-
-
-def _key(backend: dict[str, Any]) -> PoolKey:
-    from .pool import PoolKey
-
-    return PoolKey(**{**backend["key"], "host_nodes": tuple(backend["key"]["host_nodes"])})
-
-
 def op_prepare(xml: bytes, config: HookConfig) -> None:
-    """Plan and check capacity; when the same XML was planned before and a clean pool file
-    waits for every backend, only leave the start recipe (no planning: every hook call is
-    start-up time of the guest)."""
-    if config.pool_enabled and prepare_from_cache(xml, config):
-        return
+    """Plan and check capacity (a warm prepare was tried before, in
+    :func:`kvmaccel.hook_fast.main`)."""
     from .hook_ops import op_prepare as plan_and_check
 
     plan_and_check(xml, config)
 
 
-def prepare_from_cache(xml: bytes, config: HookConfig) -> bool:
-    """True when the cached plan still holds and the pool serves every backend."""
-    uuid, domain_id = _ids(xml)
-    if uuid is None or domain_id is None:
-        return False
-    try:
-        with open(cache_path(uuid), encoding="utf-8") as f:
-            cache = json.load(f)
-        if cache["fingerprint"] != xml_fingerprint(xml, config):
-            return False
-        shortname = f"{domain_id}-{cache['shortname_tail']}"
-        backends = [{**b, "mem_path": f"/{shortname}/".join(b["path_around_shortname"])}
-                    for b in cache["backends"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if not write_recipe_if_clean(uuid, domain_id, cache["name"], shortname, backends):
-        return False
-    log.info("plan: as before; the pool serves %s", ", ".join(b["mem_path"] for b in backends))
-    return True
-
-
 def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = None) -> None:
-    """Start from the pool when ``prepare`` found a clean file for every backend (a few
-    milliseconds, nothing else imported); otherwise create and populate the files."""
-    if config.pool_enabled and start_from_pool(xml):
+    """Start from the pool when ``prepare`` left a recipe (say, the config changed since
+    the warm path last saw it); otherwise create and populate the files."""
+    if config.pool_enabled and start_from_pool(xml, log.info):
         return
     from .hook_ops import start_populating
 
     start_populating(xml, config, cancel)
-
-
-def start_from_pool(xml: bytes) -> bool:
-    """Link the clean pool files ``prepare`` found at the paths libvirt hands QEMU; True when
-    every backend is served.  Anything unexpected (no recipe, another domain id, a file
-    taken meanwhile) gives back what was linked and returns False: the full path runs."""
-    from .pool import Pool, PoolEntry
-
-    uuid, domain_id = _ids(xml)
-    if uuid is None:
-        return False
-    try:
-        with open(recipe_path(uuid), encoding="utf-8") as f:
-            recipe = json.load(f)
-        os.unlink(recipe_path(uuid))
-        fresh = (recipe["id"] == domain_id
-                 and time.time() - float(recipe["written_unix"]) < RECIPE_MAX_AGE_S)
-        backends = list(recipe["backends"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if not fresh or not backends:
-        return False
-    taken: list[tuple[Pool, PoolEntry, str, str]] = []
-    for b in backends:
-        pool = Pool(b["pool_dir"])
-        target = b["mem_path"]
-        st = os.stat(os.path.dirname(target))
-        entry = pool.take(_key(b), target, domain_uuid=uuid, backend_id=b["backend_id"],
-                          uid=st.st_uid, gid=st.st_gid, mode=FILE_MODE)
-        if entry is None:
-            for p, e, t, _ in taken:
-                p.give_back(e, t)
-            log.info("pool: no clean file for %s any more; populating instead", target)
-            return False
-        taken.append((pool, entry, target, b["backend_id"]))
-    write_state(uuid, {
-        "name": recipe.get("name"), "uuid": uuid, "id": recipe["id"],
-        "shortname": recipe.get("shortname"), "files": [], "start_unix": time.time(),
-        "pool_links": [{"backend_id": bid, "link_path": t, "pool_path": e.path,
-                        "pool_dir": p.directory} for p, e, t, bid in taken]})
-    log.info("started from the pool: %s", ", ".join(t for _, _, t, _ in taken))
-    return True
 
 
 def _operation(op: str) -> Callable[[bytes, HookConfig], None]:
@@ -335,13 +187,19 @@ def main(argv: Sequence[str], stdin: BinaryIO | None = None,
 
 
 def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) -> int:
+    path = paths.config_path(config_path)
+    identity = hook_fast.file_identity(path)
     try:
-        config = read_config(config_path)
+        config = read_config(path)
     except KvmaccelError as e:
         setup_logging(FALLBACK_CONFIG, name, op)
         log.error("%s; failing open: the guest starts without kvmaccel", e)
         return 0
     setup_logging(config, name, op)
+    try:
+        hook_fast.save_config_snapshot(config, path, identity)
+    except OSError as e:
+        log.warning("cannot save the config for the warm start path: %s", e)
     if not config.enabled:
         log.debug("disabled in %s", config.path)
         return 0

@@ -46,20 +46,31 @@ import sys
 if len(sys.argv) == 5 and (sys.argv[2], sys.argv[3]) not in {{
         ("prepare", "begin"), ("start", "begin"), ("stopped", "end"), ("release", "end")}}:
     sys.exit(0)
-
-from kvmaccel.hook import main  # noqa: E402
+{path_line}
+from kvmaccel.hook_fast import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:], config_path={config!r}))
+'''
+_PATH_LINE = '''
+# Python runs without site (-S) for a fast start; kvmaccel is found here, and the rest of
+# site is loaded when a call needs more than the warm start path.
+sys.path.insert(0, {directory!r})
 '''
 
 
 def render_script(python: str, config_path: str | None,
                   created_dirs: tuple[str, ...] = ()) -> str:
-    """The hook script text.  ``python`` is the interpreter line (a path, or
-    ``/usr/bin/env python3`` for the copy in the source tree's ``hooks/qemu``)."""
+    """The hook script text.  ``python`` is the interpreter: this very Python runs the hook
+    with ``-S`` and is told where this kvmaccel is; any other (``/usr/bin/env python3`` for
+    the copy in the source tree's ``hooks/qemu``) finds kvmaccel through site."""
     info = {"version": __version__, "config": config_path, "created_dirs": list(created_dirs)}
+    path_line = ""
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path_line = _PATH_LINE.format(directory=package_parent)
+        python += " -S"
     return _TEMPLATE.format(python=python, marker=MARKER + json.dumps(info),
-                            config=config_path)
+                            config=config_path, path_line=path_line)
 
 
 @dataclass(frozen=True)
@@ -113,7 +124,7 @@ def status(libvirt_dir: str = DEFAULT_LIBVIRT_DIR) -> HookStatus:
     python, info = _read_marker(path)
     interp = (python or "").split()[0] if python else ""
     return HookStatus(
-        path=path, installed=True, ours=info is not None, python=python,
+        path=path, installed=True, ours=info is not None, python=interp or None,
         python_ok=bool(interp) and os.access(interp, os.X_OK), info=info,
         main_hook=main_hook if os.path.lexists(main_hook) else None, other_hooks=others,
         mtime_unix=os.lstat(path).st_mtime)

@@ -18,15 +18,16 @@ from . import hook_pool
 from .config import HookConfig
 from .domain import Domain, parse_domain
 from .errors import BackingError, CancelledError, CapacityError
-from .hook import (
+from .hook_fast import (
     FILE_MODE,
     cache_path,
+    file_identity,
+    plan_inputs,
     read_state,
     recipe_path,
     state_path,
     write_recipe_if_clean,
     write_state,
-    xml_fingerprint,
 )
 from .host import read_host
 from .limits import Limits
@@ -50,9 +51,9 @@ def write_recipe(plan: DomainPlan, config: HookConfig, xml: bytes) -> None:
     """Leave what a start from the pool needs, so that it does not plan again:
 
     * ``<uuid>.plan-cache.json``: the pool-related part of this plan, for the next
-      ``prepare`` of the same XML (:func:`kvmaccel.hook.prepare_from_cache`);
+      ``prepare`` of the same XML (:func:`kvmaccel.hook_fast.prepare_from_cache`);
     * ``<uuid>.prepared.json`` when a clean pool file waits for every backend, for this
-      start (:func:`kvmaccel.hook.start_from_pool`).
+      start (:func:`kvmaccel.hook_fast.start_from_pool`).
     """
     if not (config.pool_enabled and plan.uuid and plan.populated):
         return
@@ -68,10 +69,13 @@ def write_recipe(plan: DomainPlan, config: HookConfig, xml: bytes) -> None:
             return
         backends.append({"backend_id": b.backend_id, "mem_path": b.mem_path,
                          "path_around_shortname": [head, tail], "pool_dir": pool.directory,
+                         "state_dir": pool.state_dir,
                          "key": hook_pool.backend_key(b)._asdict()})
     id_text = str(plan.domain_id)
     write_json_atomic(cache_path(plan.uuid), {
-        "fingerprint": xml_fingerprint(xml, config), "name": plan.name,
+        "inputs": plan_inputs(xml, config.qemu_conf,
+                              file_identity(config.path) if config.path else None),
+        "name": plan.name,
         "shortname_tail": plan.shortname[len(id_text) + 1:], "backends": backends})
     write_recipe_if_clean(plan.uuid, plan.domain_id, plan.name, plan.shortname, backends)
 

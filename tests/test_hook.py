@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from kvmaccel import hook
+from kvmaccel import hook, hook_fast
 from kvmaccel.backing import created_by_us
 from kvmaccel.config import HookConfig
 
@@ -53,8 +53,9 @@ class Env:
                     f'qemu_conf = "{os.path.dirname(self.config_path)}/qemu.conf"\n{extra}')
 
     def run(self, op: str, subop: str, xml: bytes | None = None) -> int:
-        return hook.main([NAME, op, subop, "-"], io.BytesIO(domain_xml() if xml is None else xml),
-                         config_path=self.config_path)
+        return hook_fast.main([NAME, op, subop, "-"],
+                              io.BytesIO(domain_xml() if xml is None else xml),
+                              config_path=self.config_path)
 
     def log(self) -> str:
         with open(self.log_file) as f:
@@ -302,9 +303,8 @@ def test_a_changed_xml_or_qemu_conf_is_planned_again(env: Env, run_dir: str,
     assert env.run("start", "begin") == 0
     stop(env)
     wait_clean(run_dir, shm_dir)
-    fingerprint = hook.xml_fingerprint(domain_xml(), hook.read_config(env.config_path))
-    assert fingerprint == hook.xml_fingerprint(domain_xml(domain_id=99),
-                                               hook.read_config(env.config_path))
+    assert (hook_fast.plan_inputs(domain_xml(), "/q", None)
+            == hook_fast.plan_inputs(domain_xml(domain_id=99), "/q", None))
     # Another size: the cached plan does not hold; planned again, nothing from the pool.
     assert env.run("prepare", "begin", domain_xml(size_mib=32)) == 0
     assert "plan: as before" not in env.log()
@@ -314,6 +314,58 @@ def test_a_changed_xml_or_qemu_conf_is_planned_again(env: Env, run_dir: str,
     os.utime(qemu_conf, ns=(1, 1))
     assert env.run("prepare", "begin") == 0
     assert "plan: as before" not in env.log() and os.path.exists(hook.recipe_path(UUID))
+    os.unlink(hook.recipe_path(UUID))
+    # kvmaccel's config edited: its snapshot no longer holds; the full hook reads and plans.
+    env.write_config("# edited\n")
+    assert env.run("prepare", "begin") == 0
+    assert "plan: as before" not in env.log() and os.path.exists(hook.recipe_path(UUID))
+    assert env.run("prepare", "begin") == 0
+    assert "plan: as before" in env.log()
+
+
+WARM = """
+import io, sys
+sys.path.insert(0, {top!r})
+from kvmaccel.hook_fast import main
+rc = main([{name!r}, {op!r}, "begin", "-"], io.BytesIO({xml!r}), config_path={config!r})
+heavy = {{"logging", "tomllib", "dataclasses", "hashlib", "kvmaccel.hook", "kvmaccel.config",
+         "kvmaccel.pool", "kvmaccel.plan"}} & set(sys.modules)
+print(rc, sorted(heavy))
+"""
+
+
+def test_a_warm_start_runs_without_site_logging_or_the_planner(env: Env, run_dir: str,
+                                                               shm_dir: str) -> None:
+    """What the installed script runs (``python -S``) on a warm prepare and start: none of
+    the modules that made each hook call cost ~80 ms is imported, and the work is done."""
+    import subprocess
+    import sys
+
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert env.run("prepare", "begin") == 0
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    stop(env)
+    wait_clean(run_dir, shm_dir)
+    os.makedirs(env.domain_dir)
+    for op in ("prepare", "start"):
+        code = WARM.format(top=top, name=NAME, op=op, xml=domain_xml(), config=env.config_path)
+        out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                             check=True, env={"KVMACCEL_RUN_DIR": run_dir}).stdout
+        assert out == "0 []\n", out
+    assert os.stat(env.file_path).st_nlink == 2
+    assert "started from the pool" in env.log()
+    assert pool_states(run_dir, shm_dir) == ["in_use"]
+    stop(env)
+    wait_clean(run_dir, shm_dir)
+
+
+def test_a_disabled_config_stops_the_warm_path_too(env: Env, run_dir: str) -> None:
+    env.write_config("enabled = false\n")
+    assert env.run("prepare", "begin") == 0  # the full hook reads it and saves the snapshot
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0  # the warm path: disabled, nothing done
+    assert not os.path.exists(env.file_path) and not os.path.exists(hook.state_path(UUID))
 
 
 def test_pool_gives_back_unused_files_to_make_room(tmp_path: object, run_dir: str,

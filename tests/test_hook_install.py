@@ -52,7 +52,7 @@ def test_install_keeps_the_existing_hook(libvirt_dir: str) -> None:
     assert os.stat(path).st_mode & 0o777 == 0o755
     with open(path) as f:
         text = f.read()
-    assert text.startswith(f"#!{sys.executable}\n# kvmaccel-hook: ")
+    assert text.startswith(f"#!{sys.executable} -S\n# kvmaccel-hook: ")
     assert "config_path='/etc/k.toml'" in text
     with open(f"{libvirt_dir}/hooks/qemu") as f:
         assert f.read() == EXISTING
