@@ -5,7 +5,8 @@ come before QEMU, so the guest waits for both.  On a warm start (the same XML as
 a clean pool file for every backend) all they do is check the cached plan, link files and write
 two small state files.  This module does that with only what ``json`` loads anyway: no logging,
 tomllib, dataclasses or hashlib, which cost about 60 ms a call, and the installed script starts
-Python without ``site`` (``-S``).  Every other case goes to :func:`kvmaccel.hook.main`, which
+Python without ``site`` (``-S``; it puts kvmaccel's and its dependencies' directories on
+``sys.path`` itself).  Every other case goes to :func:`kvmaccel.hook.main`, which
 reads the config, logs, plans and populates.
 
 What a warm start reads, all written by the full hook:
@@ -23,6 +24,7 @@ Anything missing, changed or unexpected falls through to the full hook, which de
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -69,10 +71,6 @@ def main(argv: Sequence[str], stdin: BinaryIO | None = None,
         except Exception:  # noqa: BLE001 -- the full hook decides, logs, and honours strict
             pass
         stdin = io.BytesIO(data)
-    if sys.flags.no_site:  # the installed script runs ``python -S``: the rest needs site
-        import site
-
-        site.main()
     from .hook import main as full_main
 
     return full_main(argv, stdin, config_path)
@@ -85,7 +83,7 @@ def _warm(name: str, op: str, xml: bytes, config_path: str | None) -> bool:
         return False
     if not values["enabled"]:
         return True
-    if not values["pool_enabled"]:
+    if op == "start" and not values["pool_enabled"]:
         return False
     os.environ["KVMACCEL_RUN_DIR"] = values["run_dir"]
 
@@ -225,6 +223,8 @@ def write_recipe_if_clean(domain_uuid: str, domain_id: int, name: str, shortname
     """Write the start recipe when a clean pool file waits for every backend."""
     wanted: dict[tuple[str, str, PoolKey], int] = {}
     for b in backends:
+        if not b["pool_dir"]:
+            return False
         slot = (b["pool_dir"], b["state_dir"], PoolKey.from_dict(b["key"]))
         wanted[slot] = wanted.get(slot, 0) + 1
     for (pool_dir, state_dir, key), count in wanted.items():
@@ -236,24 +236,42 @@ def write_recipe_if_clean(domain_uuid: str, domain_id: int, name: str, shortname
     return True
 
 
-def prepare_from_cache(xml: bytes, values: dict[str, Any], say: Callable[[str], None]) -> bool:
-    """True when the cached plan still holds and the pool serves every backend; then the
-    recipe for ``start`` is written."""
+def cached_plan(xml: bytes, qemu_conf: str, config_identity: list[int] | None
+                ) -> tuple[str, int, str, dict[str, Any], list[dict[str, Any]]] | None:
+    """(uuid, id, shortname, cache, backends with this start's paths) when the guest's
+    cached plan still holds for ``xml``, else None."""
     uuid, domain_id = domain_ids(xml)
     if uuid is None or domain_id is None:
-        return False
+        return None
     cache = _read_json(cache_path(uuid))
     try:
-        if cache["inputs"] != plan_inputs(xml, values["qemu_conf"], values["config_identity"]):
-            return False
+        if cache["inputs"] != plan_inputs(xml, qemu_conf, config_identity):
+            return None
         shortname = f"{domain_id}-{cache['shortname_tail']}"
         backends = [{**b, "mem_path": f"/{shortname}/".join(b["path_around_shortname"])}
                     for b in cache["backends"]]
     except (KeyError, TypeError):
+        return None
+    return uuid, domain_id, shortname, cache, backends
+
+
+def prepare_from_cache(xml: bytes, values: dict[str, Any], say: Callable[[str], None]) -> bool:
+    """True when the cached plan still holds: the guest is planned as before.  When the pool
+    serves every backend, the recipe for ``start`` is written; otherwise ``start``
+    populates from the cached plan, and checks the host's room then (a failing check
+    refuses the start there, under ``strict``, as it would have here)."""
+    found = cached_plan(xml, values["qemu_conf"], values["config_identity"])
+    if found is None:
         return False
-    if not write_recipe_if_clean(uuid, domain_id, cache["name"], shortname, backends):
-        return False
-    say("plan: as before; the pool serves " + ", ".join(b["mem_path"] for b in backends))
+    uuid, domain_id, shortname, cache, backends = found
+    files = ", ".join(b["mem_path"] for b in backends)
+    with_pool = values["pool_enabled"]
+    if with_pool and write_recipe_if_clean(uuid, domain_id, cache["name"], shortname, backends):
+        say(f"plan: as before; the pool serves {files}")
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(recipe_path(uuid))  # one a start that never came left behind
+        say(f"plan: as before; start populates {files}")
     return True
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import sysconfig
 from dataclasses import dataclass
 
 import psutil
@@ -52,9 +53,9 @@ from kvmaccel.hook_fast import main  # noqa: E402
 sys.exit(main(sys.argv[1:], config_path={config!r}))
 '''
 _PATH_LINE = '''
-# Python runs without site (-S) for a fast start; kvmaccel is found here, and the rest of
-# site is loaded when a call needs more than the warm start path.
-sys.path.insert(0, {directory!r})
+# Python runs without site (-S): it starts faster, and every hook call before QEMU is the
+# guest's start-up time.  kvmaccel and its dependencies are found here instead.
+sys.path[:0] = {directories!r}
 '''
 
 
@@ -66,8 +67,12 @@ def render_script(python: str, config_path: str | None,
     info = {"version": __version__, "config": config_path, "created_dirs": list(created_dirs)}
     path_line = ""
     if os.path.abspath(python) == os.path.abspath(sys.executable):
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path_line = _PATH_LINE.format(directory=package_parent)
+        directories = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        for name in ("purelib", "platlib"):
+            directory = sysconfig.get_path(name)
+            if directory not in directories:
+                directories.append(directory)
+        path_line = _PATH_LINE.format(directories=directories)
         python += " -S"
     return _TEMPLATE.format(python=python, marker=MARKER + json.dumps(info),
                             config=config_path, path_line=path_line)

@@ -1,7 +1,9 @@
 """The hook's operations that plan and populate (``prepare``, the full ``start``, ``stop``).
 
 :mod:`kvmaccel.hook` imports this module only when an operation needs it: a start that the
-warm pool serves runs without it (see :func:`write_recipe`).
+warm pool serves runs without it (see :func:`write_recipe`).  A start of a guest planned
+before with the same XML populates from the cached plan (:func:`cached_job`) and imports
+neither the planner nor the domain parser.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from typing import TYPE_CHECKING
 
 from . import hook_pool
 from .config import HookConfig
-from .domain import Domain, parse_domain
 from .errors import BackingError, CancelledError, CapacityError
 from .hook_fast import (
     FILE_MODE,
     cache_path,
+    cached_plan,
     file_identity,
     plan_inputs,
     read_state,
@@ -31,14 +33,14 @@ from .hook_fast import (
 )
 from .host import read_host
 from .limits import Limits
-from .plan import DomainPlan, plan_domain
-from .policy import host_policy
-from .qemuconf import read_qemu_conf
+from .pool_files import PoolKey
 from .statefile import write_json_atomic
 from .units import format_size
 
 if TYPE_CHECKING:  # prepare needs neither the engine nor the backings: not imported then
     from .backing import BackingSpec
+    from .domain import Domain
+    from .plan import DomainPlan
 
 log = logging.getLogger(__name__)
 
@@ -47,37 +49,93 @@ def _domain_key(domain: Domain) -> str:
     return domain.uuid or f"name-{domain.name}"
 
 
-def write_recipe(plan: DomainPlan, config: HookConfig, xml: bytes) -> None:
-    """Leave what a start from the pool needs, so that it does not plan again:
+@dataclasses.dataclass(frozen=True)
+class JobBackend:
+    """One file a start creates and populates (or takes from the pool)."""
 
-    * ``<uuid>.plan-cache.json``: the pool-related part of this plan, for the next
+    backend_id: str
+    mem_path: str
+    size_bytes: int
+    host_nodes: tuple[int, ...]
+    policy: str  # bind or preferred: how the engine binds the pages
+    alias: str
+    key: PoolKey
+
+
+@dataclasses.dataclass(frozen=True)
+class StartJob:
+    """What ``start begin`` does for one guest: from its plan, or from the cached plan."""
+
+    uuid: str | None
+    name: str
+    domain_id: int
+    shortname: str
+    limits: Limits
+    backends: tuple[JobBackend, ...]
+
+
+def job_from_plan(plan: DomainPlan, limits: Limits) -> StartJob:
+    backends = []
+    for b in plan.populated:
+        assert b.mem_path is not None  # populated backends always have a file
+        backends.append(JobBackend(
+            b.backend_id, b.mem_path, b.file_size_bytes, tuple(b.host_nodes or ()),
+            "preferred" if b.policy == "preferred" else "bind", b.alias,
+            hook_pool.backend_key(b)))
+    return StartJob(plan.uuid, plan.name, plan.domain_id, plan.shortname, limits,
+                    tuple(backends))
+
+
+def cached_job(xml: bytes, config: HookConfig) -> StartJob | None:
+    """The job of the cached plan when it still holds for ``xml``, else None."""
+    found = cached_plan(xml, config.qemu_conf,
+                        file_identity(config.path) if config.path else None)
+    if found is None:
+        return None
+    uuid, domain_id, shortname, cache, backends = found
+    try:
+        limits = dict(cache["limits"])
+        limits["tuned_helpers_per_node"] = tuple(
+            (int(n), int(h)) for n, h in limits.get("tuned_helpers_per_node", ()))
+        return StartJob(uuid, cache["name"], domain_id, shortname, Limits(**limits), tuple(
+            JobBackend(b["backend_id"], b["mem_path"], int(b["size_bytes"]),
+                       tuple(int(n) for n in b["host_nodes"]), b["policy"], b["alias"],
+                       PoolKey.from_dict(b["key"])) for b in backends))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def write_recipe(plan: DomainPlan, limits: Limits, config: HookConfig, xml: bytes) -> None:
+    """Leave what the next calls need so that they do not plan again:
+
+    * ``<uuid>.plan-cache.json``: the part of this plan a start needs, for the next
       ``prepare`` of the same XML (:func:`kvmaccel.hook_fast.prepare_from_cache`);
     * ``<uuid>.prepared.json`` when a clean pool file waits for every backend, for this
       start (:func:`kvmaccel.hook_fast.start_from_pool`).
     """
-    if not (config.pool_enabled and plan.uuid and plan.populated):
+    if not (plan.uuid and plan.populated):
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(recipe_path(plan.uuid))
     host = read_host()
     backends = []
-    for b in plan.populated:
-        assert b.mem_path is not None
+    for b in job_from_plan(plan, limits).backends:
         pool = hook_pool.pool_for(b.mem_path, host, config)
         head, sep, tail = b.mem_path.partition(f"/{plan.shortname}/")
-        if pool is None or not sep:
+        if not sep:
             return
-        backends.append({"backend_id": b.backend_id, "mem_path": b.mem_path,
-                         "path_around_shortname": [head, tail], "pool_dir": pool.directory,
-                         "state_dir": pool.state_dir,
-                         "key": hook_pool.backend_key(b)._asdict()})
+        backends.append({**dataclasses.asdict(b), "key": b.key._asdict(),
+                         "path_around_shortname": [head, tail],
+                         "pool_dir": pool.directory if pool else None,
+                         "state_dir": pool.state_dir if pool else None})
     id_text = str(plan.domain_id)
     write_json_atomic(cache_path(plan.uuid), {
         "inputs": plan_inputs(xml, config.qemu_conf,
                               file_identity(config.path) if config.path else None),
-        "name": plan.name,
+        "name": plan.name, "limits": dataclasses.asdict(limits),
         "shortname_tail": plan.shortname[len(id_text) + 1:], "backends": backends})
-    write_recipe_if_clean(plan.uuid, plan.domain_id, plan.name, plan.shortname, backends)
+    if config.pool_enabled:
+        write_recipe_if_clean(plan.uuid, plan.domain_id, plan.name, plan.shortname, backends)
 
 
 def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
@@ -85,6 +143,11 @@ def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
     the config's, with ``<allocation threads='N'/>``, the energy policy and the tuned
     per-node counts applied exactly as the planner applies them (the plan's ``limits``).
     Raises :class:`KvmaccelError` subclasses."""
+    from .domain import parse_domain
+    from .plan import plan_domain
+    from .policy import host_policy
+    from .qemuconf import read_qemu_conf
+
     domain = parse_domain(xml)
     host = read_host()
     tuned, energy = host_policy(config.energy, host)
@@ -97,7 +160,7 @@ def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
 
 def op_prepare(xml: bytes, config: HookConfig) -> None:
     """Plan and check capacity.  Raises :class:`CapacityError` with the numbers."""
-    plan, _ = make_plan(xml, config)
+    plan, limits = make_plan(xml, config)
     if not plan.populated:
         reasons = "; ".join(f"{b.backend_id}: {b.skip_reason}" for b in plan.backends)
         log.info("nothing for kvmaccel to populate (%s)", reasons or "no memory backends")
@@ -112,14 +175,14 @@ def op_prepare(xml: bytes, config: HookConfig) -> None:
                 "huge pages or free memory",
                 node_id=check.node, page_size_kib=check.page_size_kib,
                 needed_bytes=check.needed_bytes, available_bytes=check.available_bytes)
-    write_recipe(plan, config, xml)
+    write_recipe(plan, limits, config, xml)
     log.info("plan: populate %s with %d thread(s)",
              ", ".join(f"{b.mem_path} ({format_size(b.file_size_bytes)})"
                        for b in plan.populated), plan.helpers.threads)
 
 
-def backing_specs(plan: DomainPlan) -> list[BackingSpec]:
-    """One spec per populated backend, owned like the directory libvirt made for it.
+def backing_specs(job: StartJob) -> list[BackingSpec]:
+    """One spec per backend, owned like the directory libvirt made for it.
 
     Raises :class:`BackingError` when that directory does not exist (libvirt makes it just
     before ``start begin``).
@@ -127,8 +190,7 @@ def backing_specs(plan: DomainPlan) -> list[BackingSpec]:
     from .backing import BackingSpec
 
     specs = []
-    for b in plan.populated:
-        assert b.mem_path is not None  # populated backends always have a file
+    for b in job.backends:
         directory = os.path.dirname(b.mem_path)
         try:
             st = os.stat(directory)
@@ -136,42 +198,47 @@ def backing_specs(plan: DomainPlan) -> list[BackingSpec]:
             raise BackingError(f"{directory}: {e.strerror}; libvirt should have created it "
                                "before 'start begin'", path=b.mem_path) from None
         specs.append(BackingSpec(
-            path=b.mem_path, size_bytes=b.file_size_bytes, nodes=b.host_nodes or (),
-            policy="preferred" if b.policy == "preferred" else "bind", mode=FILE_MODE,
-            uid=st.st_uid, gid=st.st_gid, name=b.alias))
+            path=b.mem_path, size_bytes=b.size_bytes, nodes=b.host_nodes, policy=b.policy,
+            mode=FILE_MODE, uid=st.st_uid, gid=st.st_gid, name=b.alias))
     return specs
 
 
 def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | None = None
                      ) -> None:
     """Link what clean pool files serve, create and populate the rest; record them by uuid
-    first."""
+    first.  The guest is planned again only when its cached plan no longer holds."""
     from .backing import populate_backings
     from .engine import describe_helpers
 
-    plan, limits = make_plan(xml, config)
-    if not plan.populated:
+    job = cached_job(xml, config)
+    if job is None:
+        plan, limits = make_plan(xml, config)
+        job = job_from_plan(plan, limits)
+    if not job.backends:
         log.info("nothing for kvmaccel to populate")
         return
-    specs = backing_specs(plan)
-    key = plan.uuid or f"name-{plan.name}"
+    specs = backing_specs(job)
+    key = job.uuid or f"name-{job.name}"
     host = read_host()
     # Record first what this start is about to create, so that a crash leaves a trail.
     state: dict[str, object] = {
-        "name": plan.name, "uuid": plan.uuid, "id": plan.domain_id, "shortname": plan.shortname,
+        "name": job.name, "uuid": job.uuid, "id": job.domain_id, "shortname": job.shortname,
         "files": [s.path for s in specs], "pool_links": [], "start_unix": time.time(),
     }
     write_state(key, state)
-    linked, fresh = hook_pool.take(plan, specs, host, config)
-    state["files"] = [spec.path for _, spec in fresh]
+    linked, fresh = hook_pool.take(
+        job.uuid, [(b.backend_id, b.key, spec) for b, spec in zip(job.backends, specs,
+                                                                  strict=True)], host, config)
+    state["files"] = [spec.path for _, _, spec in fresh]
     state["pool_links"] = [dataclasses.asdict(link) for link in linked]
     write_state(key, state)
     if not fresh:
         log.info("started from the pool: %s", ", ".join(link.link_path for link in linked))
         return
-    specs = [spec for _, spec in fresh]
+    specs = [spec for _, _, spec in fresh]
     if config.pool_enabled and hook_pool.make_room(specs, host, config):
         host = read_host()
+    limits = job.limits
     cancel = cancel or threading.Event()
     timed_out = threading.Event()
 
@@ -200,7 +267,7 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
     finally:
         if timer is not None:
             timer.cancel()
-    adopted = hook_pool.adopt(plan, fresh, host, config)
+    adopted = hook_pool.adopt(job.uuid, fresh, host, config)
     state["pool_links"] = [dataclasses.asdict(link) for link in [*linked, *adopted]]
     write_state(key, {**state, "populated_unix": time.time(), "result": result.as_dict()})
     log.info("populated %s in %.2f s (%.2f GiB/s), %d thread(s), helpers per node %s: %s",
@@ -211,6 +278,7 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
 def op_stop(xml: bytes, config: HookConfig) -> None:
     """Remove the files kvmaccel created for this guest that are still there; forget them."""
     from .backing import created_by_us, forget
+    from .domain import parse_domain
 
     domain = parse_domain(xml)
     key = _domain_key(domain)

@@ -20,14 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from .config import HookConfig
 from .errors import UsageError
-from .host import HostFacts
-from .plan import BackendPlan, CapacityCheck, DomainPlan
 from .pool import Pool, PoolEntry, PoolKey, key_for, pool_dir_for, reserved_first, spawn_scrub
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a start from a cached plan imports neither the planner nor the config
     from .backing import BackingSpec
+    from .config import HookConfig
+    from .host import HostFacts
+    from .plan import BackendPlan, CapacityCheck, DomainPlan
+
+Fresh = tuple[str, PoolKey, "BackingSpec"]
+"""A backend to populate: its id, the pool key its file would have, and its spec."""
 
 log = logging.getLogger(__name__)
 
@@ -93,40 +96,38 @@ def _add(totals: dict[tuple[int | None, int], int], key: PoolKey) -> None:
         totals[(node, key.page_size_kib)] = totals.get((node, key.page_size_kib), 0) + length
 
 
-def take(plan: DomainPlan, specs: Sequence[BackingSpec], host: HostFacts, config: HookConfig
-         ) -> tuple[list[Linked], list[tuple[BackendPlan, BackingSpec]]]:
+def take(domain_uuid: str | None, backends: Sequence[Fresh], host: HostFacts,
+         config: HookConfig) -> tuple[list[Linked], list[Fresh]]:
     """Link clean pool files for what they can serve; return (linked, still to populate)."""
     linked: list[Linked] = []
-    fresh: list[tuple[BackendPlan, BackingSpec]] = []
-    for backend, spec in zip(plan.populated, specs, strict=True):
+    fresh: list[Fresh] = []
+    for backend_id, key, spec in backends:
         assert spec.path is not None
-        pool = pool_for(spec.path, host, config) if plan.uuid else None
+        pool = pool_for(spec.path, host, config) if domain_uuid else None
         entry = None
-        if pool is not None and plan.uuid:
-            entry = pool.take(backend_key(backend), spec.path, domain_uuid=plan.uuid,
-                              backend_id=backend.backend_id, uid=spec.uid, gid=spec.gid,
-                              mode=spec.mode)
+        if pool is not None and domain_uuid:
+            entry = pool.take(key, spec.path, domain_uuid=domain_uuid, backend_id=backend_id,
+                              uid=spec.uid, gid=spec.gid, mode=spec.mode)
         if entry is None or pool is None:
-            fresh.append((backend, spec))
+            fresh.append((backend_id, key, spec))
             continue
-        linked.append(Linked(backend.backend_id, spec.path, entry.path, pool.directory))
+        linked.append(Linked(backend_id, spec.path, entry.path, pool.directory))
         log.info("%s: from the pool (%s)", spec.path, entry.path)
     return linked, fresh
 
 
-def adopt(plan: DomainPlan, fresh: Sequence[tuple[BackendPlan, BackingSpec]], host: HostFacts,
+def adopt(domain_uuid: str | None, fresh: Sequence[Fresh], host: HostFacts,
           config: HookConfig) -> list[Linked]:
     """Add freshly populated files to the pool, in use by this guest (within its limits)."""
     adopted = []
-    for backend, spec in fresh:
+    for backend_id, key, spec in fresh:
         assert spec.path is not None
-        pool = pool_for(spec.path, host, config) if plan.uuid else None
-        if pool is None or plan.uuid is None:
+        pool = pool_for(spec.path, host, config) if domain_uuid else None
+        if pool is None or domain_uuid is None:
             continue
-        entry = pool.adopt(spec.path, backend_key(backend), domain_uuid=plan.uuid,
-                           backend_id=backend.backend_id)
+        entry = pool.adopt(spec.path, key, domain_uuid=domain_uuid, backend_id=backend_id)
         if entry is not None:
-            adopted.append(Linked(backend.backend_id, spec.path, entry.path, pool.directory))
+            adopted.append(Linked(backend_id, spec.path, entry.path, pool.directory))
     return adopted
 
 

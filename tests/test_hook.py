@@ -328,20 +328,29 @@ import io, sys
 sys.path.insert(0, {top!r})
 from kvmaccel.hook_fast import main
 rc = main([{name!r}, {op!r}, "begin", "-"], io.BytesIO({xml!r}), config_path={config!r})
-heavy = {{"logging", "tomllib", "dataclasses", "hashlib", "kvmaccel.hook", "kvmaccel.config",
-         "kvmaccel.pool", "kvmaccel.plan"}} & set(sys.modules)
-print(rc, sorted(heavy))
+print(rc, sorted({heavy!r} & set(sys.modules)))
 """
+HEAVY = {"logging", "tomllib", "dataclasses", "hashlib", "kvmaccel.hook", "kvmaccel.config",
+         "kvmaccel.pool", "kvmaccel.plan", "kvmaccel.domain"}
+
+
+def run_hook_without_site(env: Env, op: str, run_dir: str, heavy: set[str]) -> str:
+    """Run the hook as the installed script does (``python -S``); return its exit status
+    and which of ``heavy`` it imported."""
+    import subprocess
+    import sys
+
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = WARM.format(top=top, name=NAME, op=op, xml=domain_xml(), config=env.config_path,
+                       heavy=heavy)
+    return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                          check=True, env={"KVMACCEL_RUN_DIR": run_dir}).stdout
 
 
 def test_a_warm_start_runs_without_site_logging_or_the_planner(env: Env, run_dir: str,
                                                                shm_dir: str) -> None:
     """What the installed script runs (``python -S``) on a warm prepare and start: none of
     the modules that made each hook call cost ~80 ms is imported, and the work is done."""
-    import subprocess
-    import sys
-
-    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert env.run("prepare", "begin") == 0
     os.makedirs(env.domain_dir)
     assert env.run("start", "begin") == 0
@@ -349,15 +358,31 @@ def test_a_warm_start_runs_without_site_logging_or_the_planner(env: Env, run_dir
     wait_clean(run_dir, shm_dir)
     os.makedirs(env.domain_dir)
     for op in ("prepare", "start"):
-        code = WARM.format(top=top, name=NAME, op=op, xml=domain_xml(), config=env.config_path)
-        out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
-                             check=True, env={"KVMACCEL_RUN_DIR": run_dir}).stdout
-        assert out == "0 []\n", out
+        assert run_hook_without_site(env, op, run_dir, HEAVY) == "0 []\n"
     assert os.stat(env.file_path).st_nlink == 2
     assert "started from the pool" in env.log()
     assert pool_states(run_dir, shm_dir) == ["in_use"]
     stop(env)
     wait_clean(run_dir, shm_dir)
+
+
+def test_an_unchanged_guest_is_not_planned_again_without_a_pool(env: Env, run_dir: str
+                                                                ) -> None:
+    """The second start of the same XML: prepare finds the plan as before, and start
+    populates from the cached plan without importing the planner or the XML parser."""
+    env.write_config("[pool]\nenabled = false\n")
+    for _ in range(2):
+        assert run_hook_without_site(env, "prepare", run_dir, set()) == "0 []\n"
+        os.makedirs(env.domain_dir)
+        planner = {"kvmaccel.plan", "kvmaccel.domain"}  # prepare planned and cached the plan
+        assert run_hook_without_site(env, "start", run_dir, planner) == "0 []\n"
+        assert os.stat(env.file_path).st_nlink == 1  # populated, no pool
+        assert os.stat(env.file_path).st_size == SIZE_MIB << 20
+        stop(env)
+    assert env.log().count("plan: populate") == 1
+    assert env.log().count("populated 64M") == 2
+    assert "plan: as before; start populates " + env.file_path in env.log()
+    assert not os.path.exists(hook.recipe_path(UUID))
 
 
 def test_a_disabled_config_stops_the_warm_path_too(env: Env, run_dir: str) -> None:
