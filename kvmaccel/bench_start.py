@@ -51,7 +51,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from . import virsh
+from . import hook_install, virsh
 from .errors import CapacityError, UsageError, VirshError
 from .host import read_host
 from .limits import Limits
@@ -168,16 +168,21 @@ class _Bench:
     def run_dir(self) -> str:
         return os.path.join(self.workdir, "run")
 
-    def write_config(self, pool: bool) -> None:
-        """Write the hook's config, only when it changes (the hook keys its plan cache on
-        the file's mtime, as an operator's config would stay put between starts)."""
-        path = os.path.join(self.workdir, "kvmaccel.toml")
-        text = (f'strict = true\nsyslog = false\nlog_file = "{self.workdir}/hook.log"\n'
-                f'run_dir = "{self.run_dir}"\n[limits]\nthreads = {self.threads}\n'
-                f'[pool]\nenabled = {"true" if pool else "false"}\n')
-        if virsh.read_text(path) != text:
+    def config_path(self, pool: bool) -> str:
+        return os.path.join(self.workdir, "kvmaccel-pool.toml" if pool else "kvmaccel.toml")
+
+    def use_config(self, pool: bool) -> None:
+        """Point the installed hook at the config with the pool on or off.  Each config file
+        is written once and stays put, as an operator's does: the hook trusts what it
+        learned from a config only while the file is unchanged."""
+        path = self.config_path(pool)
+        if not os.path.exists(path):
             with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+                f.write(f'strict = true\nsyslog = false\nlog_file = "{self.workdir}/hook.log"\n'
+                        f'run_dir = "{self.run_dir}"\n[limits]\nthreads = {self.threads}\n'
+                        f'[pool]\nenabled = {"true" if pool else "false"}\n')
+        if (hook_install.status(virsh.LIBVIRT_DIR).info or {}).get("config") != path:
+            hook_install.install(virsh.LIBVIRT_DIR, config_path=path)
 
     def pool(self, cfg: StartConfig) -> Pool:
         assert cfg.backing_dir is not None
@@ -244,7 +249,8 @@ def _one_start(cfg: StartConfig, size_bytes: int, bench: _Bench, result: StartRe
         f.write(domain_xml(cfg, name, size))
     virsh.remove_domain(name)
     virsh.virsh("define", xml)
-    bench.write_config(cfg.pool)
+    if cfg.hook:
+        bench.use_config(cfg.pool)
     pool = bench.pool(cfg) if cfg.pool else None
     if pool is not None:  # untimed: one clean pool file for this guest
         pool.fill(bench.key(cfg, size_bytes), 1, read_host(),

@@ -57,6 +57,7 @@ in the domain XML still caps ``threads`` (the smaller one wins).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tomllib
@@ -90,6 +91,7 @@ class HookConfig:
     qemu_conf: str = "/etc/libvirt/qemu.conf"
     limits: Limits = field(default_factory=Limits)
     path: str | None = None
+    source: str | None = field(default=None, compare=False, repr=False)  # the file's text
     pool_enabled: bool = True
     pool_max_bytes: int | None = None
     pool_max_node_bytes: int | None = None
@@ -200,4 +202,4 @@ def read_config(path: str | None = None) -> HookConfig:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_config(text, path)
+    return dataclasses.replace(parse_config(text, path), source=text)

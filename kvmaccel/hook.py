@@ -188,7 +188,6 @@ def main(argv: Sequence[str], stdin: BinaryIO | None = None,
 
 def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) -> int:
     path = paths.config_path(config_path)
-    identity = hook_fast.file_identity(path)
     try:
         config = read_config(path)
     except KvmaccelError as e:
@@ -197,7 +196,7 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) ->
         return 0
     setup_logging(config, name, op)
     try:
-        hook_fast.save_config_snapshot(config, path, identity)
+        hook_fast.save_config_snapshot(config, path)
     except OSError as e:
         log.warning("cannot save the config for the warm start path: %s", e)
     if not config.enabled:

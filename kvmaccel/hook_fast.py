@@ -11,12 +11,12 @@ reads the config, logs, plans and populates.
 
 What a warm start reads, all written by the full hook:
 
-* ``<$KVMACCEL_RUN_DIR, else /run/kvmaccel>/hook-config.json``: the config as the full hook
-  last parsed it, with the identity (device, inode, size, mtime) the file had.  A config file
-  that changed since is not trusted: the full hook reads it again.
-* ``<run_dir>/domains/<uuid>.plan-cache.json``: the pool-related part of the guest's last plan
-  and what it was made from: the XML without its ``id``, and the identities of qemu.conf and
-  the config file;
+* ``<$KVMACCEL_RUN_DIR, else /run/kvmaccel>/hook-config/<config path>.json``: the config as
+  the full hook last parsed it, with the file's text then.  A config file whose text changed
+  since is not trusted: the full hook reads it again.
+* ``<run_dir>/domains/<uuid>.plan-cache.json``: what a start needs of the guest's last plan
+  (files, sizes, nodes, pool keys, limits) and what it was made from: the XML without its
+  ``id``, and the texts of qemu.conf and the config file;
 * ``<run_dir>/domains/<uuid>.prepared.json``: the recipe ``prepare`` leaves for ``start``.
 
 Anything missing, changed or unexpected falls through to the full hook, which decides and logs.
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 FILE_MODE = 0o600
 RECIPE_MAX_AGE_S = 600
 """A ``prepare`` older than this is not trusted by ``start`` (the pool may have changed)."""
-SNAPSHOT_NAME = "hook-config.json"
 SNAPSHOT_FIELDS = ("enabled", "strict", "pool_enabled", "run_dir", "qemu_conf", "syslog",
                    "log_file", "log_file_set", "log_level")
 SYSLOG_SOCKET = "/dev/log"
@@ -97,36 +96,43 @@ def _warm(name: str, op: str, xml: bytes, config_path: str | None) -> bool:
 
 # --- the config, as the full hook last read it ----------------------------------------------
 
-def file_identity(path: str) -> list[int] | None:
-    """What changes when a file is edited or replaced; None for a missing file."""
+def file_text(path: str) -> str | None:
+    """The file's text (None for a missing file): what a cached plan or config is checked
+    against, so that rewriting a file with the same content keeps them."""
     try:
-        st = os.stat(path)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
     except FileNotFoundError:
         return None
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def save_config_snapshot(config: HookConfig, path: str, identity: list[int] | None) -> None:
-    """Record ``config`` (read from ``path``, which had ``identity`` before it was read)
-    for the warm path; written only when it changed."""
-    record = {"path": path, "identity": identity,
+def save_config_snapshot(config: HookConfig, path: str) -> None:
+    """Record ``config`` (read from ``path``) for the warm path; written only when it
+    changed."""
+    record = {"path": path, "text": config.source,
               "values": {f: getattr(config, f) for f in SNAPSHOT_FIELDS}}
-    target = os.path.join(paths.run_dir(), SNAPSHOT_NAME)
+    target = snapshot_path(path)
     if _read_json(target) != record:
         write_json_atomic(target, record)
 
 
+def snapshot_path(config_path: str) -> str:
+    """One snapshot per config file (a host may run hooks with different configs)."""
+    name = os.path.abspath(config_path).strip("/").replace("/", "%")
+    return os.path.join(paths.run_dir(), "hook-config", f"{name}.json")
+
+
 def read_config_snapshot(path: str) -> dict[str, Any] | None:
     """The snapshot's values if it is of ``path`` as the file is now, else None.  The
-    file's identity comes with them as ``config_identity``."""
-    record = _read_json(os.path.join(paths.run_dir(), SNAPSHOT_NAME))
+    file's text comes with them as ``config_text``."""
+    record = _read_json(snapshot_path(path))
     if (not isinstance(record, dict) or record.get("path") != path
-            or record.get("identity") != file_identity(path)):
+            or record.get("text") != file_text(path)):
         return None
     values = record.get("values")
     if not isinstance(values, dict) or set(values) != set(SNAPSHOT_FIELDS):
         return None
-    return {**values, "config_identity": record["identity"]}
+    return {**values, "config_text": record["text"]}
 
 
 def _read_json(path: str) -> Any:
@@ -208,14 +214,12 @@ def domain_ids(xml: bytes) -> tuple[str | None, int | None]:
             int(m_id.group(3)) if m_id else None)
 
 
-def plan_inputs(xml: bytes, qemu_conf: str, config_identity: list[int] | None
-                ) -> dict[str, Any]:
-    """What a plan is a function of, as far as a start from the pool goes: the domain XML
-    without its id (which changes at every start), and qemu.conf and kvmaccel's config as
-    they are on disk now.  Compared whole, so no hashing."""
+def plan_inputs(xml: bytes, qemu_conf: str, config_text: str | None) -> dict[str, Any]:
+    """What a plan is a function of, as far as a start goes: the domain XML without its id
+    (which changes at every start), and qemu.conf and kvmaccel's config as they are on disk
+    now.  Compared whole, so no hashing."""
     return {"xml": _DOMAIN_ID.sub(rb"\1", xml, count=1).decode("utf-8", "replace"),
-            "qemu_conf": [qemu_conf, file_identity(qemu_conf)],
-            "config": config_identity}
+            "qemu_conf": [qemu_conf, file_text(qemu_conf)], "config": config_text}
 
 
 def write_recipe_if_clean(domain_uuid: str, domain_id: int, name: str, shortname: str,
@@ -236,7 +240,7 @@ def write_recipe_if_clean(domain_uuid: str, domain_id: int, name: str, shortname
     return True
 
 
-def cached_plan(xml: bytes, qemu_conf: str, config_identity: list[int] | None
+def cached_plan(xml: bytes, qemu_conf: str, config_text: str | None
                 ) -> tuple[str, int, str, dict[str, Any], list[dict[str, Any]]] | None:
     """(uuid, id, shortname, cache, backends with this start's paths) when the guest's
     cached plan still holds for ``xml``, else None."""
@@ -245,7 +249,7 @@ def cached_plan(xml: bytes, qemu_conf: str, config_identity: list[int] | None
         return None
     cache = _read_json(cache_path(uuid))
     try:
-        if cache["inputs"] != plan_inputs(xml, qemu_conf, config_identity):
+        if cache["inputs"] != plan_inputs(xml, qemu_conf, config_text):
             return None
         shortname = f"{domain_id}-{cache['shortname_tail']}"
         backends = [{**b, "mem_path": f"/{shortname}/".join(b["path_around_shortname"])}
@@ -260,7 +264,7 @@ def prepare_from_cache(xml: bytes, values: dict[str, Any], say: Callable[[str], 
     serves every backend, the recipe for ``start`` is written; otherwise ``start``
     populates from the cached plan, and checks the host's room then (a failing check
     refuses the start there, under ``strict``, as it would have here)."""
-    found = cached_plan(xml, values["qemu_conf"], values["config_identity"])
+    found = cached_plan(xml, values["qemu_conf"], values["config_text"])
     if found is None:
         return False
     uuid, domain_id, shortname, cache, backends = found

@@ -23,7 +23,6 @@ from .hook_fast import (
     FILE_MODE,
     cache_path,
     cached_plan,
-    file_identity,
     plan_inputs,
     read_state,
     recipe_path,
@@ -88,8 +87,7 @@ def job_from_plan(plan: DomainPlan, limits: Limits) -> StartJob:
 
 def cached_job(xml: bytes, config: HookConfig) -> StartJob | None:
     """The job of the cached plan when it still holds for ``xml``, else None."""
-    found = cached_plan(xml, config.qemu_conf,
-                        file_identity(config.path) if config.path else None)
+    found = cached_plan(xml, config.qemu_conf, config.source)
     if found is None:
         return None
     uuid, domain_id, shortname, cache, backends = found
@@ -130,8 +128,7 @@ def write_recipe(plan: DomainPlan, limits: Limits, config: HookConfig, xml: byte
                          "state_dir": pool.state_dir if pool else None})
     id_text = str(plan.domain_id)
     write_json_atomic(cache_path(plan.uuid), {
-        "inputs": plan_inputs(xml, config.qemu_conf,
-                              file_identity(config.path) if config.path else None),
+        "inputs": plan_inputs(xml, config.qemu_conf, config.source),
         "name": plan.name, "limits": dataclasses.asdict(limits),
         "shortname_tail": plan.shortname[len(id_text) + 1:], "backends": backends})
     if config.pool_enabled:

@@ -305,22 +305,34 @@ def test_a_changed_xml_or_qemu_conf_is_planned_again(env: Env, run_dir: str,
     wait_clean(run_dir, shm_dir)
     assert (hook_fast.plan_inputs(domain_xml(), "/q", None)
             == hook_fast.plan_inputs(domain_xml(domain_id=99), "/q", None))
+    assert (hook_fast.plan_inputs(domain_xml(), "/q", None)
+            != hook_fast.plan_inputs(domain_xml(), "/q", "# another config"))
     # Another size: the cached plan does not hold; planned again, nothing from the pool.
     assert env.run("prepare", "begin", domain_xml(size_mib=32)) == 0
     assert "plan: as before" not in env.log()
     assert not os.path.exists(hook.recipe_path(UUID))
-    # qemu.conf touched: planned again too (the pool still serves: a recipe is written).
+    # qemu.conf rewritten as it was: the plan holds.  Edited: planned again (the pool still
+    # serves: a recipe is written).
     qemu_conf = os.path.join(os.path.dirname(env.config_path), "qemu.conf")
-    os.utime(qemu_conf, ns=(1, 1))
+    with open(qemu_conf) as f:
+        text = f.read()
+    assert env.run("prepare", "begin") == 0  # the first size again: planned and cached
+    with open(qemu_conf, "w") as f:
+        f.write(text)
     assert env.run("prepare", "begin") == 0
-    assert "plan: as before" not in env.log() and os.path.exists(hook.recipe_path(UUID))
+    assert env.log().count("plan: as before") == 1
+    os.unlink(hook.recipe_path(UUID))
+    with open(qemu_conf, "a") as f:
+        f.write("# edited\n")
+    assert env.run("prepare", "begin") == 0
+    assert env.log().count("plan: as before") == 1 and os.path.exists(hook.recipe_path(UUID))
     os.unlink(hook.recipe_path(UUID))
     # kvmaccel's config edited: its snapshot no longer holds; the full hook reads and plans.
     env.write_config("# edited\n")
     assert env.run("prepare", "begin") == 0
-    assert "plan: as before" not in env.log() and os.path.exists(hook.recipe_path(UUID))
+    assert env.log().count("plan: as before") == 1 and os.path.exists(hook.recipe_path(UUID))
     assert env.run("prepare", "begin") == 0
-    assert "plan: as before" in env.log()
+    assert env.log().count("plan: as before") == 2
 
 
 WARM = """
