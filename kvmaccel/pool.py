@@ -258,14 +258,28 @@ def key_for(size_bytes: int, page_size_kib: int, host_nodes: Sequence[int] = (),
                    policy if host_nodes else None, reserved_uuid)
 
 
+AUTOGROUP = "/proc/self/autogroup"
+
+
 def spawn_scrub(directories: Sequence[str] = (), nice: int = 19) -> int:
     """Start ``kvmaccel pool scrub`` detached (its own session, at ``nice``, no terminal, no
-    inherited descriptors); return its pid.  The hook calls this after a guest stops."""
+    inherited descriptors); return its pid.  The hook calls this after a guest stops.
+
+    A new session is a new scheduler autogroup (``kernel.sched_autogroup_enabled``), and
+    between autogroups only the group's nice counts: a nice-19 scrub in a group of nice 0
+    would take a full share of the CPU from the guests.  So the group gets ``nice`` too."""
     import subprocess
+
+    def lower_priority() -> None:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        # OSError: no autogroups in this kernel.
+        with contextlib.suppress(OSError), open(AUTOGROUP, "w", encoding="ascii") as f:
+            f.write(str(nice))
+
     args = [sys.executable, "-m", "kvmaccel", "pool", "scrub", "--nice", str(nice)]
     for d in directories:
         args += ["--dir", d]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-                            preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, nice))
+                            preexec_fn=lower_priority)
     return proc.pid

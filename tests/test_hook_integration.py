@@ -16,11 +16,14 @@ afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import shutil
+import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -374,4 +377,64 @@ def test_a_pool_at_its_limit_is_not_refilled(libvirt: Libvirt, guest: str) -> No
         if free_2m() == free_before:
             break
         time.sleep(0.1)
+    assert free_2m() == free_before
+
+
+@contextlib.contextmanager
+def cpu_hogs(nice: int = 10) -> Iterator[None]:
+    """Keep every CPU busy at ``nice`` (in a session and autogroup of their own at that
+    nice, see :func:`kvmaccel.pool.spawn_scrub`): a nice-19 process then gets a small share."""
+    def lower() -> None:
+        os.nice(nice)
+        with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                              start_new_session=True, preexec_fn=lower)
+             for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_scrub_killed_midway_leaves_the_file_dirty_and_it_is_never_linked(
+        libvirt: Libvirt, guest: str) -> None:
+    """The hook's own detached scrub, SIGKILLed while it zeroes the last guest's memory:
+    the file stays dirty, the next start does not get it (it gets a fresh file, with none of
+    the old data), and the next scrub finishes the job."""
+    libvirt.write_config(pool=True)
+    pool = libvirt.pool()
+    free_before = free_2m()
+    virsh.virsh("start", guest)
+    [path] = state_of(libvirt, guest)["files"]  # type: ignore[misc]
+    write_pattern(path)
+    (entry,) = pool.entries()
+    with cpu_hogs():  # a busy host: the nice-19 scrub crawls, and is caught zeroing
+        virsh.virsh("destroy", guest)
+        pid = int(libvirt.log().rsplit("scrubbing in the background (pid ", 1)[1].split(",")[0])
+        deadline = time.monotonic() + 60
+        while pool.entries()[0].recorded_state != "scrubbing":
+            assert time.monotonic() < deadline and psutil.pid_exists(pid), pool.entries()
+            time.sleep(0.005)
+        os.kill(pid, signal.SIGKILL)
+    while pool.entries()[0].state != "dirty":  # its lock goes when its last thread has exited
+        assert time.monotonic() < deadline, pool.entries()
+        time.sleep(0.01)
+    (dirty,) = pool.entries()
+    assert (dirty.path, dirty.recorded_state, dirty.state) == (entry.path, "scrubbing", "dirty")
+    # Killed between marking the file scrubbing and marking it clean (how much of it was
+    # zeroed by then depends on the scheduler): dirty, whatever the pages hold.
+
+    virsh.virsh("start", guest)
+    state = state_of(libvirt, guest)
+    [fresh] = state["files"]  # type: ignore[misc]
+    assert not os.path.samefile(fresh, dirty.path) and pattern_count(fresh) == 0
+    assert [e.state for e in pool.entries() if e.path == dirty.path] == ["dirty"]
+    virsh.virsh("destroy", guest)
+    wait_for_states(pool, ["clean", "clean"])
+    assert pattern_count(dirty.path) == 0
+    assert pool.drain() == 2 * GUEST_BYTES
     assert free_2m() == free_before

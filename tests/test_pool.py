@@ -255,3 +255,22 @@ def test_adopt_then_drain_returns_every_page(huge_area: tuple[str, str]) -> None
     assert pool.drain() == 16 * MIB
     assert pool.entries() == []
     assert free_hugepages_2m() == free_before
+
+
+def test_the_detached_scrub_is_niced_and_so_is_its_autogroup(tmp_path: object) -> None:
+    """spawn_scrub starts a new session, which is a new scheduler autogroup; only the
+    group's nice counts between groups, so it must be 19 too, or the scrub competes with
+    the guests as an equal."""
+    from kvmaccel.pool import AUTOGROUP, spawn_scrub
+
+    from .conftest import need
+
+    need(os.path.exists(AUTOGROUP), "kernel.sched_autogroup_enabled (CONFIG_SCHED_AUTOGROUP)")
+    pid = spawn_scrub([str(tmp_path)])
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+        with open(f"/proc/{pid}/autogroup") as f:
+            assert f.read().rstrip().endswith(" nice 19")
+        assert os.getsid(pid) == pid
+    finally:
+        os.waitpid(pid, 0)
