@@ -3,12 +3,13 @@
 libvirt (6.5+) runs ``hooks/qemu`` first and then every executable in ``hooks/qemu.d/`` in
 name order, each with the same arguments and XML.  kvmaccel installs only into ``qemu.d/``, so
 an existing ``hooks/qemu`` keeps working untouched.  The installed script is
-:func:`render_script` with the Python that has kvmaccel installed as its interpreter (libvirt
-runs hooks with a cleaned environment, so ``/usr/bin/env python3`` may not find kvmaccel).
+:func:`render_script`: a ``/bin/sh`` front that runs the Python that has kvmaccel installed
+(libvirt runs hooks with a cleaned environment, so ``/usr/bin/env python3`` may not find
+kvmaccel) only for the operations kvmaccel acts on.
 
 The script's second line records what the install did (``# kvmaccel-hook: {json}``: the
-version, the config file, the directories it created), so that :func:`uninstall` removes
-exactly that and refuses to remove a file kvmaccel did not write.
+version, the config file, the Python, the directories it created), so that :func:`uninstall`
+removes exactly that and refuses to remove a file kvmaccel did not write.
 
 A running daemon only runs a hook that existed when it started, or after SIGHUP (which it
 ignores during its first second): :func:`daemons` finds them so the CLI can say so.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -35,47 +37,50 @@ HOOK_NAME = "kvmaccel"
 MARKER = "# kvmaccel-hook: "
 DAEMON_PIDFILES = {"libvirtd": "/run/libvirtd.pid", "virtqemud": "/run/virtqemud.pid"}
 
-_TEMPLATE = '''#!{python}
+_TEMPLATE = '''#!/bin/sh
 {marker}
 # kvmaccel's libvirt qemu hook: creates and populates guest memory files before QEMU starts.
 # See `kvmaccel hook --help`; settings live in the config file (default
 # /etc/kvmaccel/kvmaccel.toml), not here.  This script never writes to stdout.
-import sys
-
+#
 # The operations kvmaccel acts on (kvmaccel.hook.HANDLED_OPS); every other one exits 0 at
-# once, before kvmaccel is imported.
-if len(sys.argv) == 5 and (sys.argv[2], sys.argv[3]) not in {{
-        ("prepare", "begin"), ("start", "begin"), ("stopped", "end"), ("release", "end")}}:
-    sys.exit(0)
-{path_line}
-from kvmaccel.hook_fast import main  # noqa: E402
-
-sys.exit(main(sys.argv[1:], config_path={config!r}))
+# once, without starting Python: each call before QEMU is part of the guest's start.
+case "$2 $3" in
+    "prepare begin"|"start begin"|"stopped end"|"release end") ;;
+    *) [ $# -eq 4 ] && exit 0 ;;
+esac
+{comment}exec {python} -c {code} "$@"
 '''
-_PATH_LINE = '''
-# Python runs without site (-S): it starts faster, and every hook call before QEMU is the
-# guest's start-up time.  kvmaccel and its dependencies are found here instead.
-sys.path[:0] = {directories!r}
+_CODE = '''
+import sys
+{path_line}from kvmaccel.hook_fast import main
+sys.exit(main(sys.argv[1:], config_path={config}))
 '''
+_FAST_START = ("# Python runs without site (-S), which it does not need: kvmaccel and its "
+               "dependencies\n# are put on sys.path by hand.\n")
 
 
 def render_script(python: str, config_path: str | None,
                   created_dirs: tuple[str, ...] = ()) -> str:
-    """The hook script text.  ``python`` is the interpreter: this very Python runs the hook
-    with ``-S`` and is told where this kvmaccel is; any other (``/usr/bin/env python3`` for
-    the copy in the source tree's ``hooks/qemu``) finds kvmaccel through site."""
-    info = {"version": __version__, "config": config_path, "created_dirs": list(created_dirs)}
-    path_line = ""
+    """The hook script text: a /bin/sh front that runs ``python`` for the operations kvmaccel
+    acts on.  This very Python runs with ``-S`` and is told where this kvmaccel is; any other
+    (``/usr/bin/env python3`` for the copy in the source tree's ``hooks/qemu``) finds
+    kvmaccel through site."""
+    info = {"version": __version__, "config": config_path, "created_dirs": list(created_dirs),
+            "python": python}
+    path_line, comment, command = "", "", python
     if os.path.abspath(python) == os.path.abspath(sys.executable):
         directories = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
         for name in ("purelib", "platlib"):
             directory = sysconfig.get_path(name)
             if directory not in directories:
                 directories.append(directory)
-        path_line = _PATH_LINE.format(directories=directories)
-        python += " -S"
-    return _TEMPLATE.format(python=python, marker=MARKER + json.dumps(info),
-                            config=config_path, path_line=path_line)
+        path_line = f"sys.path[:0] = {json.dumps(directories)}\n"
+        comment, command = _FAST_START, f"{shlex.quote(python)} -S"
+    config = json.dumps(config_path) if config_path is not None else "None"
+    code = _CODE.format(path_line=path_line, config=config)
+    return _TEMPLATE.format(marker=MARKER + json.dumps(info), comment=comment,
+                            python=command, code=shlex.quote(code))
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,8 @@ def status(libvirt_dir: str = DEFAULT_LIBVIRT_DIR) -> HookStatus:
         return HookStatus(path, False, False, None, False, None,
                           main_hook if os.path.lexists(main_hook) else None, others, None)
     python, info = _read_marker(path)
+    if info is not None and isinstance(info.get("python"), str):
+        python = str(info["python"])  # the interpreter behind the /bin/sh front
     interp = (python or "").split()[0] if python else ""
     return HookStatus(
         path=path, installed=True, ours=info is not None, python=interp or None,

@@ -38,9 +38,8 @@ def test_source_tree_hook_is_the_rendered_script() -> None:
 
 def test_script_checks_the_same_operations_as_the_hook() -> None:
     text = hook_install.render_script("/x", None)
-    pairs = {(op, sub) for op, sub in
-             (p.strip("() ").split(", ") for p in text.split("{\n", 1)[1].split("}")[0]
-              .replace('"', "").strip().rstrip(":").split("),"))}
+    case = text.split('case "$2 $3" in\n', 1)[1].splitlines()[0].strip().rstrip(") ;")
+    pairs = {tuple(p.strip('"').split()) for p in case.split("|")}
     assert pairs == set(hook.HANDLED_OPS)
 
 
@@ -52,8 +51,9 @@ def test_install_keeps_the_existing_hook(libvirt_dir: str) -> None:
     assert os.stat(path).st_mode & 0o777 == 0o755
     with open(path) as f:
         text = f.read()
-    assert text.startswith(f"#!{sys.executable} -S\n# kvmaccel-hook: ")
-    assert "config_path='/etc/k.toml'" in text
+    assert text.startswith("#!/bin/sh\n# kvmaccel-hook: ")
+    assert f"exec {sys.executable} -S -c " in text
+    assert 'config_path="/etc/k.toml"' in text
     with open(f"{libvirt_dir}/hooks/qemu") as f:
         assert f.read() == EXISTING
     # Reinstalling is an upgrade; uninstalling removes qemu.d (install made it) but not
@@ -131,6 +131,18 @@ def test_installed_script_runs_as_libvirt_runs_it(libvirt_dir: str, tmp_path: ob
                              capture_output=True, input=b"", check=False)
     assert (ignored.returncode, ignored.stdout, ignored.stderr) == (0, b"", b"")
     assert time.monotonic() - t0 < 2
+    # Without starting Python at all: a python that does not exist is never run.
+    fake = f"{tmp_path}/no-python"
+    with open(st.path) as f:
+        text = f.read().replace(f"exec {sys.executable} ", f"exec {fake} ")
+    with open(st.path, "w") as f:
+        f.write(text)
+    ignored = subprocess.run([st.path, "g", "started", "begin", "-"], env=env,
+                             capture_output=True, input=b"", check=False)
+    assert (ignored.returncode, ignored.stderr) == (0, b"")
+    assert subprocess.run([st.path, "g", "prepare", "begin", "-"], env=env,
+                          capture_output=True, input=b"", check=False).returncode == 127
+    st = hook_install.install(libvirt_dir, config_path=config)
     handled = subprocess.run([st.path, "g", "prepare", "begin", "-"], env=env,
                              capture_output=True, input=b"<domain/>", check=False)
     assert (handled.returncode, handled.stdout) == (0, b"")
