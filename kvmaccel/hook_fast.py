@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 FILE_MODE = 0o600
 RECIPE_MAX_AGE_S = 600
 """A ``prepare`` older than this is not trusted by ``start`` (the pool may have changed)."""
+SNAPSHOT_DIR = "hook-config"
 SNAPSHOT_FIELDS = ("enabled", "strict", "pool_enabled", "run_dir", "qemu_conf", "syslog",
                    "log_file", "log_file_set", "log_level")
 SYSLOG_SOCKET = "/dev/log"
@@ -116,10 +117,12 @@ def save_config_snapshot(config: HookConfig, path: str) -> None:
         write_json_atomic(target, record)
 
 
-def snapshot_path(config_path: str) -> str:
-    """One snapshot per config file (a host may run hooks with different configs)."""
+def snapshot_path(config_path: str, run_dir: str | None = None) -> str:
+    """One snapshot per config file (a host may run hooks with different configs), in
+    ``run_dir`` (default: :func:`kvmaccel.paths.run_dir`; libvirt runs hooks with a clean
+    environment, so that is /run/kvmaccel there)."""
     name = os.path.abspath(config_path).strip("/").replace("/", "%")
-    return os.path.join(paths.run_dir(), "hook-config", f"{name}.json")
+    return os.path.join(run_dir or paths.run_dir(), SNAPSHOT_DIR, f"{name}.json")
 
 
 def read_config_snapshot(path: str) -> dict[str, Any] | None:

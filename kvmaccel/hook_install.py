@@ -17,6 +17,7 @@ ignores during its first second): :func:`daemons` finds them so the CLI can say 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import psutil
 
 from . import __version__
 from .errors import HookError
+from .paths import DEFAULT_CONFIG_PATH, DEFAULT_RUN_DIR
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,9 @@ def install(libvirt_dir: str = DEFAULT_LIBVIRT_DIR, *, python: str | None = None
                             "or remove it yourself, then install again")
         previous = info.get("created_dirs")
         created = [d for d in previous if isinstance(d, str)] if isinstance(previous, list) else []
+        if info.get("config") != config_path:
+            old = info.get("config")
+            forget_config(old if isinstance(old, str) else None)
     for directory in (os.path.join(libvirt_dir, "hooks"), os.path.dirname(path)):
         if not os.path.isdir(directory):
             try:
@@ -185,6 +190,19 @@ def install(libvirt_dir: str = DEFAULT_LIBVIRT_DIR, *, python: str | None = None
     return status(libvirt_dir)
 
 
+def forget_config(config_path: str | None) -> None:
+    """Remove what the hook, run by libvirt, learned from ``config_path`` (its snapshot
+    under /run/kvmaccel), and the directories for it when they are empty."""
+    from .hook_fast import snapshot_path
+
+    snapshot = snapshot_path(config_path or DEFAULT_CONFIG_PATH, DEFAULT_RUN_DIR)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(snapshot)
+    for directory in (os.path.dirname(snapshot), DEFAULT_RUN_DIR):
+        with contextlib.suppress(OSError):  # not empty, or gone
+            os.rmdir(directory)
+
+
 def uninstall(libvirt_dir: str = DEFAULT_LIBVIRT_DIR) -> list[str]:
     """Remove the hook and the directories its install created (when empty).  Returns the
     paths removed (empty when it was not installed).  Raises :class:`HookError` for a file
@@ -200,6 +218,8 @@ def uninstall(libvirt_dir: str = DEFAULT_LIBVIRT_DIR) -> list[str]:
         os.unlink(path)
     except OSError as e:
         raise HookError(f"cannot remove {path}: {e.strerror}") from None
+    config = info.get("config")
+    forget_config(config if isinstance(config, str) else None)
     removed = [path]
     dirs = info.get("created_dirs")
     for directory in reversed(dirs if isinstance(dirs, list) else []):

@@ -108,7 +108,7 @@ class Pool(PoolFiles):
         """Add ``count`` clean files of ``key``, populating each with the engine.  Stops with
         :class:`PoolError` at the pool's limit (what was added stays).  A file is ``filling``
         while it is populated; a fill that dies leaves it dirty, never clean."""
-        from .backing import BackingSpec, populate_backings
+        from .backing import BackingSpec, forget, populate_backings
 
         results = []
         for _ in range(count):
@@ -126,6 +126,7 @@ class Pool(PoolFiles):
             with self._file_lock(path):
                 _, result = populate_backings([spec], host, limits, on_open=mark_filling)
                 self._write_state(path, "clean")
+            forget(path)  # the pool's state owns the file now, not the record of what a run made
             results.append(result)
         return results
 

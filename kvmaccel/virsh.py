@@ -203,6 +203,9 @@ def temporary_hook(config_path: str, workdir: str) -> Iterator[Callable[[bool], 
     finally:
         enable(True)
         if had:
+            info = hook_install.status(LIBVIRT_DIR).info or {}
+            config = info.get("config")
+            hook_install.forget_config(config if isinstance(config, str) else None)
             shutil.copy2(aside, path)
         else:
             hook_install.uninstall(LIBVIRT_DIR)

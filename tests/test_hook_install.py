@@ -12,9 +12,10 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from kvmaccel import hook, hook_install
+from kvmaccel import hook, hook_fast, hook_install
 from kvmaccel.cli import main
 from kvmaccel.errors import HookError
+from kvmaccel.paths import DEFAULT_RUN_DIR
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXISTING = "#!/bin/sh\necho existing hook ran >> \"$(dirname \"$0\")/ran\"\n"
@@ -143,8 +144,16 @@ def test_installed_script_runs_as_libvirt_runs_it(libvirt_dir: str, tmp_path: ob
     assert subprocess.run([st.path, "g", "prepare", "begin", "-"], env=env,
                           capture_output=True, input=b"", check=False).returncode == 127
     st = hook_install.install(libvirt_dir, config_path=config)
-    handled = subprocess.run([st.path, "g", "prepare", "begin", "-"], env=env,
-                             capture_output=True, input=b"<domain/>", check=False)
-    assert (handled.returncode, handled.stdout) == (0, b"")
-    bad = subprocess.run([st.path, "only-one"], env=env, capture_output=True, check=False)
-    assert bad.returncode == 2 and bad.stdout == b"" and b"usage" in bad.stderr
+    # Run as libvirt runs it, the hook keeps what it read of its config in /run/kvmaccel;
+    # uninstalling removes it.
+    snapshot = hook_fast.snapshot_path(config, DEFAULT_RUN_DIR)
+    try:
+        handled = subprocess.run([st.path, "g", "prepare", "begin", "-"], env=env,
+                                 capture_output=True, input=b"<domain/>", check=False)
+        assert (handled.returncode, handled.stdout) == (0, b"")
+        assert os.path.exists(snapshot)
+        bad = subprocess.run([st.path, "only-one"], env=env, capture_output=True, check=False)
+        assert bad.returncode == 2 and bad.stdout == b"" and b"usage" in bad.stderr
+    finally:
+        hook_install.uninstall(libvirt_dir)
+    assert not os.path.exists(snapshot)

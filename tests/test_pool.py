@@ -223,6 +223,9 @@ def test_pool_limits(huge_area: tuple[str, str]) -> None:
     key = key_for(8 * MIB, 2048, (0,), "bind")
     pool = Pool(pool_dir, max_bytes=16 * MIB)
     pool.fill(key, 2, read_host(), limits())
+    # The pool's state owns filled files: no record of "files this run made" stays behind.
+    records = os.path.join(os.environ["KVMACCEL_RUN_DIR"], "files")
+    assert not os.path.isdir(records) or os.listdir(records) == []
     with pytest.raises(PoolError, match="would pass its limit of 16M"):
         pool.fill(key, 1, read_host(), limits())
     assert len(pool.entries()) == 2
