@@ -9,7 +9,8 @@
 # (started only if not running, stopped again).  The libvirt tests (tests/test_hook_integration.py)
 # rewrite /etc/libvirt/qemu.conf, install hooks in /etc/libvirt/hooks/qemu.d/, restart libvirtd
 # and define guests named kvmaccel-small-*; they undo that themselves, and this script puts
-# qemu.conf, the hooks directory, /var/log/kvmaccel and those guests back once more on exit.
+# qemu.conf, the hooks directory, /var/log/kvmaccel, /run/kvmaccel (where hooks run by
+# libvirt keep state), the libvirt lock file and those guests back once more on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
@@ -51,6 +52,8 @@ QEMU_CONF=/etc/libvirt/qemu.conf
 cp -p "$QEMU_CONF" "$state/qemu.conf" 2>/dev/null || : > "$state/no-qemu.conf"
 [ -d /etc/libvirt/hooks ] && cp -a /etc/libvirt/hooks "$state/hooks" || : > "$state/no-hooks"
 [ -d /var/log/kvmaccel ] || : > "$state/no-log-dir"
+[ -e /run/kvmaccel ] || : > "$state/no-run-dir"  # where hooks run by libvirt keep state
+[ -e /run/kvmaccel-libvirt.lock ] || : > "$state/no-libvirt-lock"
 test_guests() { sed -n 's:.*<name>\(.*\)</name>.*:\1:p' vm-fixtures/small-*.xml; }
 restore_libvirt() {
   local changed=0
@@ -86,6 +89,8 @@ restore() {
   find /dev/hugepages -maxdepth 1 \( -name 'kvmaccel-*' -o -name 'kvtest-hog-*' \) -delete 2>/dev/null
   if [ "$mounted_huge" = 1 ]; then umount /dev/hugepages; fi
   echo "$saved_nr" > /proc/sys/vm/nr_hugepages
+  [ -f "$state/no-run-dir" ] && rm -rf /run/kvmaccel
+  [ -f "$state/no-libvirt-lock" ] && rm -f /run/kvmaccel-libvirt.lock
   rm -rf "${KVMACCEL_RUN_DIR:-/nonexistent}" "$state"
   log "machine restored (nr_hugepages=$saved_nr)"
   exit $rc
