@@ -39,23 +39,7 @@ from typing import BinaryIO
 from . import hook_fast, paths
 from .config import HookConfig, read_config
 from .errors import KvmaccelError
-from .hook_fast import (
-    FILE_MODE,
-    LOG_BODY,
-    SYSLOG_SOCKET,
-    cache_path,
-    log_prefix,
-    plan_inputs,
-    read_state,
-    recipe_path,
-    start_from_pool,
-    state_path,
-    write_recipe_if_clean,
-    write_state,
-)
-
-__all__ = ["FILE_MODE", "HANDLED_OPS", "cache_path", "main", "plan_inputs", "read_state",
-           "recipe_path", "setup_logging", "state_path", "write_recipe_if_clean", "write_state"]
+from .hook_fast import LOG_BODY, SYSLOG_SOCKET, log_prefix, log_targets, start_from_pool
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +70,8 @@ def setup_logging(config: HookConfig, name: str, op: str) -> None:
     is set explicitly) the log file.  A log file that cannot be opened is skipped: logging
     must never stop a guest."""
     handlers: list[logging.Handler] = []
-    if config.syslog and os.path.exists(SYSLOG_SOCKET):
+    to_syslog, to_file = log_targets(config.syslog, config.log_file_set)
+    if to_syslog:
         from logging.handlers import SysLogHandler  # here only: hook calls delay the guest
 
         try:
@@ -95,7 +80,7 @@ def setup_logging(config: HookConfig, name: str, op: str) -> None:
             handlers.append(sh)
         except OSError:
             pass
-    if not handlers or config.log_file_set:
+    if to_file or not handlers:  # not handlers: the syslog socket refused us
         try:
             os.makedirs(os.path.dirname(config.log_file), mode=0o755, exist_ok=True)
             fh = logging.FileHandler(config.log_file, encoding="utf-8")

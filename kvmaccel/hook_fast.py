@@ -148,18 +148,25 @@ def _read_json(path: str) -> Any:
 
 # --- logging without the logging module -----------------------------------------------------
 
+def log_targets(syslog: bool, log_file_set: bool) -> tuple[bool, bool]:
+    """(to syslog, to the log file): syslog when asked for and its socket exists; the file
+    when syslog is not used, or when ``log_file`` was set explicitly."""
+    to_syslog = syslog and os.path.exists(SYSLOG_SOCKET)
+    return to_syslog, not to_syslog or log_file_set
+
+
 def log_info(values: dict[str, Any], name: str, op: str, message: str) -> None:
     """One INFO line where :func:`kvmaccel.hook.setup_logging` would put it.  Never raises."""
     if values["log_level"] not in ("debug", "info"):
         return
     body = LOG_BODY % {"domain": name, "op": op, "levelname": "INFO", "message": message}
-    to_syslog = values["syslog"] and os.path.exists(SYSLOG_SOCKET)
+    to_syslog, to_file = log_targets(values["syslog"], values["log_file_set"])
     if to_syslog:
         import syslog
 
         syslog.openlog("kvmaccel-hook", syslog.LOG_PID, syslog.LOG_DAEMON)
         syslog.syslog(syslog.LOG_INFO, body)
-    if not to_syslog or values["log_file_set"]:
+    if to_file:
         now = time.time()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
         try:
