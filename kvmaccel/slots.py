@@ -3,6 +3,8 @@
 The host-wide helper cap must hold when two guests start at once, each in its own hook
 process.  Each helper holds one slot: an exclusive ``flock`` on ``<dir>/slot-<K>`` for
 K < cap.  The kernel drops a lock when its holder dies, so a crashed run never leaks slots.
+The directory is 0700 and the slot files 0600: a lock needs only an open file, so a slot
+anyone could open is a slot anyone could hold, starving every run of helpers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 
 from .errors import HostError
 from .paths import run_dir
+from .safefs import private_dirs
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class HostSlots:
         if wanted <= 0:
             return 0
         try:
-            os.makedirs(self.directory, mode=0o755, exist_ok=True)
+            private_dirs(self.directory)  # 0700: nobody else can open a slot and hold it
         except OSError as e:
             raise HostError(
                 f"cannot create {self.directory}: {e.strerror}; run as root or set "
@@ -41,8 +44,9 @@ class HostSlots:
             if len(self._held) >= wanted:
                 break
             path = os.path.join(self.directory, f"slot-{index}")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
+                os.fchmod(fd, 0o600)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)

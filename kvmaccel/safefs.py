@@ -1,0 +1,237 @@
+"""File work done as root where another user can write: on descriptors, never on checked paths.
+
+kvmaccel runs as root inside directories that others can change: a guest's per-domain memory
+directory belongs to the qemu user (who may run a compromised QEMU), and ``/dev/shm`` lets any
+local user create names.  A path that was checked can be swapped for a symlink before it is
+used, so code here follows one rule, and every module that does file work as root (the pool,
+the backings, the hook) uses these helpers to follow it:
+
+* **Open the directory, then work relative to it.**  A directory is opened once with
+  ``O_DIRECTORY|O_NOFOLLOW``, checked on the descriptor (``fstat``, ``fstatfs``), and every
+  name in it is reached with ``dir_fd=`` and ``follow_symlinks=False`` / ``O_NOFOLLOW``
+  (``openat``, ``linkat``, ``unlinkat``, ``fstatat``).
+* **Change owner and mode on a descriptor** (``fchown``/``fchmod``), before the file becomes
+  visible in a directory someone else can write.
+* **Link a file by its descriptor** (``linkat`` of ``/proc/self/fd/N`` with
+  ``AT_SYMLINK_FOLLOW``), never by a path that could have changed since it was checked.
+* **Prove nobody else holds an inode before it changes hands**: a write lease
+  (:func:`nobody_else_holds`) is refused while any other open file of the inode exists, and
+  a mapping keeps its file open even after its descriptor is closed.
+* **Directories of kvmaccel's own** (the run and state directories, the pool) are created one
+  level at a time with mode 0700 whatever the umask (:func:`private_dirs`), and one that
+  exists is used only when it is a real directory owned by us and writable by nobody else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+import sys
+from collections.abc import Iterator
+
+from .errors import KvmaccelError
+
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+O_DIR_NOFOLLOW = O_DIR | os.O_NOFOLLOW
+
+
+class UnsafePathError(KvmaccelError):
+    """A directory or file is not what kvmaccel may safely act on (a symlink, another
+    user's, writable by others).  ``path`` names it."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def open_dir(path: str, *, follow: bool = False) -> int:
+    """Open directory ``path`` and return its descriptor (close it yourself).  The last
+    component must not be a symlink unless ``follow``.  Raises :class:`OSError`."""
+    return os.open(path, O_DIR if follow else O_DIR_NOFOLLOW)
+
+
+@contextlib.contextmanager
+def opened_dir(path: str, *, follow: bool = False) -> Iterator[int]:
+    fd = open_dir(path, follow=follow)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def fd_path(fd: int) -> str:
+    """The path the kernel has for an open file or directory (for messages and records)."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def check_private_dir(fd: int, path: str, *, what: str = "directory") -> os.stat_result:
+    """Raise :class:`UnsafePathError` unless ``fd`` is a directory owned by this user with no
+    permission for group or others."""
+    st = os.fstat(fd)
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or mode & 0o077:
+        raise UnsafePathError(
+            f"{what} {path} is owned by uid {st.st_uid} with mode {mode:04o}, not uid "
+            f"{os.geteuid()} with mode 0700: kvmaccel did not make it; remove it (look at what "
+            "is in it first) and run again", path=path)
+    return st
+
+
+def private_dirs(path: str, mode: int = 0o700) -> None:
+    """Create ``path`` and every missing parent one level at a time with ``mode`` (set
+    explicitly, whatever the umask).  The leaf, when it exists already, must be a directory
+    of this user that group and others cannot write; else :class:`UnsafePathError`."""
+    path = os.path.abspath(path)
+    missing = []
+    probe = path
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    for level in reversed(missing):
+        parent_fd = open_dir(os.path.dirname(level), follow=True)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.basename(level), mode, dir_fd=parent_fd)
+            fd = os.open(os.path.basename(level), O_DIR_NOFOLLOW, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid == os.geteuid():
+                os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+    try:
+        fd = open_dir(path)
+    except OSError as e:
+        raise UnsafePathError(f"{path}: {e.strerror}; kvmaccel's directories must be real "
+                              "directories (not symlinks)", path=path) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o022:
+            raise UnsafePathError(
+                f"{path} is owned by uid {st.st_uid} with mode "
+                f"{stat.S_IMODE(st.st_mode):04o}; kvmaccel keeps its state only in a "
+                f"directory of its own user that nobody else can write: remove it or "
+                f"chmod go-w it", path=path)
+    finally:
+        os.close(fd)
+
+
+def link_fd(fd: int, dir_fd: int, name: str) -> None:
+    """Give the open file ``fd`` the name ``name`` in directory ``dir_fd`` (``linkat`` with
+    ``AT_SYMLINK_FOLLOW`` of ``/proc/self/fd/N``: the inode held, whatever its paths are
+    now).  Raises :class:`FileExistsError` when the name is taken, :class:`OSError`."""
+    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+
+
+def same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    """``fstatat(dir_fd, name, AT_SYMLINK_NOFOLLOW)``; None when the name does not exist."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def unlink_if_same(dir_fd: int, name: str, st: os.stat_result) -> bool:
+    """Remove ``name`` from ``dir_fd`` if it is still the inode ``st``; True when removed.
+    (In a directory another user can write, the name may have changed; whatever it is now,
+    unlinking a name never touches another file's contents.)"""
+    now = lstat_at(dir_fd, name)
+    if now is None or not same_inode(now, st):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+        return True
+    return False
+
+
+# --- who else holds an inode -------------------------------------------------------------
+
+def _ignore_sigio() -> None:
+    """A lease holder gets SIGIO when someone opens the file; by default SIGIO kills.  Only
+    the main thread can set a handler; the entry points set it for the others."""
+    import signal
+
+    threading = sys.modules.get("threading")  # not loaded: this is the only thread
+    if threading is None or threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+
+def nobody_else_holds(fd: int) -> bool:
+    """True when no other open file (descriptor, mapping, descriptor in flight) of ``fd``'s
+    inode exists anywhere on the host, right now.
+
+    A write lease (``F_SETLEASE`` with ``F_WRLCK``) is granted only then, and a shared or
+    private mapping keeps its file open after its descriptor is closed, so a leftover process
+    that still maps a guest's memory is seen.  ``fd`` must be the caller's only open file of
+    the inode (an ``O_RDONLY`` descriptor; root has ``CAP_LEASE``).  The lease is released at
+    once: the caller makes sure no one can open the file afterwards (no name others can
+    reach)."""
+    _ignore_sigio()
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EBUSY):
+            return False
+        raise
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return True
+
+
+def holders(st: os.stat_result, proc: str = "/proc") -> list[str]:
+    """``pid (comm)`` of every process that has the inode ``st`` open or mapped (best
+    effort: processes that vanish or that we cannot read are skipped)."""
+    found = []
+    dev_ino = (st.st_dev, st.st_ino)
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
+            continue
+        base = os.path.join(proc, pid)
+        if _maps_inode(base, dev_ino) or _fds_inode(base, dev_ino):
+            try:
+                with open(os.path.join(base, "comm"), encoding="utf-8") as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            found.append(f"{pid} ({comm})")
+    return found
+
+
+def _fds_inode(base: str, dev_ino: tuple[int, int]) -> bool:
+    try:
+        names = os.listdir(os.path.join(base, "fd"))
+    except OSError:
+        return False
+    for name in names:
+        try:
+            st = os.stat(os.path.join(base, "fd", name))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == dev_ino:
+            return True
+    return False
+
+
+def _maps_inode(base: str, dev_ino: tuple[int, int]) -> bool:
+    dev, ino = dev_ino
+    wanted_dev = f"{os.major(dev):02x}:{os.minor(dev):02x}"
+    try:
+        with open(os.path.join(base, "maps"), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) >= 5 and fields[4] == str(ino) and fields[3] == wanted_dev:
+                    return True
+    except OSError:
+        return False
+    return False
