@@ -2,10 +2,14 @@
 
 :func:`open_backings` checks capacity for every requested backing first (free huge pages of
 the right size on each target node, or MemAvailable for base pages), and only then creates
-anything.  Files are created with ``O_EXCL`` and recorded under ``<run dir>/files/`` so that
-``kvmaccel release`` (and undo after a failure) only ever removes a file kvmaccel created.
-An existing file is used only when kvmaccel's record says it created it; any other existing
-file is refused, never truncated or reused.
+anything.  A new file is created unnamed (``O_TMPFILE``) in its directory, opened once and
+checked on its descriptor (``fstatfs``: hugetlbfs or tmpfs), populated, and only then linked
+under its name by descriptor and recorded under ``<run dir>/files/`` (see
+:mod:`kvmaccel.safefs` for why: a guest's directory belongs to the qemu user).  So nobody can
+reach a file before it is complete, two runs for one path cannot both succeed, and a run
+that fails or is cancelled leaves nothing.  ``kvmaccel release`` only ever removes a file
+kvmaccel's record names.  An existing file is used only when kvmaccel's record says it
+created it; any other existing file is refused, never truncated or reused.
 
 :func:`populate_backings` is the whole job the CLI and the hook run: open, populate with the
 engine, and on any failure or cancel remove exactly what this run created.
@@ -19,15 +23,16 @@ import json
 import logging
 import math
 import os
+import stat
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from . import sysmem
+from . import safefs, sysmem
 from .engine import EngineOps, PopulateResult, ProgressFn, WorkItem, populate
-from .errors import BackingError, CapacityError, KvmaccelError, UsageError
+from .errors import BackingError, CapacityError, KvmaccelError, TargetError, UsageError
 from .host import HostFacts
 from .limits import Limits, split_across_nodes
 from .paths import run_dir
@@ -75,13 +80,20 @@ class BackingSpec:
 
 @dataclass
 class Backing:
-    """An open backing.  ``created`` is True when this run created the file."""
+    """An open backing.  ``created`` is True when this run created the file.
+
+    A new file is created unnamed (``O_TMPFILE``) in its directory, held as ``dir_fd``, and
+    gets its name (:meth:`publish`) only when it is populated: nobody, the qemu user who owns a
+    guest's directory included, can reach it before, and a run that fails leaves nothing."""
 
     spec: BackingSpec
     fd: int
     fs_kind: str  # "hugetlbfs", "tmpfs" or "memfd"
     page_size_bytes: int
     created: bool
+    dir_fd: int = -1
+    name: str | None = None
+    published: bool = True
 
     @property
     def path(self) -> str | None:
@@ -95,32 +107,59 @@ class Backing:
                 self.spec.size_bytes, self.spec.nodes, self.page_size_bytes)
         ]
 
+    def publish(self) -> None:
+        """Give a new file its name, by its descriptor (``linkat``), and record it as
+        kvmaccel's.  Raises :class:`BackingError` when the name was taken meanwhile."""
+        if self.published or self.name is None or self.spec.path is None:
+            return
+        try:
+            safefs.link_fd(self.fd, self.dir_fd, self.name)
+        except FileExistsError:
+            raise BackingError(
+                f"{self.spec.path} appeared while kvmaccel populated it (another run, or "
+                "someone else); kept nothing of this run: choose another path or remove it",
+                path=self.spec.path) from None
+        except OSError as e:
+            raise BackingError(f"cannot name {self.spec.path}: {e.strerror}",
+                               path=self.spec.path) from e
+        self.published = True
+        remember(self.spec.path, self.fd, self.spec.size_bytes)
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for attr in ("fd", "dir_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
 
     def discard(self) -> None:
-        """Close; if this run created the file, remove it and its record."""
+        """Close; if this run created and named the file, remove that name (if it is still
+        this file) and its record."""
+        if self.created and self.published and self.name and self.fd >= 0:
+            safefs.unlink_if_same(self.dir_fd, self.name, os.fstat(self.fd))
+            forget(self.spec.path or "")
         self.close()
-        if self.created and self.spec.path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.spec.path)
-            forget(self.spec.path)
 
 
 # --- records of files kvmaccel created ---------------------------------------------------
 
+def canonical(path: str) -> str:
+    """``path`` with its directory resolved as the kernel resolves it (symlinks first, then
+    ``..``; a lexical ``abspath`` would get ``dir/symlink/../name`` wrong)."""
+    directory, name = os.path.split(path)
+    return os.path.join(os.path.realpath(directory or "."), name)
+
+
 def _record_path(path: str) -> str:
-    digest = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(canonical(path).encode()).hexdigest()[:32]
     return os.path.join(run_dir(), "files", f"{digest}.json")
 
 
 def remember(path: str, fd: int, size_bytes: int) -> None:
     st = os.fstat(fd)
-    record = {"path": os.path.abspath(path), "dev": st.st_dev, "ino": st.st_ino,
+    record = {"path": canonical(path), "dev": st.st_dev, "ino": st.st_ino,
               "size_bytes": size_bytes, "created_unix": time.time(), "pid": os.getpid()}
-    write_json_atomic(_record_path(path), record, dir_mode=0o755)
+    write_json_atomic(_record_path(path), record)
 
 
 def forget(path: str) -> None:
@@ -128,15 +167,23 @@ def forget(path: str) -> None:
         os.unlink(_record_path(path))
 
 
-def created_by_us(path: str) -> bool:
-    """True when kvmaccel's record names this very file (same device and inode)."""
+def _recorded(path: str, st: os.stat_result) -> bool:
     try:
         with open(_record_path(path), encoding="utf-8") as f:
             record = json.load(f)
-        st = os.stat(path)
     except (OSError, ValueError):
         return False
     return bool(record.get("dev") == st.st_dev and record.get("ino") == st.st_ino)
+
+
+def created_by_us(path: str) -> bool:
+    """True when kvmaccel's record names this very file (same device and inode; a symlink
+    put in its place is not it)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return _recorded(path, st)
 
 
 def release(path: str) -> int:
@@ -145,17 +192,25 @@ def release(path: str) -> int:
     Raises :class:`BackingError` for a file kvmaccel did not create (left untouched) or one
     that does not exist.
     """
-    if not os.path.lexists(path):
-        forget(path)
-        raise BackingError(f"{path} does not exist; nothing to release", path=path)
-    if not created_by_us(path):
-        raise BackingError(
-            f"{path} was not created by kvmaccel; refusing to remove it (remove it yourself "
-            "if it is no longer used)", path=path)
-    size = os.stat(path).st_size
-    os.unlink(path)
+    directory, name = os.path.split(path)
+    try:
+        dfd = safefs.open_dir(directory or ".", follow=True)
+    except OSError as e:
+        raise BackingError(f"{path}: {e.strerror}; nothing to release", path=path) from None
+    try:
+        st = safefs.lstat_at(dfd, name)
+        if st is None:
+            forget(path)
+            raise BackingError(f"{path} does not exist; nothing to release", path=path)
+        if not _recorded(path, st):
+            raise BackingError(
+                f"{path} was not created by kvmaccel; refusing to remove it (remove it "
+                "yourself if it is no longer used)", path=path)
+        safefs.unlink_if_same(dfd, name, st)
+    finally:
+        os.close(dfd)
     forget(path)
-    return size
+    return st.st_size
 
 
 # --- capacity ------------------------------------------------------------------------------
@@ -169,37 +224,56 @@ class _Target:
     existing_bytes: int  # pages the file already holds (a file kvmaccel created earlier)
 
 
+_MAGIC = {"hugetlbfs": sysmem.HUGETLBFS_MAGIC, "tmpfs": sysmem.TMPFS_MAGIC}
+
+
+def _fs_kind(dir_fd: int, where: str, spec: BackingSpec, host: HostFacts
+             ) -> tuple[str, int, int]:
+    """(kind, page size, bytes available) of the filesystem of the open directory."""
+    f_type, bsize, available = sysmem.fs_info(dir_fd)
+    if f_type == sysmem.HUGETLBFS_MAGIC:
+        return "hugetlbfs", bsize, available
+    if f_type == sysmem.TMPFS_MAGIC:
+        return "tmpfs", host.base_page_size_kib * 1024, available
+    raise TargetError(
+        f"{spec.path or where} is not on hugetlbfs or tmpfs (filesystem magic {f_type:#x}); "
+        "choose a path under a hugetlbfs mount or /dev/shm", path=spec.path)
+
+
+def _directory(spec: BackingSpec) -> str:
+    """The directory a file or unnamed file goes in, as given (the kernel resolves it)."""
+    if spec.path is None:
+        return spec.tmpfile_dir or ""
+    return os.path.dirname(spec.path) or "."
+
+
+def _open_directory(spec: BackingSpec) -> int:
+    where = _directory(spec)
+    try:
+        return safefs.open_dir(where, follow=True)
+    except OSError as e:
+        raise BackingError(f"cannot use {spec.label}: {where}: {e.strerror}; create the "
+                           "directory first", path=spec.path) from e
+
+
 def _classify(spec: BackingSpec, host: HostFacts) -> _Target:
     if spec.path is None and spec.tmpfile_dir is None:
         page = (spec.page_size_kib or host.base_page_size_kib) * 1024
         kind = "hugetlbfs" if spec.page_size_kib else "memfd"
         return _Target(spec, kind, page, -1, 0)
-    if spec.path is None:
-        where = spec.tmpfile_dir or ""
-    elif os.path.exists(spec.path):
-        where = spec.path
-    else:
-        where = os.path.dirname(os.path.abspath(spec.path))
+    dir_fd = _open_directory(spec)
     try:
-        f_type, bsize, available = sysmem.fs_info(where)
-    except OSError as e:
-        raise BackingError(f"cannot use {spec.label}: {where}: {e.strerror}; create the "
-                           "directory first", path=spec.path) from e
-    if f_type == sysmem.HUGETLBFS_MAGIC:
-        kind, page = "hugetlbfs", bsize
-    elif f_type == sysmem.TMPFS_MAGIC:
-        kind, page = "tmpfs", host.base_page_size_kib * 1024
-    else:
-        raise BackingError(
-            f"{spec.path or where} is not on hugetlbfs or tmpfs (filesystem magic {f_type:#x}); "
-            "choose a path under a hugetlbfs mount or /dev/shm", path=spec.path)
-    existing = 0
-    if spec.path is not None and os.path.lexists(spec.path):
-        if not created_by_us(spec.path):
+        kind, page, available = _fs_kind(dir_fd, _directory(spec), spec, host)
+        existing = 0
+        st = None if spec.path is None else safefs.lstat_at(dir_fd, os.path.basename(spec.path))
+    finally:
+        os.close(dir_fd)
+    if st is not None:
+        assert spec.path is not None
+        if not stat.S_ISREG(st.st_mode) or not _recorded(spec.path, st):
             raise BackingError(
                 f"{spec.path} exists and was not created by kvmaccel; refusing to reuse or "
                 "truncate it (choose another path, or remove it yourself)", path=spec.path)
-        st = os.stat(spec.path)
         if st.st_size != spec.size_bytes:
             raise BackingError(
                 f"{spec.path} (created by kvmaccel) holds {format_size(st.st_size)}, not "
@@ -207,7 +281,7 @@ def _classify(spec: BackingSpec, host: HostFacts) -> _Target:
                 path=spec.path)
         existing = st.st_blocks * 512
     if spec.size_bytes % page:
-        raise BackingError(
+        raise TargetError(
             f"size {spec.size_bytes} of {spec.label} is not a multiple of its "
             f"{page >> 10} KiB pages; round it up to {math.ceil(spec.size_bytes / page) * page}",
             path=spec.path)
@@ -287,28 +361,49 @@ def _open(target: _Target) -> Backing:
     spec = target.spec
     if spec.tmpfile_dir is not None:
         return _open_tmpfile(target)
-    if spec.path is None:
-        flags = os.MFD_CLOEXEC
-        if spec.page_size_kib:
-            log2_page = (spec.page_size_kib * 1024).bit_length() - 1
-            flags |= os.MFD_HUGETLB | log2_page << MFD_HUGE_SHIFT
-        try:
-            fd = os.memfd_create(spec.name, flags)
-            os.ftruncate(fd, spec.size_bytes)
-        except OSError as e:
-            raise BackingError(f"cannot create memfd {spec.name}: {e.strerror}") from e
-        return Backing(spec, fd, target.fs_kind, target.page_size_bytes, created=False)
-    if target.existing_bytes or os.path.lexists(spec.path):
-        fd = os.open(spec.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        return Backing(spec, fd, target.fs_kind, target.page_size_bytes, created=False)
+    if spec.path is not None:
+        return _open_file(target, spec.path)
+    flags = os.MFD_CLOEXEC
+    if spec.page_size_kib:
+        log2_page = (spec.page_size_kib * 1024).bit_length() - 1
+        flags |= os.MFD_HUGETLB | log2_page << MFD_HUGE_SHIFT
     try:
-        fd = os.open(spec.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     spec.mode)
+        fd = os.memfd_create(spec.name, flags)
+        os.ftruncate(fd, spec.size_bytes)
     except OSError as e:
-        raise BackingError(f"cannot create {spec.path}: {e.strerror}", path=spec.path) from e
-    backing = Backing(spec, fd, target.fs_kind, target.page_size_bytes, created=True)
+        raise BackingError(f"cannot create memfd {spec.name}: {e.strerror}") from e
+    return Backing(spec, fd, target.fs_kind, target.page_size_bytes, created=False)
+
+
+def _open_file(target: _Target, path: str) -> Backing:
+    """Reopen the file kvmaccel created at ``path`` earlier, or create a new one unnamed in
+    its directory (named by :meth:`Backing.publish` once populated)."""
+    spec = target.spec
+    name = os.path.basename(path)
+    dir_fd = _open_directory(spec)
     try:
-        remember(spec.path, fd, spec.size_bytes)
+        if sysmem.fs_info(dir_fd)[0] != _MAGIC[target.fs_kind]:  # resolved elsewhere now
+            raise BackingError(f"{path}: its directory is no longer on {target.fs_kind}; "
+                               "refusing to create it", path=path)
+        if safefs.lstat_at(dir_fd, name) is not None:
+            fd = os.open(name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         dir_fd=dir_fd)
+            if not _recorded(path, os.fstat(fd)):
+                os.close(fd)
+                raise BackingError(f"{path} changed while kvmaccel looked at it; refusing to "
+                                   "use it", path=path)
+            return Backing(spec, fd, target.fs_kind, target.page_size_bytes, created=False,
+                           dir_fd=dir_fd, name=name)
+        fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, spec.mode, dir_fd=dir_fd)
+    except OSError as e:
+        os.close(dir_fd)
+        raise BackingError(f"cannot create {path}: {e.strerror}", path=path) from e
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    backing = Backing(spec, fd, target.fs_kind, target.page_size_bytes, created=True,
+                      dir_fd=dir_fd, name=name, published=False)
+    try:
         os.ftruncate(fd, spec.size_bytes)
         os.fchmod(fd, spec.mode)
         if spec.uid is not None or spec.gid is not None:
@@ -316,8 +411,8 @@ def _open(target: _Target) -> Backing:
                       -1 if spec.gid is None else spec.gid)
     except OSError as e:
         backing.discard()
-        raise BackingError(f"cannot size or set owner of {spec.path}: {e.strerror}",
-                           path=spec.path) from e
+        raise BackingError(f"cannot size or set owner of {path}: {e.strerror}",
+                           path=path) from e
     return backing
 
 
@@ -383,6 +478,8 @@ def populate_backings(
             on_open(backings)
         items = [item for backing in backings for item in backing.work_items()]
         result = populate(items, host, limits, progress=progress, cancel=cancel, ops=ops)
+        for backing in backings:
+            backing.publish()
     except BaseException as e:
         for backing in backings:
             backing.discard()

@@ -57,6 +57,11 @@ class BackingError(KvmaccelError):
         self.path = path
 
 
+class TargetError(BackingError, UsageError):
+    """The path given cannot hold guest memory as asked (not on hugetlbfs or tmpfs, a size
+    that is not a whole number of its pages): bad input, exit 2."""
+
+
 class PopulateError(KvmaccelError):
     """Population failed part-way (for example the kernel refused a page)."""
 

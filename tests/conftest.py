@@ -43,6 +43,17 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monkey
     return path
 
 
+def populating_bytes(pid: int, directory: str) -> int:
+    """Bytes process ``pid`` has populated so far in a file it holds open in ``directory``
+    (kvmaccel populates new files unnamed, and names them only when they are complete)."""
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir) if os.path.isdir(fd_dir) else []:
+        with contextlib.suppress(OSError):
+            if os.readlink(os.path.join(fd_dir, fd)).startswith(directory.rstrip("/") + "/"):
+                return os.stat(os.path.join(fd_dir, fd)).st_blocks * 512
+    return 0
+
+
 def free_hugepages_2m() -> int:
     return host_mod.read_host().hugepages.get(2048, host_mod.HugePagePool(2048, 0, 0)).free_pages
 

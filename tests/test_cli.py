@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from .conftest import populating_bytes
+
 MIB = 1 << 20
 
 
@@ -78,7 +80,7 @@ def test_signal_cancels_and_leaves_nothing(shm_dir: str, run_dir: str, signum: i
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # wait until population is under way
-        if os.path.exists(path) and os.stat(path).st_blocks * 512 >= 256 * MIB:
+        if populating_bytes(proc.pid, shm_dir) >= 256 * MIB:
             break
         time.sleep(0.01)
     else:
@@ -90,8 +92,9 @@ def test_signal_cancels_and_leaves_nothing(shm_dir: str, run_dir: str, signum: i
     assert time.monotonic() - t0 < 5, "cancel was not prompt"
     assert proc.returncode == 130, err
     assert "cancelled" in err
-    assert not os.path.exists(path)
-    assert os.listdir(os.path.join(run_dir, "files")) == []
+    assert not os.path.exists(path) and os.listdir(shm_dir) == []
+    records = os.path.join(run_dir, "files")
+    assert not os.path.isdir(records) or os.listdir(records) == []
 
 
 def test_progress_bar_on_a_tty(shm_dir: str) -> None:
