@@ -62,7 +62,17 @@ def log_prefix() -> str:
 def main(argv: Sequence[str], stdin: BinaryIO | None = None,
          config_path: str | None = None) -> int:
     """The hook (``argv`` without the program name).  A warm ``prepare``/``start`` is done
-    here; everything else, and anything unexpected, by :func:`kvmaccel.hook.main`."""
+    here; everything else, and anything unexpected, by :func:`kvmaccel.hook.main`.
+
+    Whatever libvirt's umask, kvmaccel's own files and directories are private (077)."""
+    previous_umask = os.umask(0o077)
+    try:
+        return _main(argv, stdin, config_path)
+    finally:
+        os.umask(previous_umask)
+
+
+def _main(argv: Sequence[str], stdin: BinaryIO | None, config_path: str | None) -> int:
     if len(argv) == 4 and argv[2] == "begin" and argv[1] in ("prepare", "start"):
         data = (stdin or sys.stdin.buffer).read()
         try:
@@ -314,10 +324,8 @@ def start_from_pool(xml: bytes, say: Callable[[str], None]) -> bool:
         for b in backends:
             pool = PoolFiles(b["pool_dir"], state_dir=b["state_dir"])
             target = b["mem_path"]
-            st = os.stat(os.path.dirname(target))
             entry = pool.take(PoolKey.from_dict(b["key"]), target, domain_uuid=uuid,
-                              backend_id=b["backend_id"], uid=st.st_uid, gid=st.st_gid,
-                              mode=FILE_MODE)
+                              backend_id=b["backend_id"], mode=FILE_MODE)  # owned like its dir
             if entry is None:
                 say(f"pool: no clean file for {target} any more; populating instead")
                 raise LookupError(target)

@@ -249,7 +249,7 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
         timer.daemon = True
         timer.start()
     try:
-        _, result = populate_backings(specs, host, limits, cancel=cancel)
+        backings, result = populate_backings(specs, host, limits, cancel=cancel, keep_open=True)
     except CancelledError:
         write_state(key, {**state, "files": [], "cancelled": True})  # pool links stay
         if timed_out.is_set():
@@ -264,7 +264,11 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
     finally:
         if timer is not None:
             timer.cancel()
-    adopted = hook_pool.adopt(job.uuid, fresh, host, config)
+    try:
+        adopted = hook_pool.adopt(job.uuid, fresh, backings, host, config)
+    finally:
+        for backing in backings:
+            backing.close()
     state["pool_links"] = [dataclasses.asdict(link) for link in [*linked, *adopted]]
     write_state(key, {**state, "populated_unix": time.time(), "result": result.as_dict()})
     log.info("populated %s in %.2f s (%.2f GiB/s), %d thread(s), helpers per node %s: %s",
@@ -274,7 +278,7 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
 
 def op_stop(xml: bytes, config: HookConfig) -> None:
     """Remove the files kvmaccel created for this guest that are still there; forget them."""
-    from .backing import created_by_us, forget
+    from .backing import created_by_us, forget, release
     from .domain import parse_domain
 
     domain = parse_domain(xml)
@@ -288,11 +292,10 @@ def op_stop(xml: bytes, config: HookConfig) -> None:
     for path in files if isinstance(files, list) else []:
         if not isinstance(path, str):
             continue
-        if os.path.lexists(path) and created_by_us(path):
-            freed += os.stat(path).st_size
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            log.info("removed %s", path)
+        if created_by_us(path):
+            with contextlib.suppress(BackingError):
+                freed += release(path)  # by its directory's descriptor, if still that file
+                log.info("removed %s", path)
         elif os.path.lexists(path):
             log.warning("%s is no longer the file kvmaccel created; left alone", path)
         forget(path)

@@ -20,11 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from . import safefs
 from .errors import UsageError
 from .pool import Pool, PoolEntry, PoolKey, key_for, pool_dir_for, reserved_first, spawn_scrub
 
 if TYPE_CHECKING:  # a start from a cached plan imports neither the planner nor the config
-    from .backing import BackingSpec
+    from .backing import Backing, BackingSpec
     from .config import HookConfig
     from .host import HostFacts
     from .plan import BackendPlan, CapacityCheck, DomainPlan
@@ -116,16 +117,19 @@ def take(domain_uuid: str | None, backends: Sequence[Fresh], host: HostFacts,
     return linked, fresh
 
 
-def adopt(domain_uuid: str | None, fresh: Sequence[Fresh], host: HostFacts,
-          config: HookConfig) -> list[Linked]:
-    """Add freshly populated files to the pool, in use by this guest (within its limits)."""
+def adopt(domain_uuid: str | None, fresh: Sequence[Fresh], backings: Sequence[Backing],
+          host: HostFacts, config: HookConfig) -> list[Linked]:
+    """Add freshly populated files, still open as ``backings``, to the pool, in use by this
+    guest (within its limits).  Each is linked by its descriptor: the guest's directory
+    belongs to the qemu user, who may have put anything at the file's path by now."""
     adopted = []
-    for backend_id, key, spec in fresh:
+    for (backend_id, key, spec), backing in zip(fresh, backings, strict=True):
         assert spec.path is not None
         pool = pool_for(spec.path, host, config) if domain_uuid else None
         if pool is None or domain_uuid is None:
             continue
-        entry = pool.adopt(spec.path, key, domain_uuid=domain_uuid, backend_id=backend_id)
+        entry = pool.adopt(backing.fd, key, domain_uuid=domain_uuid, backend_id=backend_id,
+                           link_path=spec.path)
         if entry is not None:
             adopted.append(Linked(backend_id, spec.path, entry.path, pool.directory))
     return adopted
@@ -141,9 +145,12 @@ def release(domain_uuid: str, links: Sequence[dict[str, object]]) -> list[str]:
         if not (isinstance(link_path, str) and isinstance(pool_path, str)
                 and isinstance(pool_dir, str)):
             continue
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samefile(link_path, pool_path):
-                os.unlink(link_path)
+        # Unlink the guest's name only if it is still the pool file (lstat, relative to the
+        # directory opened O_NOFOLLOW: whatever the qemu user put there is left alone).
+        with contextlib.suppress(OSError):
+            pool_st = os.stat(pool_path, follow_symlinks=False)
+            with safefs.opened_dir(os.path.dirname(link_path)) as dir_fd:
+                safefs.unlink_if_same(dir_fd, os.path.basename(link_path), pool_st)
         if pool_dir not in pool_dirs:
             pool_dirs.append(pool_dir)
     for pool_dir in pool_dirs:

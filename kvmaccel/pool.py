@@ -20,13 +20,24 @@ import logging
 import os
 import random
 import secrets
+import stat
 import sys
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from . import safefs
 from .errors import KvmaccelError, UsageError
 from .limits import Limits, split_across_nodes
-from .pool_files import POOL_DIRNAME, PoolEntry, PoolFiles, PoolKey, reserved_first
+from .pool_files import (
+    POOL_DIRNAME,
+    PoolEntry,
+    PoolFiles,
+    PoolKey,
+    entry_stat,
+    own,
+    reserved_first,
+)
 from .units import format_size
 
 if TYPE_CHECKING:
@@ -99,35 +110,39 @@ class Pool(PoolFiles):
 
     # --- filling ---------------------------------------------------------------------------
 
-    def _new_path(self, key: PoolKey) -> str:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        return os.path.join(self.directory, key.filename(secrets.token_hex(4)))
-
-    def fill(self, key: PoolKey, count: int, host: HostFacts, limits: Limits | None = None
-             ) -> list[PopulateResult]:
+    def fill(self, key: PoolKey, count: int, host: HostFacts, limits: Limits | None = None,
+             *, cancel: threading.Event | None = None) -> list[PopulateResult]:
         """Add ``count`` clean files of ``key``, populating each with the engine.  Stops with
-        :class:`PoolError` at the pool's limit (what was added stays).  A file is ``filling``
-        while it is populated; a fill that dies leaves it dirty, never clean."""
-        from .backing import BackingSpec, forget, populate_backings
+        :class:`PoolError` at the pool's limit (what was added stays).
+
+        Each file is populated unnamed (``O_TMPFILE`` in the pool directory) and linked into
+        the pool, clean, only when complete: a fill that fails, is cancelled (``cancel``,
+        SIGINT/SIGTERM in the CLI) or dies leaves nothing behind.  Fills of one pool run one
+        at a time, so their room checks see each other's files."""
+        from .backing import BackingSpec, populate_backings
 
         results = []
-        for _ in range(count):
-            with self._pool_lock():
-                why = self.room_for(key)
-                if why:
-                    raise PoolError(f"{why}; not filling more (raise the pool limits in the "
-                                    "config, or drain)")
-                path = self._new_path(key)
-            spec = BackingSpec(path, key.size_bytes, key.host_nodes, key.policy or "bind")
-
-            def mark_filling(_backings: object, path: str = path) -> None:
-                self._write_state(path, "filling")
-
-            with self._file_lock(path):
-                _, result = populate_backings([spec], host, limits, on_open=mark_filling)
-                self._write_state(path, "clean")
-            forget(path)  # the pool's state owns the file now, not the record of what a run made
-            results.append(result)
+        with self._file_lock(".fill"):
+            for _ in range(count):
+                with self._pool_lock(), self._dir(create=True):
+                    why = self.room_for(key)
+                    if why:
+                        raise PoolError(f"{why}; not filling more (raise the pool limits in "
+                                        "the config, or drain)")
+                spec = BackingSpec(None, key.size_bytes, key.host_nodes, key.policy or "bind",
+                                   tmpfile_dir=self.directory)
+                (backing,), result = populate_backings([spec], host, limits, cancel=cancel)
+                try:
+                    with self._pool_lock(), self._dir() as dfd:
+                        if dfd is None:
+                            raise PoolError(f"pool directory {self.directory} vanished while "
+                                            "a file was filled for it")
+                        name = key.filename(secrets.token_hex(4))
+                        safefs.link_fd(backing.fd, dfd, name)
+                        self._write_state(name, "clean", os.fstat(backing.fd))
+                finally:
+                    backing.close()
+                results.append(result)
         return results
 
     # --- handing out and taking back -------------------------------------------------------
@@ -141,29 +156,35 @@ class Pool(PoolFiles):
             log.info("pool: %s -> %s for %s/%s", entry.path, target, domain_uuid, backend_id)
         return entry
 
-    def adopt(self, source: str, key: PoolKey, *, domain_uuid: str, backend_id: str
-              ) -> PoolEntry | None:
-        """Add a freshly populated guest file to the pool, in use by that guest, so its next
-        start comes from the pool.  None (and a log line) when the pool is at its limit."""
-        with self._pool_lock():
+    def adopt(self, fd: int, key: PoolKey, *, domain_uuid: str, backend_id: str,
+              link_path: str) -> PoolEntry | None:
+        """Add a freshly populated guest file, held open as ``fd``, to the pool, in use by that
+        guest at ``link_path``, so its next start comes from the pool.  It is linked by its
+        descriptor (whatever ``link_path`` names by now).  None (and a log line) when the
+        pool is at its limit or the file is not of the key's size."""
+        with self._pool_lock(), self._dir(create=True) as dfd:
+            assert dfd is not None
             why = self.room_for(key)
+            st = os.fstat(fd)
+            if not why and (not stat.S_ISREG(st.st_mode) or st.st_size != key.size_bytes):
+                why = f"it holds {st.st_size} bytes, not {key.size_bytes}"
             if why:
-                log.info("pool: not adopting %s: %s", source, why)
+                log.info("pool: not adopting %s: %s", link_path, why)
                 return None
-            path = self._new_path(key)
-            os.link(source, path)
-            self._write_state(path, "in_use", domain_uuid=domain_uuid, backend_id=backend_id,
-                              link_path=os.path.abspath(source))
-        return next(e for e in self.entries() if e.path == path)
+            name = key.filename(secrets.token_hex(4))
+            safefs.link_fd(fd, dfd, name)
+            self._write_state(name, "in_use", st, domain_uuid=domain_uuid,
+                              backend_id=backend_id, link_path=os.path.abspath(link_path))
+            return self._entry(dfd, name, key)
 
     def release_domain(self, domain_uuid: str) -> list[PoolEntry]:
         """Mark every file the guest used dirty (its memory is still in them)."""
         released = []
-        with self._pool_lock():
-            for entry in self.entries():
+        with self._pool_lock(), self._dir() as dfd:
+            for entry in [] if dfd is None else self._entries(dfd):
                 if entry.domain_uuid == domain_uuid and entry.recorded_state == "in_use":
-                    self._write_state(entry.path, "dirty", domain_uuid=domain_uuid,
-                                      backend_id=entry.backend_id)
+                    self._write_state(entry.path, "dirty", entry_stat(entry),
+                                      domain_uuid=domain_uuid, backend_id=entry.backend_id)
                     released.append(entry)
         return released
 
@@ -171,48 +192,104 @@ class Pool(PoolFiles):
 
     def scrub(self, host: HostFacts, limits: Limits | None = None) -> list[PoolEntry]:
         """Zero every page of every dirty file with the engine's helpers, check a sample of
-        pages, and mark the file clean.  Files another scrubber holds are skipped.  An
-        interrupted scrub leaves the file dirty (its state says ``scrubbing`` and nobody
-        holds its lock)."""
+        pages, and mark the file clean; remove bad files.  Files another scrubber holds are
+        skipped, and so are files another process still has open or mapped (a warning names
+        it; they wait).  An interrupted scrub leaves the file dirty (its state says
+        ``scrubbing`` and nobody holds its lock)."""
         done = []
-        for entry in self.entries():
-            if entry.state != "dirty" or entry.nlink > 1:
+        for listed in self.entries():
+            if listed.state not in ("dirty", "bad"):
                 continue
-            with self._file_lock(entry.path, wait=False) as got:
-                if not got:
-                    continue
-                self._write_state(entry.path, "scrubbing", domain_uuid=entry.domain_uuid)
-                zero_file(entry.path, entry.key, host, limits)
-                with self._pool_lock():
-                    if os.stat(entry.path).st_nlink != 1:
-                        self._write_state(entry.path, "dirty")
-                        continue
-                    self._write_state(entry.path, "clean")
-                done.append(entry)
-                log.info("pool: scrubbed %s (%s)", entry.path, format_size(entry.key.size_bytes))
+            with self._file_lock(listed.path, wait=False) as got:
+                if got and self._scrub_one(listed, host, limits):
+                    done.append(listed)
         return done
+
+    def _scrub_one(self, listed: PoolEntry, host: HostFacts, limits: Limits | None) -> bool:
+        """Scrub one file, re-checked under the pool lock as it is now (the listing may be
+        stale: another scrub may have cleaned it and a guest taken it since)."""
+        name = os.path.basename(listed.path)
+        with self._pool_lock(), self._dir() as dfd:
+            entry = None if dfd is None else self._entry(dfd, name, listed.key,
+                                                         we_hold_its_lock=True)
+            if dfd is None or entry is None or not _same(entry, listed):
+                return False
+            if entry.state == "bad":
+                self._remove(dfd, entry, f"{entry.reason}; removed from the pool")
+                return False
+            if entry.state != "dirty" or entry.nlink != 1:
+                return False
+            st = entry_stat(entry)
+            fd = self._open_entry(dfd, name, st, os.O_RDONLY)
+            if fd is None:
+                return False
+            try:
+                if not safefs.nobody_else_holds(fd):
+                    log.warning("pool: %s is still open or mapped by %s; not scrubbed or "
+                                "served until they let it go", entry.path,
+                                ", ".join(safefs.holders(os.fstat(fd))) or "another process")
+                    return False
+                own(fd)  # back from the guest: ours again, before anything else
+                self._write_state(name, "scrubbing", st, domain_uuid=entry.domain_uuid)
+            finally:
+                os.close(fd)
+            # Nobody else has it open, and nobody else can reach its name: this is the
+            # only open file of it until we are done.
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            now = os.fstat(fd)
+            if not safefs.same_inode(now, st) or now.st_size != entry.key.size_bytes:
+                return False
+            zero_file(fd, entry.key, host, limits)
+            with self._pool_lock(), self._dir() as dfd:
+                again = None if dfd is None else safefs.lstat_at(dfd, name)
+                now = os.fstat(fd)
+                if (again is None or not safefs.same_inode(again, st) or now.st_nlink != 1
+                        or now.st_size != entry.key.size_bytes):
+                    return False
+                self._write_state(name, "clean", now)
+        finally:
+            os.close(fd)
+        log.info("pool: scrubbed %s (%s)", entry.path, format_size(entry.key.size_bytes))
+        return True
+
+    def _remove(self, dfd: int, entry: PoolEntry, why: str) -> bool:
+        """Remove a pool file's name and state (the file is the pool's own: nobody else can
+        make names in its directory)."""
+        removed = safefs.unlink_if_same(dfd, os.path.basename(entry.path), entry_stat(entry))
+        if removed:
+            self._forget_state(entry.path)
+            log.log(logging.INFO if entry.state != "bad" else logging.WARNING, "pool: %s: %s",
+                    entry.path, why)
+        return removed
 
     def drain(self, at_least_bytes: int | None = None) -> int:
         """Remove files not in use, oldest first (all of them, or until ``at_least_bytes``
-        are given back); return the bytes given back."""
+        are given back); return the bytes given back.  Bad files go too, uncounted."""
         freed = 0
-        with self._pool_lock():
-            for entry in self.entries():
+        with self._pool_lock(), self._dir() as dfd:
+            if dfd is None:
+                return 0
+            for entry in self._entries(dfd):
                 if at_least_bytes is not None and freed >= at_least_bytes:
                     break
                 if entry.state in ("in_use", "filling", "scrubbing") or entry.nlink > 1:
                     continue
-                os.unlink(entry.path)
-                for suffix in ("", ".lock"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._state_path(entry.path) + suffix)
-                freed += entry.key.size_bytes
+                bad = entry.state == "bad"
+                if self._remove(dfd, entry, f"{entry.reason}; removed" if bad else "drained"
+                                ) and not bad:
+                    freed += entry.key.size_bytes
         return freed
 
 
-def zero_file(path: str, key: PoolKey, host: HostFacts, limits: Limits | None = None) -> None:
-    """memset every page of ``path`` to zero over a shared mapping, in parallel, then verify
-    a sample of pages.  Raises :class:`PoolError` if a sampled page is not zero.
+def _same(a: PoolEntry, b: PoolEntry) -> bool:
+    return (a.dev, a.ino) == (b.dev, b.ino)
+
+
+def zero_file(fd: int, key: PoolKey, host: HostFacts, limits: Limits | None = None) -> None:
+    """memset every page of the open pool file ``fd`` (``key.size_bytes``, checked by the
+    caller against ``fstat``) to zero over a shared mapping, in parallel, then verify a
+    sample of pages.  Raises :class:`PoolError` if a sampled page is not zero.
 
     memset beats punching the range out and populating it again (measured here: 4 GiB of 2M
     pages 0.24 s vs 0.38 s; 2 GiB of tmpfs 0.61 s vs 1.02 s, two threads each) and keeps the
@@ -222,15 +299,12 @@ def zero_file(path: str, key: PoolKey, host: HostFacts, limits: Limits | None = 
     from .engine import EngineOps, WorkItem, populate
 
     page = key.page_size_kib * 1024
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        items = [WorkItem(fd, offset, length, page, node, key.policy or "bind", path)
-                 for node, offset, length in split_across_nodes(key.size_bytes, key.host_nodes,
-                                                                page)]
-        populate(items, host, limits, ops=EngineOps(populate=sysmem.zero_range))
-        verify_zero(fd, key.size_bytes, page)
-    finally:
-        os.close(fd)
+    label = safefs.fd_path(fd)
+    items = [WorkItem(fd, offset, length, page, node, key.policy or "bind", label)
+             for node, offset, length in split_across_nodes(key.size_bytes, key.host_nodes,
+                                                            page)]
+    populate(items, host, limits, ops=EngineOps(populate=sysmem.zero_range))
+    verify_zero(fd, key.size_bytes, page)
 
 
 def verify_zero(fd: int, size_bytes: int, page_size_bytes: int,

@@ -230,9 +230,12 @@ def test_pool_limits(huge_area: tuple[str, str]) -> None:
         pool.fill(key, 1, read_host(), limits())
     assert len(pool.entries()) == 2
     guest = os.path.join(guest_dir, "fresh")
-    with open(guest, "wb"):
-        pass
-    assert pool.adopt(guest, key, domain_uuid="u", backend_id="pc.ram") is None  # not refilled
+    fd = os.open(guest, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 8 * MIB)
+    try:  # not refilled
+        assert pool.adopt(fd, key, domain_uuid="u", backend_id="pc.ram", link_path=guest) is None
+    finally:
+        os.close(fd)
     per_node = Pool(pool_dir, max_node_bytes=16 * MIB)
     assert "per-node limit of 16M" in (per_node.room_for(key) or "")
 
@@ -248,8 +251,8 @@ def test_adopt_then_drain_returns_every_page(huge_area: tuple[str, str]) -> None
     guest = os.path.join(guest_dir, "ram")
     fd = os.open(guest, os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(fd, 16 * MIB)
+    adopted = pool.adopt(fd, key, domain_uuid="u", backend_id="pc.ram", link_path=guest)
     os.close(fd)
-    adopted = pool.adopt(guest, key, domain_uuid="u", backend_id="pc.ram")
     assert adopted is not None and adopted.state == "in_use"
     assert pool.drain() == 32 * MIB  # never the file in use
     assert [e.state for e in pool.entries()] == ["in_use"]
