@@ -22,6 +22,7 @@ from .cli_common import (
     cancel_on_signals,
     limits_options,
     make_limits,
+    parse_mode,
     parse_nodes,
     parse_owner,
     progress_bar,
@@ -64,6 +65,10 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
     """Populate large KVM guest memory backings in parallel, before QEMU starts."""
+    # kvmaccel's own state is private, whatever the caller's umask (restored at the end, for
+    # callers that run the command in their own process).
+    previous_umask = os.umask(0o077)
+    click.get_current_context().call_on_close(lambda: os.umask(previous_umask))
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="kvmaccel: %(levelname)s: %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -86,10 +91,7 @@ def populate(path: str, size: str, nodes: str | None, policy: str, mode: str,
     The file is recorded as kvmaccel's; `kvmaccel release PATH` removes it.  On any error,
     or SIGINT/SIGTERM, the file is removed again.
     """
-    try:
-        file_mode = int(mode, 8)
-    except ValueError:
-        raise UsageError(f"invalid --mode {mode!r}; give an octal mode such as 0600") from None
+    file_mode = parse_mode(mode)
     uid, gid = parse_owner(owner)
     spec = BackingSpec(path=path, size_bytes=parse_size(size), nodes=parse_nodes(nodes),
                        policy=policy, mode=file_mode, uid=uid, gid=gid)

@@ -18,7 +18,7 @@ import click
 from .engine import ProgressFn
 from .errors import UsageError
 from .limits import DEFAULT_MIN_CHUNK_BYTES, DEFAULT_NICE, Limits
-from .units import format_size, parse_cpu_spec, parse_size
+from .units import format_size, parse_node_spec, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,12 @@ def size_option(text: str | None) -> int | None:
     return None if text is None else parse_size(text)
 
 
+MAX_ID = (1 << 32) - 2
+"""The largest user or group id (``(uid_t) -1`` means "no change" to chown)."""
+
+
 def parse_nodes(text: str | None) -> tuple[int, ...]:
-    return tuple(sorted(parse_cpu_spec(text))) if text else ()
+    return tuple(sorted(parse_node_spec(text))) if text else ()
 
 
 def parse_owner(text: str | None) -> tuple[int | None, int | None]:
@@ -40,9 +44,26 @@ def parse_owner(text: str | None) -> tuple[int | None, int | None]:
         uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
         gid = (int(group) if group.isdigit() else grp.getgrnam(group).gr_gid) if group else None
     except KeyError:
-        raise UsageError(f"unknown user or group in --owner {text!r}; give USER[:GROUP] that "
-                         "exist on this host") from None
+        raise UsageError(f"unknown user or group in --owner {text[:40]!r}; give USER[:GROUP] "
+                         "that exist on this host") from None
+    for value in (uid, gid):
+        if value is not None and value > MAX_ID:
+            raise UsageError(f"--owner {text[:40]!r}: id {value} is above the largest "
+                             f"possible, {MAX_ID}; give a user and group of this host")
     return uid, gid
+
+
+def parse_mode(text: str) -> int:
+    """An octal file mode of permission bits only (no setuid, setgid or sticky bit)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise UsageError(f"invalid --mode {text[:40]!r}; give an octal mode such as 0600"
+                         ) from None
+    if not 0 <= mode <= 0o777:
+        raise UsageError(f"--mode {text[:40]!r} has bits beyond the permissions 0777 (setuid, "
+                         "setgid or sticky): a memory file never needs them; give e.g. 0600")
+    return mode
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .cli_common import limits_options, make_limits
+from .cli_common import cancel_on_signals, limits_options, make_limits, parse_nodes
 from .config import read_config
 from .domain import parse_domain
 from .errors import UsageError
@@ -22,7 +22,7 @@ from .host import HostFacts, read_host
 from .plan import plan_domain
 from .pool import POOL_DIRNAME, Pool, PoolKey, key_for, pool_dir_for, spawn_scrub
 from .qemuconf import read_qemu_conf
-from .units import format_size, parse_cpu_spec, parse_size
+from .units import format_size, parse_size
 
 
 def _pool(directory: str, host: HostFacts, max_bytes: str | None,
@@ -107,12 +107,16 @@ def fill(size: str | None, page_size: str | None, directory: str | None, nodes: 
                 directory = mounts[0].path
             else:
                 directory = "/dev/shm"
-        node_list = tuple(sorted(parse_cpu_spec(nodes))) if nodes else ()
+        node_list = parse_nodes(nodes)
         wanted.append((directory, key_for(parse_size(size), page_kib, node_list, policy)))
     report = []
     for where, key in wanted:
         target = _pool(where, host, max_bytes, max_node_bytes)
-        for result in target.fill(key, count, host, limits):
+        # SIGINT/SIGTERM cancel as for populate: the file being filled has no name yet, so
+        # nothing of it stays; the files already added stay, clean.
+        with cancel_on_signals() as cancel:
+            results = target.fill(key, count, host, limits, cancel=cancel)
+        for result in results:
             report.append({"pool": target.directory, **result.as_dict()})
             if not as_json:
                 click.echo(f"{target.directory}: +{format_size(key.size_bytes)} clean in "
@@ -125,8 +129,13 @@ def fill(size: str | None, page_size: str | None, directory: str | None, nodes: 
 @click.option("--dir", "directories", multiple=True, help="Only this pool's filesystem.")
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(directories: tuple[str, ...], as_json: bool) -> None:
-    """Every pool file: state, size, page size, nodes, age, who uses it."""
-    entries = [e for p in _all_pools(read_host(), directories) for e in p.entries()]
+    """Every pool file: state, size, page size, nodes, age, who uses it.
+
+    ``held``: another process still has the file open or mapped (it waits, unscrubbed and
+    unserved); ``bad``: not a file the pool may scrub or serve as it is (the next scrub or
+    drain removes it); the last column says why."""
+    entries = [e for p in _all_pools(read_host(), directories)
+               for e in p.entries(probe_holders=True)]
     if as_json:
         click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
         return
@@ -140,7 +149,8 @@ def list_cmd(directories: tuple[str, ...], as_json: bool) -> None:
                      format_size(e.key.page_size_kib * 1024),
                      ",".join(map(str, e.key.host_nodes)) or "-",
                      f"{now - e.updated_unix:.0f}s",
-                     f"{e.domain_uuid}/{e.backend_id}" if e.state == "in_use" else "-", e.path))
+                     f"{e.domain_uuid}/{e.backend_id}" if e.state == "in_use" else "-",
+                     e.path + (f" ({e.reason})" if e.reason else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -21,7 +21,7 @@ from .errors import HostError
 from .host import read_host
 from .tune import DEFAULT_ROUNDS, ProgressFn, measure
 from .tuning import Tuning, format_curves, host_fingerprint, load_tuning, save_tuning, state_path
-from .units import parse_cpu_spec, parse_size
+from .units import parse_node_spec, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def tune(size: str | None, rounds: int, nodes: str | None, max_threads: int | No
     with cancel_on_signals() as cancel, _progress(not as_json) as progress:
         result = measure(
             host, fingerprint, size_bytes=parse_size(size) if size else None, rounds=rounds,
-            nodes=sorted(parse_cpu_spec(nodes)) if nodes else None, max_threads=max_threads,
+            nodes=sorted(parse_node_spec(nodes)) if nodes else None, max_threads=max_threads,
             page_sizes_kib=[parse_size(p) // 1024 for p in page_sizes] or None,
             progress=progress, cancel=cancel)
     if not no_save:

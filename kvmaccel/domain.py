@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from xml.parsers import expat
 
 from .errors import DomainError, UsageError
-from .units import parse_cpu_spec
+from .units import MAX_CPU_ID, MAX_NODE_ID, parse_cpu_spec
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +262,12 @@ def _size(el: ET.Element, *, unit_attr: str = "unit", value: str | None = None) 
 
 
 def _nodes(el: ET.Element, text: str | None, what: str) -> frozenset[int]:
+    """A node list (``nodeset``, ``nodemask``) or CPU list, bounded by the kernel's limits."""
+    limit = MAX_NODE_ID if what.startswith("node") else MAX_CPU_ID
     try:
-        result = parse_cpu_spec(text or "")
-    except UsageError:
-        raise _err(el, f"invalid {what} {text!r}; use a form like 0-3,8,^2") from None
+        result = parse_cpu_spec(text or "", limit)
+    except UsageError as e:
+        raise _err(el, f"invalid {what}: {e}") from None
     if not result:
         raise _err(el, f"{what} {text!r} is empty")
     return result

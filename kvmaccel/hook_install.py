@@ -174,6 +174,7 @@ def install(libvirt_dir: str = DEFAULT_LIBVIRT_DIR, *, python: str | None = None
         if not os.path.isdir(directory):
             try:
                 os.mkdir(directory, 0o755)
+                os.chmod(directory, 0o755)  # libvirt's own hooks dirs are 0755, whatever umask
             except OSError as e:
                 raise HookError(f"cannot create {directory}: {e.strerror}") from None
             created.append(directory)

@@ -46,11 +46,19 @@ def format_size(size_bytes: int) -> str:
     return f"{size_bytes}B"
 
 
-def parse_cpu_spec(text: str) -> frozenset[int]:
+MAX_CPU_ID = 8191
+"""The largest CPU number Linux can have on x86_64 (``NR_CPUS`` is at most 8192)."""
+MAX_NODE_ID = 1023
+"""The largest NUMA node number Linux can have (``MAX_NUMNODES`` = 1 << ``NODES_SHIFT``, at
+most 10 on x86_64)."""
+
+
+def parse_cpu_spec(text: str, max_id: int = MAX_CPU_ID) -> frozenset[int]:
     """Parse a CPU or node list such as ``0-3,8,^2`` into a set of integers.
 
     ``^N`` excludes N (libvirt's form).  Empty text is the empty set.  Raises
-    :class:`UsageError` for malformed text.
+    :class:`UsageError` for malformed text and for ids above ``max_id`` (checked before any
+    range is expanded, so ``0-3000000`` costs nothing).
     """
     include: set[int] = set()
     exclude: set[int] = set()
@@ -68,17 +76,30 @@ def parse_cpu_spec(text: str) -> frozenset[int]:
                 lo, hi = int(lo_text), int(hi_text)
                 if lo < 0 or hi < lo:
                     raise ValueError
-                target.update(range(lo, hi + 1))
             else:
-                value = int(part)
-                if value < 0:
+                lo = hi = int(part)
+                if lo < 0:
                     raise ValueError
-                target.add(value)
         except ValueError:
             raise UsageError(
-                f"invalid CPU or node list {text!r} at {raw.strip()!r}; use a form like 0-3,8,^2"
-            ) from None
+                f"invalid CPU or node list {_excerpt(text)!r} at {_excerpt(raw.strip())!r}; "
+                "use a form like 0-3,8,^2") from None
+        if hi > max_id:
+            raise UsageError(
+                f"CPU or node list {_excerpt(text)!r} names {_excerpt(str(hi))}, above the "
+                f"kernel's limit of {max_id}; give ids of this host (see lscpu or numactl -H)")
+        target.update(range(lo, hi + 1))
     return frozenset(include - exclude)
+
+
+def parse_node_spec(text: str) -> frozenset[int]:
+    """:func:`parse_cpu_spec` for NUMA node lists (ids up to :data:`MAX_NODE_ID`)."""
+    return parse_cpu_spec(text, MAX_NODE_ID)
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    """``text`` cut to ``limit`` characters, so that an error stays one short line."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def format_cpu_spec(ids: frozenset[int] | set[int] | list[int]) -> str:
