@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from kvmaccel.backing import BackingSpec, created_by_us, populate_backings, release
+from kvmaccel.engine.backing import BackingSpec, created_by_us, populate_backings, release
+from kvmaccel.engine.slots import HostSlots
 from kvmaccel.errors import BackingError, CapacityError
-from kvmaccel.host import HugePagePool, read_host
-from kvmaccel.limits import Limits
-from kvmaccel.slots import HostSlots
+from kvmaccel.host.facts import HugePagePool, read_host
+from kvmaccel.plan.limits import Limits
 
 from .conftest import free_hugepages_2m
 
@@ -126,7 +126,7 @@ def test_host_wide_cap_holds_across_processes(shm_dir: str) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from kvmaccel.slots import HostSlots\n"
+         "from kvmaccel.engine.slots import HostSlots\n"
          "s = HostSlots(1)\n"
          "assert s.acquire(1) == 1\n"
          "print('held', flush=True)\n"

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from kvmaccel.backing import BackingSpec, populate_backings
+from kvmaccel.engine.backing import BackingSpec, populate_backings
 from kvmaccel.errors import BackingError
-from kvmaccel.host import read_host
+from kvmaccel.host.facts import read_host
 
 from .conftest import free_hugepages_2m
 

@@ -1,12 +1,12 @@
-"""kvmaccel.config: the hook's TOML file, every key, and the errors for bad ones."""
+"""kvmaccel.plan.config: the hook's TOML file, every key, and the errors for bad ones."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvmaccel.config import DEFAULT_LOG_FILE, HookConfig, parse_config, read_config
 from kvmaccel.errors import ConfigError
-from kvmaccel.limits import Limits
+from kvmaccel.plan.config import DEFAULT_LOG_FILE, HookConfig, parse_config, read_config
+from kvmaccel.plan.limits import Limits
 
 FULL = """
 strict = true

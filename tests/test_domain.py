@@ -1,4 +1,4 @@
-"""kvmaccel.domain: units, sections, errors with element and line, field coverage."""
+"""kvmaccel.model.domain: units, sections, errors with element and line, field coverage."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from kvmaccel.domain import (
+from kvmaccel.errors import DomainError
+from kvmaccel.model.domain import (
     Domain,
     HostDev,
     HugePageSpec,
@@ -21,7 +22,6 @@ from kvmaccel.domain import (
     parse_domain,
     scale_unit,
 )
-from kvmaccel.errors import DomainError
 
 TOP = Path(__file__).resolve().parents[1]
 FIXTURES = TOP / "vm-fixtures"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmaccel.config import parse_config
-from kvmaccel.energy import EnergyDecision, EnergySettings, apply_energy, decide
 from kvmaccel.errors import ConfigError, UsageError
-from kvmaccel.host import PowerSupply, read_cpu_energy, read_energy, read_power_supplies
-from kvmaccel.limits import Limits
+from kvmaccel.host.facts import PowerSupply, read_cpu_energy, read_energy, read_power_supplies
+from kvmaccel.plan.config import parse_config
+from kvmaccel.plan.energy import EnergyDecision, EnergySettings, apply_energy, decide
+from kvmaccel.plan.limits import Limits
 
 TOP = Path(__file__).resolve().parents[1]
 TWO_NODE = TOP / "tests" / "data" / "sysfs" / "two-node"

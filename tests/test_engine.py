@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from kvmaccel import sysmem
-from kvmaccel.backing import BackingSpec, populate_backings
-from kvmaccel.engine import EngineOps, WorkItem, populate
+from kvmaccel.engine.backing import BackingSpec, populate_backings
+from kvmaccel.engine.populate import EngineOps, WorkItem, populate
 from kvmaccel.errors import CancelledError, PopulateError
-from kvmaccel.host import HostFacts, NumaNode, read_host
-from kvmaccel.limits import Limits, split_across_nodes
+from kvmaccel.host import sysmem
+from kvmaccel.host.facts import HostFacts, NumaNode, read_host
+from kvmaccel.plan.limits import Limits, split_across_nodes
 
 from .conftest import free_hugepages_2m
 
@@ -103,7 +103,7 @@ def task_state(tid: int) -> tuple[int, frozenset[int], str]:
     nice = int(fields[16])  # field 19 of stat; fields[0] is field 3
     with open(f"/proc/self/task/{tid}/status") as f:
         line = next(x for x in f if x.startswith("Cpus_allowed_list"))
-    from kvmaccel.units import parse_cpu_spec
+    from kvmaccel.model.units import parse_cpu_spec
     with open(f"/proc/self/task/{tid}/comm") as f:
         comm = f.read().strip()
     return nice, parse_cpu_spec(line.split(":")[1].strip()), comm

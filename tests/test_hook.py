@@ -1,4 +1,4 @@
-"""kvmaccel.hook, the libvirt hook contract, on real tmpfs files without libvirt.
+"""kvmaccel.hook.full, the libvirt hook contract, on real tmpfs files without libvirt.
 
 What libvirt does around the hook is done here by hand: a qemu.conf whose memory_backing_dir
 is on /dev/shm, the per-domain directory made before ``start begin`` and deleted before
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from kvmaccel import hook, hook_fast
-from kvmaccel.backing import created_by_us
-from kvmaccel.config import HookConfig
+from kvmaccel.engine.backing import created_by_us
+from kvmaccel.hook import full as hook
+from kvmaccel.hook import warm as hook_fast
+from kvmaccel.plan.config import HookConfig
 
 NAME = "kvtest-hook"
 UUID = "0e6c4c39-51b0-4b0e-9d7e-6b1d2a3c4d5e"
@@ -221,7 +222,7 @@ def stop(env: Env) -> None:
 
 
 def pool_states(run_dir: str, shm_dir: str) -> list[str]:
-    from kvmaccel.pool import Pool
+    from kvmaccel.pool.manage import Pool
 
     return [e.state for e in Pool(os.path.join(shm_dir, ".kvmaccel-pool"),
                                   state_root=os.path.join(run_dir, "pool")).entries()]
@@ -338,12 +339,13 @@ def test_a_changed_xml_or_qemu_conf_is_planned_again(env: Env, run_dir: str,
 WARM = """
 import io, sys
 sys.path.insert(0, {top!r})
-from kvmaccel.hook_fast import main
+from kvmaccel.hook.warm import main
 rc = main([{name!r}, {op!r}, "begin", "-"], io.BytesIO({xml!r}), config_path={config!r})
 print(rc, sorted({heavy!r} & set(sys.modules)))
 """
-HEAVY = {"logging", "tomllib", "dataclasses", "hashlib", "kvmaccel.hook", "kvmaccel.config",
-         "kvmaccel.pool", "kvmaccel.plan", "kvmaccel.domain"}
+HEAVY = {"logging", "tomllib", "dataclasses", "hashlib", "kvmaccel.hook.full",
+         "kvmaccel.plan.config", "kvmaccel.pool.manage", "kvmaccel.plan.planner",
+         "kvmaccel.model.domain"}
 
 
 def run_hook_without_site(env: Env, op: str, run_dir: str, heavy: set[str]) -> str:
@@ -386,7 +388,8 @@ def test_an_unchanged_guest_is_not_planned_again_without_a_pool(env: Env, run_di
     for _ in range(2):
         assert run_hook_without_site(env, "prepare", run_dir, set()) == "0 []\n"
         os.makedirs(env.domain_dir)
-        planner = {"kvmaccel.plan", "kvmaccel.domain"}  # prepare planned and cached the plan
+        # prepare planned and cached the plan
+        planner = {"kvmaccel.plan.planner", "kvmaccel.model.domain"}
         assert run_hook_without_site(env, "start", run_dir, planner) == "0 []\n"
         assert os.stat(env.file_path).st_nlink == 1  # populated, no pool
         assert os.stat(env.file_path).st_size == SIZE_MIB << 20
@@ -409,9 +412,9 @@ def test_pool_gives_back_unused_files_to_make_room(tmp_path: object, run_dir: st
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A pool never starves a guest: the clean file of another size that nobody uses is
     given back when the guest's file would not fit otherwise, at prepare and at start."""
-    from kvmaccel.host import read_host
-    from kvmaccel.limits import Limits
-    from kvmaccel.pool import Pool, key_for
+    from kvmaccel.host.facts import read_host
+    from kvmaccel.plan.limits import Limits
+    from kvmaccel.pool.manage import Pool, key_for
 
     from .conftest import private_mount
 

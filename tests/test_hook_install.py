@@ -1,4 +1,4 @@
-"""kvmaccel.hook_install and ``kvmaccel hook install|uninstall|status`` in a temporary libvirt
+"""kvmaccel.hook.install and ``kvmaccel hook install|uninstall|status`` in a temporary libvirt
 directory, with an existing hooks/qemu that must keep working; and the installed script run
 as libvirt runs it."""
 
@@ -12,9 +12,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from kvmaccel import hook, hook_fast, hook_install
-from kvmaccel.cli import main
+from kvmaccel.cli.main import main
 from kvmaccel.errors import HookError
+from kvmaccel.hook import full as hook
+from kvmaccel.hook import install as hook_install
+from kvmaccel.hook import warm as hook_fast
 from kvmaccel.paths import DEFAULT_RUN_DIR
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

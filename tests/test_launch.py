@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from kvmaccel.errors import UsageError
-from kvmaccel.host import read_host
-from kvmaccel.launch import plan_launch, rewrite_argv
-from kvmaccel.status import qemu_status
+from kvmaccel.host.facts import read_host
+from kvmaccel.launch.run import plan_launch, rewrite_argv
+from kvmaccel.launch.status import qemu_status
 
 from .conftest import need
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from kvmaccel.domain import parse_domain
-from kvmaccel.host import HostFacts, HugePagePool, Mount, NumaNode
-from kvmaccel.limits import Limits
-from kvmaccel.plan import HugetlbfsMount, plan_domain
-from kvmaccel.qemuconf import QemuConf
+from kvmaccel.host.facts import HostFacts, HugePagePool, Mount, NumaNode
+from kvmaccel.model.domain import parse_domain
+from kvmaccel.model.qemuconf import QemuConf
+from kvmaccel.plan.limits import Limits
+from kvmaccel.plan.planner import HugetlbfsMount, plan_domain
 
 CASES_DIR = Path(os.environ.get(
     "KVMACCEL_LIBVIRT_CASES", Path(__file__).resolve().parents[2] / "shared" / "libvirt-cases"))

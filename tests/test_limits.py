@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from kvmaccel.errors import UsageError
-from kvmaccel.limits import Limits, chunk_size_bytes, default_cap, distribute_helpers
+from kvmaccel.plan.limits import Limits, chunk_size_bytes, default_cap, distribute_helpers
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from kvmaccel.cli import main
+from kvmaccel.cli.main import main
 
 from .conftest import need
 

@@ -1,4 +1,5 @@
-"""kvmaccel.qemuargs: QEMU's memory arguments, against libvirt's argv corpus and the real QEMU."""
+"""kvmaccel.launch.qemuargs: QEMU's memory arguments, against libvirt's argv corpus and the real
+QEMU."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from kvmaccel.errors import UsageError
-from kvmaccel.qemuargs import (
+from kvmaccel.launch.qemuargs import (
     MemoryBackend,
     PropValue,
     QemuMemoryConfig,

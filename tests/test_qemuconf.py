@@ -1,4 +1,4 @@
-"""kvmaccel.qemuconf: virConf syntax, the /libvirt/qemu suffix rule, defaults, errors."""
+"""kvmaccel.model.qemuconf: virConf syntax, the /libvirt/qemu suffix rule, defaults, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvmaccel.errors import ConfigError
-from kvmaccel.qemuconf import (
+from kvmaccel.model.qemuconf import (
     DEFAULT_MEMORY_BACKING_DIR,
     QemuConf,
     parse_virconf,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmaccel.status import qemu_status, read_vm_areas
+from kvmaccel.launch.status import qemu_status, read_vm_areas
 
 from .test_launch import BASE, QEMU, pid_of, qemu, wait_gone  # noqa: F401 (fixture)
 

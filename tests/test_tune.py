@@ -1,5 +1,5 @@
-"""kvmaccel.tune and kvmaccel.tuning: the knee, scratch sizes, the state file, and real tuning
-runs on this machine (memfd, and at most 256 MiB of the shared 2M pages).  Nothing here
+"""kvmaccel.bench.tune and kvmaccel.plan.tuning: the knee, scratch sizes, the state file, and real
+tuning runs on this machine (memfd, and at most 256 MiB of the shared 2M pages).  Nothing here
 depends on timing: the knee of a real run is only checked to be one of the counts."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kvmaccel.cli import main
+from kvmaccel.bench.tune import measure, measure_limits, plan_scratch
+from kvmaccel.cli.main import main
 from kvmaccel.errors import HostError, UsageError
-from kvmaccel.host import allowed_cpus, read_host
-from kvmaccel.limits import Limits, distribute_helpers
-from kvmaccel.tune import measure, measure_limits, plan_scratch
-from kvmaccel.tuning import (
+from kvmaccel.host.facts import allowed_cpus, read_host
+from kvmaccel.plan.limits import Limits, distribute_helpers
+from kvmaccel.plan.tuning import (
     Curve,
     Fingerprint,
     Tuning,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from kvmaccel.errors import UsageError
-from kvmaccel.units import format_cpu_spec, format_size, parse_cpu_spec, parse_size
+from kvmaccel.model.units import format_cpu_spec, format_size, parse_cpu_spec, parse_size
 
 
 @pytest.mark.parametrize(("text", "value"), [

@@ -1,0 +1,286 @@
+"""The warm pool: pre-populated, pre-zeroed backing files linked into a guest's path at start.
+
+Populating in parallel divides the zeroing cost; the pool takes it off the start path.  A pool
+lives in ``<mount>/.kvmaccel-pool/`` on each filesystem (a hugetlbfs mount, a tmpfs) so that
+``link()`` can put a pool file at the path libvirt hands QEMU, which must be on the same
+filesystem.  After the guest stops, the pool's own link keeps the pages; they still hold the
+guest's memory, so the file is *dirty* until a scrub has zeroed every page and checked a
+sample.
+
+The files, their crash-safe states (filling, clean, in_use, dirty, scrubbing) and handing
+them out live in :mod:`kvmaccel.pool.files`, which a warm start imports alone; this module
+adds filling, adopting, releasing, scrubbing and draining.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import random
+import secrets
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..errors import KvmaccelError, UsageError
+from ..model.units import format_size
+from ..plan.limits import Limits, split_across_nodes
+from .files import POOL_DIRNAME, PoolEntry, PoolFiles, PoolKey, reserved_first
+
+if TYPE_CHECKING:
+    from ..engine.populate import PopulateResult
+    from ..host.facts import HostFacts, Mount
+
+__all__ = ["POOL_DIRNAME", "Pool", "PoolEntry", "PoolError", "PoolKey", "key_for",
+           "pool_dir_for", "reserved_first", "spawn_scrub", "verify_zero", "zero_file"]
+
+log = logging.getLogger(__name__)
+
+VERIFY_SAMPLES = 64
+
+
+class PoolError(KvmaccelError):
+    """The pool cannot do what was asked (limit reached, file in use, bad state directory)."""
+
+
+def pool_dir_for(path: str, mounts: Sequence[Mount]) -> str:
+    """The pool directory on the filesystem that holds ``path`` (its mount point's
+    ``.kvmaccel-pool``).  Raises :class:`UsageError` when that is not hugetlbfs or tmpfs."""
+    absolute = os.path.abspath(path)
+    best: Mount | None = None
+    for mount in mounts:
+        inside = absolute == mount.path or absolute.startswith(mount.path.rstrip("/") + "/")
+        if inside and (best is None or len(mount.path) >= len(best.path)):
+            best = mount
+    if best is None or best.fs_type not in ("hugetlbfs", "tmpfs"):
+        kind = best.fs_type if best else "no mount"
+        raise UsageError(f"{path} is on {kind}, not hugetlbfs or tmpfs; a pool lives on the "
+                         "filesystem of the guest's memory_backing_dir")
+    return os.path.join(best.path, POOL_DIRNAME)
+
+
+class Pool(PoolFiles):
+    """The pool on one filesystem.  ``max_bytes`` and ``max_node_bytes`` cap what it holds
+    (None: no cap) so that it never starves the guests it is meant to speed up."""
+
+    def __init__(self, directory: str, *, max_bytes: int | None = None,
+                 max_node_bytes: int | None = None, state_root: str | None = None) -> None:
+        super().__init__(directory, state_root=state_root)
+        self.max_bytes = max_bytes
+        self.max_node_bytes = max_node_bytes
+
+    def held_bytes(self) -> tuple[int, dict[int | None, int]]:
+        """Bytes the pool holds in all, and per node."""
+        total = 0
+        per_node: dict[int | None, int] = {}
+        for entry in self.entries():
+            total += entry.key.size_bytes
+            for node, length in entry.key.node_bytes().items():
+                per_node[node] = per_node.get(node, 0) + length
+        return total, per_node
+
+    def room_for(self, key: PoolKey) -> str | None:
+        """None when a file of ``key`` fits under the caps, else why not."""
+        total, per_node = self.held_bytes()
+        if self.max_bytes is not None and total + key.size_bytes > self.max_bytes:
+            return (f"pool {self.directory} holds {format_size(total)}; another "
+                    f"{format_size(key.size_bytes)} would pass its limit of "
+                    f"{format_size(self.max_bytes)}")
+        if self.max_node_bytes is not None:
+            for node, length in key.node_bytes().items():
+                held = per_node.get(node, 0)
+                if node is not None and held + length > self.max_node_bytes:
+                    return (f"pool {self.directory} holds {format_size(held)} on node {node}; "
+                            f"another {format_size(length)} would pass its per-node limit of "
+                            f"{format_size(self.max_node_bytes)}")
+        return None
+
+    # --- filling ---------------------------------------------------------------------------
+
+    def _new_path(self, key: PoolKey) -> str:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        return os.path.join(self.directory, key.filename(secrets.token_hex(4)))
+
+    def fill(self, key: PoolKey, count: int, host: HostFacts, limits: Limits | None = None
+             ) -> list[PopulateResult]:
+        """Add ``count`` clean files of ``key``, populating each with the engine.  Stops with
+        :class:`PoolError` at the pool's limit (what was added stays).  A file is ``filling``
+        while it is populated; a fill that dies leaves it dirty, never clean."""
+        from ..engine.backing import BackingSpec, forget, populate_backings
+
+        results = []
+        for _ in range(count):
+            with self._pool_lock():
+                why = self.room_for(key)
+                if why:
+                    raise PoolError(f"{why}; not filling more (raise the pool limits in the "
+                                    "config, or drain)")
+                path = self._new_path(key)
+            spec = BackingSpec(path, key.size_bytes, key.host_nodes, key.policy or "bind")
+
+            def mark_filling(_backings: object, path: str = path) -> None:
+                self._write_state(path, "filling")
+
+            with self._file_lock(path):
+                _, result = populate_backings([spec], host, limits, on_open=mark_filling)
+                self._write_state(path, "clean")
+            forget(path)  # the pool's state owns the file now, not the record of what a run made
+            results.append(result)
+        return results
+
+    # --- handing out and taking back -------------------------------------------------------
+
+    def take(self, key: PoolKey, target: str, *, domain_uuid: str, backend_id: str,
+             uid: int | None = None, gid: int | None = None, mode: int = 0o600
+             ) -> PoolEntry | None:
+        entry = super().take(key, target, domain_uuid=domain_uuid, backend_id=backend_id,
+                             uid=uid, gid=gid, mode=mode)
+        if entry is not None:
+            log.info("pool: %s -> %s for %s/%s", entry.path, target, domain_uuid, backend_id)
+        return entry
+
+    def adopt(self, source: str, key: PoolKey, *, domain_uuid: str, backend_id: str
+              ) -> PoolEntry | None:
+        """Add a freshly populated guest file to the pool, in use by that guest, so its next
+        start comes from the pool.  None (and a log line) when the pool is at its limit."""
+        with self._pool_lock():
+            why = self.room_for(key)
+            if why:
+                log.info("pool: not adopting %s: %s", source, why)
+                return None
+            path = self._new_path(key)
+            os.link(source, path)
+            self._write_state(path, "in_use", domain_uuid=domain_uuid, backend_id=backend_id,
+                              link_path=os.path.abspath(source))
+        return next(e for e in self.entries() if e.path == path)
+
+    def release_domain(self, domain_uuid: str) -> list[PoolEntry]:
+        """Mark every file the guest used dirty (its memory is still in them)."""
+        released = []
+        with self._pool_lock():
+            for entry in self.entries():
+                if entry.domain_uuid == domain_uuid and entry.recorded_state == "in_use":
+                    self._write_state(entry.path, "dirty", domain_uuid=domain_uuid,
+                                      backend_id=entry.backend_id)
+                    released.append(entry)
+        return released
+
+    # --- scrubbing and draining ------------------------------------------------------------
+
+    def scrub(self, host: HostFacts, limits: Limits | None = None) -> list[PoolEntry]:
+        """Zero every page of every dirty file with the engine's helpers, check a sample of
+        pages, and mark the file clean.  Files another scrubber holds are skipped.  An
+        interrupted scrub leaves the file dirty (its state says ``scrubbing`` and nobody
+        holds its lock)."""
+        done = []
+        for entry in self.entries():
+            if entry.state != "dirty" or entry.nlink > 1:
+                continue
+            with self._file_lock(entry.path, wait=False) as got:
+                if not got:
+                    continue
+                self._write_state(entry.path, "scrubbing", domain_uuid=entry.domain_uuid)
+                zero_file(entry.path, entry.key, host, limits)
+                with self._pool_lock():
+                    if os.stat(entry.path).st_nlink != 1:
+                        self._write_state(entry.path, "dirty")
+                        continue
+                    self._write_state(entry.path, "clean")
+                done.append(entry)
+                log.info("pool: scrubbed %s (%s)", entry.path, format_size(entry.key.size_bytes))
+        return done
+
+    def drain(self, at_least_bytes: int | None = None) -> int:
+        """Remove files not in use, oldest first (all of them, or until ``at_least_bytes``
+        are given back); return the bytes given back."""
+        freed = 0
+        with self._pool_lock():
+            for entry in self.entries():
+                if at_least_bytes is not None and freed >= at_least_bytes:
+                    break
+                if entry.state in ("in_use", "filling", "scrubbing") or entry.nlink > 1:
+                    continue
+                os.unlink(entry.path)
+                for suffix in ("", ".lock"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._state_path(entry.path) + suffix)
+                freed += entry.key.size_bytes
+        return freed
+
+
+def zero_file(path: str, key: PoolKey, host: HostFacts, limits: Limits | None = None) -> None:
+    """memset every page of ``path`` to zero over a shared mapping, in parallel, then verify
+    a sample of pages.  Raises :class:`PoolError` if a sampled page is not zero.
+
+    memset beats punching the range out and populating it again (measured here: 4 GiB of 2M
+    pages 0.24 s vs 0.38 s; 2 GiB of tmpfs 0.61 s vs 1.02 s, two threads each) and keeps the
+    pages in the pool instead of handing them back to whoever asks first.
+    """
+    from ..engine.populate import EngineOps, WorkItem, populate
+    from ..host import sysmem
+
+    page = key.page_size_kib * 1024
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        items = [WorkItem(fd, offset, length, page, node, key.policy or "bind", path)
+                 for node, offset, length in split_across_nodes(key.size_bytes, key.host_nodes,
+                                                                page)]
+        populate(items, host, limits, ops=EngineOps(populate=sysmem.zero_range))
+        verify_zero(fd, key.size_bytes, page)
+    finally:
+        os.close(fd)
+
+
+def verify_zero(fd: int, size_bytes: int, page_size_bytes: int,
+                samples: int = VERIFY_SAMPLES) -> None:
+    """Check the first, the last and ``samples`` random pages read as zero."""
+    from ..host import sysmem
+
+    pages = size_bytes // page_size_bytes
+    chosen = {0, pages - 1} | {random.randrange(pages) for _ in range(min(samples, pages))}
+    addr = sysmem.mmap_shared(fd, size_bytes)
+    try:
+        zero = bytes(page_size_bytes)
+        for index in sorted(chosen):
+            data = ctypes.string_at(addr + index * page_size_bytes, page_size_bytes)
+            if data != zero:
+                raise PoolError(f"page {index} is not zero after scrubbing; the file stays dirty")
+    finally:
+        sysmem.munmap(addr, size_bytes)
+
+
+def key_for(size_bytes: int, page_size_kib: int, host_nodes: Sequence[int] = (),
+            policy: str | None = None, reserved_uuid: str | None = None) -> PoolKey:
+    if size_bytes % (page_size_kib * 1024):
+        raise UsageError(f"size {size_bytes} is not a multiple of {page_size_kib} KiB pages")
+    return PoolKey(size_bytes, page_size_kib, tuple(sorted(host_nodes)),
+                   policy if host_nodes else None, reserved_uuid)
+
+
+AUTOGROUP = "/proc/self/autogroup"
+
+
+def spawn_scrub(directories: Sequence[str] = (), nice: int = 19) -> int:
+    """Start ``kvmaccel pool scrub`` detached (its own session, at ``nice``, no terminal, no
+    inherited descriptors); return its pid.  The hook calls this after a guest stops.
+
+    A new session is a new scheduler autogroup (``kernel.sched_autogroup_enabled``), and
+    between autogroups only the group's nice counts: a nice-19 scrub in a group of nice 0
+    would take a full share of the CPU from the guests.  So the group gets ``nice`` too."""
+    import subprocess
+
+    def lower_priority() -> None:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        # OSError: no autogroups in this kernel.
+        with contextlib.suppress(OSError), open(AUTOGROUP, "w", encoding="ascii") as f:
+            f.write(str(nice))
+
+    args = [sys.executable, "-m", "kvmaccel", "pool", "scrub", "--nice", str(nice)]
+    for d in directories:
+        args += ["--dir", d]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                            preexec_fn=lower_priority)
+    return proc.pid
