@@ -39,8 +39,9 @@ from typing import BinaryIO
 from .. import paths
 from ..errors import KvmaccelError
 from ..plan.config import HookConfig, read_config
-from . import warm as hook_fast
-from .warm import LOG_BODY, SYSLOG_SOCKET, log_prefix, log_targets, start_from_pool
+from . import state
+from .state import LOG_BODY, SYSLOG_SOCKET, log_prefix, log_targets
+from .warm import start_from_pool
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def setup_logging(config: HookConfig, name: str, op: str) -> None:
 
 def op_prepare(xml: bytes, config: HookConfig) -> None:
     """Plan and check capacity (a warm prepare was tried before, in
-    :func:`kvmaccel.hook.warm.main`)."""
+    :func:`kvmaccel.hook.entry.main`)."""
     from .ops import op_prepare as plan_and_check
 
     plan_and_check(xml, config)
@@ -182,7 +183,7 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) ->
         return 0
     setup_logging(config, name, op)
     try:
-        hook_fast.save_config_snapshot(config, path)
+        state.save_config_snapshot(config, path)
     except OSError as e:
         log.warning("cannot save the config for the warm start path: %s", e)
     if not config.enabled:

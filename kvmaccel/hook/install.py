@@ -55,7 +55,7 @@ esac
 '''
 _CODE = '''
 import sys
-{path_line}from kvmaccel.hook.warm import main
+{path_line}from kvmaccel.hook.entry import main
 sys.exit(main(sys.argv[1:], config_path={config}))
 '''
 _FAST_START = ("# Python runs without site (-S), which it does not need: kvmaccel and its "
@@ -194,7 +194,7 @@ def install(libvirt_dir: str = DEFAULT_LIBVIRT_DIR, *, python: str | None = None
 def forget_config(config_path: str | None) -> None:
     """Remove what the hook, run by libvirt, learned from ``config_path`` (its snapshot
     under /run/kvmaccel), and the directories for it when they are empty."""
-    from .warm import snapshot_path
+    from .state import snapshot_path
 
     snapshot = snapshot_path(config_path or DEFAULT_CONFIG_PATH, DEFAULT_RUN_DIR)
     with contextlib.suppress(FileNotFoundError):

@@ -24,17 +24,8 @@ from ..plan.limits import Limits
 from ..pool.files import PoolKey
 from ..statefile import write_json_atomic
 from . import pool as hook_pool
-from .warm import (
-    FILE_MODE,
-    cache_path,
-    cached_plan,
-    plan_inputs,
-    read_state,
-    recipe_path,
-    state_path,
-    write_recipe_if_clean,
-    write_state,
-)
+from .state import cache_path, read_state, recipe_path, state_path, write_state
+from .warm import FILE_MODE, cached_plan, plan_inputs, write_recipe_if_clean
 
 if TYPE_CHECKING:  # prepare needs neither the engine nor the backings: not imported then
     from ..engine.backing import BackingSpec
