@@ -21,7 +21,7 @@ from kvmaccel.plan.limits import Limits
 from kvmaccel.plan.planner import plan_domain
 from kvmaccel.plan.tuning import Curve, Tuning, host_fingerprint, resolve_tuning, save_tuning
 
-from .test_energy import fake_host
+from .test_plan_energy import fake_host
 
 TOP = Path(__file__).resolve().parents[1]
 TWO_NODE = TOP / "tests" / "data" / "sysfs" / "two-node"

@@ -13,7 +13,7 @@ import pytest
 
 from kvmaccel.launch.status import qemu_status, read_vm_areas
 
-from .test_launch import BASE, QEMU, pid_of, qemu, wait_gone  # noqa: F401 (fixture)
+from .test_launch_run import BASE, QEMU, pid_of, qemu, wait_gone  # noqa: F401 (fixture)
 
 MIB = 1 << 20
 
