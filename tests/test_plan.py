@@ -21,8 +21,9 @@ from kvmaccel.errors import PlanError
 from kvmaccel.host.facts import read_host
 from kvmaccel.model.domain import parse_domain
 from kvmaccel.model.qemuconf import QemuConf, qemu_conf_from_text
+from kvmaccel.plan.libvirt import shortname
 from kvmaccel.plan.limits import Limits
-from kvmaccel.plan.planner import plan_domain, plan_to_json, shortname, split_by_node
+from kvmaccel.plan.planner import plan_domain, plan_to_json, split_by_node
 
 TOP = Path(__file__).resolve().parents[1]
 FIXTURES = TOP / "vm-fixtures"

@@ -18,8 +18,9 @@ import pytest
 from kvmaccel.host.facts import HostFacts, HugePagePool, Mount, NumaNode
 from kvmaccel.model.domain import parse_domain
 from kvmaccel.model.qemuconf import QemuConf
+from kvmaccel.plan.libvirt import HugetlbfsMount
 from kvmaccel.plan.limits import Limits
-from kvmaccel.plan.planner import HugetlbfsMount, plan_domain
+from kvmaccel.plan.planner import plan_domain
 
 CASES_DIR = Path(os.environ.get(
     "KVMACCEL_LIBVIRT_CASES", Path(__file__).resolve().parents[2] / "shared" / "libvirt-cases"))
