@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from kvmaccel.errors import UsageError
+from kvmaccel.launch.objargs import parse_qemu_size
 from kvmaccel.launch.qemuargs import (
     MemoryBackend,
     PropValue,
     QemuMemoryConfig,
     drop_mem_prealloc,
     parse_qemu_argv,
-    parse_qemu_size,
     rewrite_backend,
     set_prealloc_off,
 )

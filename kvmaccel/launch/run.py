@@ -50,12 +50,9 @@ from ..host import sysmem
 from ..host.facts import HostFacts
 from ..model.units import align_up, format_cpu_spec, format_size
 from ..plan.limits import Limits
+from .objargs import FILE, MEMFD, RAM, parse_keyval
 from .qemuargs import (
-    FILE,
-    MEMFD,
-    RAM,
     MemoryBackend,
-    parse_keyval,
     parse_qemu_argv,
     rewrite_backend,
     set_prealloc_off,

@@ -30,7 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import HostError, UsageError
-from .qemuargs import MEMFD, MemoryBackend, parse_qemu_argv
+from .objargs import MEMFD
+from .qemuargs import MemoryBackend, parse_qemu_argv
 
 log = logging.getLogger(__name__)
 
