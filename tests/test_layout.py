@@ -165,6 +165,12 @@ def test_package_inits_import_nothing() -> None:
     assert heavy == []
 
 
+def test_no_module_over_500_lines() -> None:
+    long = {name: n for name, path in modules().items()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
 def test_the_top_level_holds_at_most_six_modules() -> None:
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= MAX_TOP_MODULES, top

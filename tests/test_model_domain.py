@@ -20,8 +20,8 @@ from kvmaccel.model.domain import (
     Numatune,
     NumatuneMemory,
     parse_domain,
-    scale_unit,
 )
+from kvmaccel.model.domxml import scale_unit
 
 TOP = Path(__file__).resolve().parents[1]
 FIXTURES = TOP / "vm-fixtures"
