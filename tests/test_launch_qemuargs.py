@@ -27,11 +27,7 @@ from kvmaccel.launch.qemuargs import (
     set_prealloc_off,
 )
 
-CASES_DIR = Path(
-    os.environ.get(
-        "KVMACCEL_LIBVIRT_CASES", Path(__file__).resolve().parents[2] / "shared" / "libvirt-cases"
-    )
-)
+CASES_DIR = Path(__file__).resolve().parent / "data" / "libvirt-cases"
 ARGS_FILES = sorted(CASES_DIR.glob("*.x86_64-latest.args")) + sorted(
     (CASES_DIR / "legacy-kv").glob("*.args")
 )

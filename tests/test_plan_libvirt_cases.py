@@ -1,4 +1,4 @@
-"""The planner against libvirt's own qemuxmlconftest output (../shared/libvirt-cases/).
+"""The planner against libvirt's own qemuxmlconftest output (tests/data/libvirt-cases/).
 
 Every case is planned with that corpus's harness settings (README.md there): id -1,
 memory_backing_dir /var/lib/libvirt/qemu/ram, hugetlbfs mounts /dev/hugepages2M (2048 KiB, the
@@ -9,7 +9,6 @@ Each memory backend must agree with the ``-object memory-backend-*`` libvirt gen
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,7 @@ from kvmaccel.plan.libvirt import HugetlbfsMount
 from kvmaccel.plan.limits import Limits
 from kvmaccel.plan.planner import plan_domain
 
-CASES_DIR = Path(os.environ.get(
-    "KVMACCEL_LIBVIRT_CASES", Path(__file__).resolve().parents[2] / "shared" / "libvirt-cases"))
+CASES_DIR = Path(__file__).resolve().parent / "data" / "libvirt-cases"
 CASES = sorted(p.name[: -len(".expected.json")] for p in CASES_DIR.glob("*.expected.json"))
 
 # Fields the acceptance criterion names, plus the QOM type and prealloc flag.
@@ -58,8 +56,6 @@ def expected_backend(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_corpus_is_complete() -> None:
-    if not CASES_DIR.is_dir():
-        pytest.skip(f"no libvirt corpus at {CASES_DIR}")
     assert len(CASES) == 20
 
 
