@@ -1,4 +1,4 @@
-"""Options and helpers shared by the ``kvmaccel`` subcommands (kept apart from cli.py so
+"""Options and helpers shared by the ``kvmaccel`` subcommands (kept apart from cli/main.py so
 that the command modules can import them without importing the group)."""
 
 from __future__ import annotations

@@ -203,6 +203,6 @@ def bench_run_cmd(size: str, directory: str, threads: int, runs: int, nice: int,
                                "ratio_qemu_over_kvmaccel": result.ratio}, indent=2))
 
 
-# Explicitly typed names for kvmaccel.cli.main to register: cli.py and this module import each
+# Explicitly typed names for kvmaccel.cli.main to register: cli/main.py and this module import each
 # other, and mypy cannot infer a decorated command's type across that cycle.
 COMMANDS: tuple[click.Command, ...] = (run, prealloc, status, bench_run_cmd)

@@ -5,7 +5,7 @@ niceness and memory policy.  One call, :func:`populate`, takes a list of :class:
 (a range of an open backing, and the NUMA node it belongs on or ``None`` for any) and faults
 in and zeroes every page of them.
 
-How it runs, and why (see ../shared/FACTS.md for the measurements):
+How it runs, and why (docs/facts.md has the measurements):
 
 1. *Map everything first, bind it, then start the helpers.*  Creating a thread maps its stack
    and ``mbind`` splits VMAs: both take ``mmap_lock`` for write, and a writer waits for every
