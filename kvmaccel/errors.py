@@ -57,6 +57,15 @@ class BackingError(KvmaccelError):
         self.path = path
 
 
+class UnsafePathError(KvmaccelError):
+    """A directory or file is not what kvmaccel may safely act on as root (a symlink,
+    another user's, writable by others).  ``path`` names it."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class TargetError(BackingError, UsageError):
     """The path given cannot hold guest memory as asked (not on hugetlbfs or tmpfs, a size
     that is not a whole number of its pages): bad input, exit 2."""

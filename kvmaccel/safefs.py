@@ -20,6 +20,8 @@ the backings, the hook) uses these helpers to follow it:
 * **Directories of kvmaccel's own** (the run and state directories, the pool) are created one
   level at a time with mode 0700 whatever the umask (:func:`private_dirs`), and one that
   exists is used only when it is a real directory owned by us and writable by nobody else.
+* **State files** (:func:`write_json_atomic`) are crash-safe: written 0600 beside the target,
+  then renamed over it, so a reader sees the old content or the new, never a torn one.
 """
 
 from __future__ import annotations
@@ -27,24 +29,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import stat
 import sys
 from collections.abc import Iterator
 
-from .errors import KvmaccelError
+from .errors import UnsafePathError
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 O_DIR_NOFOLLOW = O_DIR | os.O_NOFOLLOW
-
-
-class UnsafePathError(KvmaccelError):
-    """A directory or file is not what kvmaccel may safely act on (a symlink, another
-    user's, writable by others).  ``path`` names it."""
-
-    def __init__(self, message: str, *, path: str | None = None) -> None:
-        super().__init__(message)
-        self.path = path
 
 
 def open_dir(path: str, *, follow: bool = False) -> int:
@@ -154,6 +148,23 @@ def unlink_if_same(dir_fd: int, name: str, st: os.stat_result) -> bool:
         os.unlink(name, dir_fd=dir_fd)
         return True
     return False
+
+
+def write_json_atomic(path: str, data: object, *, durable: bool = False) -> None:
+    """Write ``data`` as JSON to ``path`` atomically, mode 0600 (creating its directory
+    0700).  ``durable`` also fsyncs before the rename.  Raises :class:`OSError`, and
+    :class:`~kvmaccel.errors.UnsafePathError` for a directory that is not kvmaccel's."""
+    private_dirs(os.path.dirname(path))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, 0o600)
+        json.dump(data, f)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # --- who else holds an inode -------------------------------------------------------------

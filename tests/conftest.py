@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmaccel import host as host_mod
-from kvmaccel.virsh import private_mount as virsh_private_mount
+from kvmaccel.bench.virsh import private_mount as virsh_private_mount
+from kvmaccel.host import facts as host_mod
 
 
 def need(condition: bool, why: str) -> None:
@@ -60,7 +60,7 @@ def free_hugepages_2m() -> int:
 
 @contextlib.contextmanager
 def private_mount(fs_type: str, options: str, prefix: str = "kvtest-") -> Iterator[str]:
-    """A fresh tmpfs or hugetlbfs of the tests' own (:func:`kvmaccel.virsh.private_mount`):
+    """A fresh tmpfs or hugetlbfs of the tests' own (:func:`kvmaccel.bench.virsh.private_mount`):
     whatever a test leaves in it (pool files, a detached scrub's work) goes with it, and the
     host's own /dev/shm and /dev/hugepages, and any pool there, are never touched."""
     need(os.geteuid() == 0, "needs root (mounts a private tmpfs or hugetlbfs)")

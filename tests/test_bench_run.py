@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .test_launch import kvmaccel, qemu  # noqa: F401 (fixture)
+from .test_launch_run import kvmaccel, qemu  # noqa: F401 (fixture)
 
 
 def test_bench_run_small(qemu: str, hugetlbfs: str) -> None:  # noqa: F811

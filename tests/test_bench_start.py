@@ -1,10 +1,10 @@
-"""kvmaccel.bench_start and kvmaccel.virsh: the pure parts (XML, qemu.conf, the table)."""
+"""kvmaccel.bench.start and kvmaccel.bench.virsh: the pure parts (XML, qemu.conf, the table)."""
 
 from __future__ import annotations
 
-from kvmaccel.bench_start import StartResult, configurations, domain_xml, format_table
-from kvmaccel.domain import parse_domain
-from kvmaccel.virsh import render_qemu_conf
+from kvmaccel.bench.start import StartResult, configurations, domain_xml, format_table
+from kvmaccel.bench.virsh import render_qemu_conf
+from kvmaccel.model.domain import parse_domain
 
 
 def test_configurations_and_their_xml() -> None:

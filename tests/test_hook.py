@@ -1,4 +1,4 @@
-"""kvmaccel.hook, the libvirt hook contract, on real tmpfs files without libvirt.
+"""kvmaccel.hook.full, the libvirt hook contract, on real tmpfs files without libvirt.
 
 What libvirt does around the hook is done here by hand: a qemu.conf whose memory_backing_dir
 is on /dev/shm, the per-domain directory made before ``start begin`` and deleted before
@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from kvmaccel import hook, hook_fast
-from kvmaccel.backing import created_by_us
-from kvmaccel.config import HookConfig
+from kvmaccel.engine.backing import created_by_us
+from kvmaccel.hook import entry, warm
+from kvmaccel.hook import full as hook
+from kvmaccel.hook import state as hook_state
+from kvmaccel.plan.config import HookConfig
 
 NAME = "kvtest-hook"
 UUID = "0e6c4c39-51b0-4b0e-9d7e-6b1d2a3c4d5e"
@@ -53,9 +55,9 @@ class Env:
                     f'qemu_conf = "{os.path.dirname(self.config_path)}/qemu.conf"\n{extra}')
 
     def run(self, op: str, subop: str, xml: bytes | None = None) -> int:
-        return hook_fast.main([NAME, op, subop, "-"],
-                              io.BytesIO(domain_xml() if xml is None else xml),
-                              config_path=self.config_path)
+        return entry.main([NAME, op, subop, "-"],
+                          io.BytesIO(domain_xml() if xml is None else xml),
+                          config_path=self.config_path)
 
     def log(self) -> str:
         with open(self.log_file) as f:
@@ -210,7 +212,7 @@ def test_nothing_to_populate(env: Env) -> None:
 
 def test_state_key_cannot_leave_the_directory() -> None:
     with pytest.raises(Exception, match="cannot name a state file"):
-        hook_fast.state_path("../x")
+        hook_state.state_path("../x")
 
 
 # --- the warm pool through the hook -----------------------------------------------------------
@@ -221,7 +223,7 @@ def stop(env: Env) -> None:
 
 
 def pool_states(run_dir: str, shm_dir: str) -> list[str]:
-    from kvmaccel.pool import Pool
+    from kvmaccel.pool.manage import Pool
 
     return [e.state for e in Pool(os.path.join(shm_dir, ".kvmaccel-pool"),
                                   state_root=os.path.join(run_dir, "pool")).entries()]
@@ -241,7 +243,7 @@ def test_second_start_takes_the_fast_path_from_the_pool(env: Env, run_dir: str,
                                                         shm_dir: str) -> None:
     # First start: populated fresh, joins the pool in use; no recipe (nothing was clean).
     assert env.run("prepare", "begin") == 0
-    assert not os.path.exists(hook_fast.recipe_path(UUID))
+    assert not os.path.exists(hook_state.recipe_path(UUID))
     os.makedirs(env.domain_dir)
     assert env.run("start", "begin") == 0
     assert os.stat(env.file_path).st_nlink == 2
@@ -251,17 +253,17 @@ def test_second_start_takes_the_fast_path_from_the_pool(env: Env, run_dir: str,
 
     # Second start: prepare finds the clean file and leaves a recipe; start links it
     # without planning (no populate, no import of the planner needed).
-    with open(hook_fast.cache_path(UUID)) as f:
+    with open(hook_state.cache_path(UUID)) as f:
         assert json.load(f)["shortname_tail"] == NAME
     assert env.run("prepare", "begin") == 0
     assert "plan: as before; the pool serves" in env.log()  # no planning at all
-    with open(hook_fast.recipe_path(UUID)) as f:
+    with open(hook_state.recipe_path(UUID)) as f:
         recipe = json.load(f)
     assert recipe["id"] == 7 and [b["mem_path"] for b in recipe["backends"]] == [env.file_path]
     os.makedirs(env.domain_dir)
     assert env.run("start", "begin") == 0
-    assert not os.path.exists(hook_fast.recipe_path(UUID))
-    with open(hook_fast.state_path(UUID)) as f:
+    assert not os.path.exists(hook_state.recipe_path(UUID))
+    with open(hook_state.state_path(UUID)) as f:
         state = json.load(f)
     assert state["files"] == [] and "result" not in state
     [link] = state["pool_links"]
@@ -282,7 +284,7 @@ def test_a_stale_recipe_is_not_trusted(env: Env, run_dir: str, shm_dir: str) -> 
     # The guest got another id between prepare and start: the recipe's paths are wrong.
     os.makedirs(f"{shm_dir}/libvirt/qemu/8-{NAME}")
     assert env.run("start", "begin", domain_xml(domain_id=8)) == 0
-    with open(hook_fast.state_path(UUID)) as f:
+    with open(hook_state.state_path(UUID)) as f:
         state = json.load(f)
     assert state["id"] == 8 and state["files"] == []  # the full path, from the pool too
     assert state["pool_links"][0]["link_path"] == f"{shm_dir}/libvirt/qemu/8-{NAME}/pc.ram"
@@ -303,14 +305,14 @@ def test_a_changed_xml_or_qemu_conf_is_planned_again(env: Env, run_dir: str,
     assert env.run("start", "begin") == 0
     stop(env)
     wait_clean(run_dir, shm_dir)
-    assert (hook_fast.plan_inputs(domain_xml(), "/q", None)
-            == hook_fast.plan_inputs(domain_xml(domain_id=99), "/q", None))
-    assert (hook_fast.plan_inputs(domain_xml(), "/q", None)
-            != hook_fast.plan_inputs(domain_xml(), "/q", "# another config"))
+    assert (warm.plan_inputs(domain_xml(), "/q", None)
+            == warm.plan_inputs(domain_xml(domain_id=99), "/q", None))
+    assert (warm.plan_inputs(domain_xml(), "/q", None)
+            != warm.plan_inputs(domain_xml(), "/q", "# another config"))
     # Another size: the cached plan does not hold; planned again, nothing from the pool.
     assert env.run("prepare", "begin", domain_xml(size_mib=32)) == 0
     assert "plan: as before" not in env.log()
-    assert not os.path.exists(hook_fast.recipe_path(UUID))
+    assert not os.path.exists(hook_state.recipe_path(UUID))
     # qemu.conf rewritten as it was: the plan holds.  Edited: planned again (the pool still
     # serves: a recipe is written).
     qemu_conf = os.path.join(os.path.dirname(env.config_path), "qemu.conf")
@@ -321,16 +323,16 @@ def test_a_changed_xml_or_qemu_conf_is_planned_again(env: Env, run_dir: str,
         f.write(text)
     assert env.run("prepare", "begin") == 0
     assert env.log().count("plan: as before") == 1
-    os.unlink(hook_fast.recipe_path(UUID))
+    os.unlink(hook_state.recipe_path(UUID))
     with open(qemu_conf, "a") as f:
         f.write("# edited\n")
     assert env.run("prepare", "begin") == 0
-    assert env.log().count("plan: as before") == 1 and os.path.exists(hook_fast.recipe_path(UUID))
-    os.unlink(hook_fast.recipe_path(UUID))
+    assert env.log().count("plan: as before") == 1 and os.path.exists(hook_state.recipe_path(UUID))
+    os.unlink(hook_state.recipe_path(UUID))
     # kvmaccel's config edited: its snapshot no longer holds; the full hook reads and plans.
     env.write_config("# edited\n")
     assert env.run("prepare", "begin") == 0
-    assert env.log().count("plan: as before") == 1 and os.path.exists(hook_fast.recipe_path(UUID))
+    assert env.log().count("plan: as before") == 1 and os.path.exists(hook_state.recipe_path(UUID))
     assert env.run("prepare", "begin") == 0
     assert env.log().count("plan: as before") == 2
 
@@ -338,23 +340,25 @@ def test_a_changed_xml_or_qemu_conf_is_planned_again(env: Env, run_dir: str,
 WARM = """
 import io, sys
 sys.path.insert(0, {top!r})
-from kvmaccel.hook_fast import main
+from {module} import main
 rc = main([{name!r}, {op!r}, "begin", "-"], io.BytesIO({xml!r}), config_path={config!r})
 print(rc, sorted({heavy!r} & set(sys.modules)))
 """
-HEAVY = {"logging", "tomllib", "dataclasses", "hashlib", "kvmaccel.hook", "kvmaccel.config",
-         "kvmaccel.pool", "kvmaccel.plan", "kvmaccel.domain"}
+HEAVY = {"logging", "tomllib", "dataclasses", "hashlib", "kvmaccel.hook.full",
+         "kvmaccel.plan.config", "kvmaccel.pool.manage", "kvmaccel.plan.planner",
+         "kvmaccel.model.domain"}
 
 
-def run_hook_without_site(env: Env, op: str, run_dir: str, heavy: set[str]) -> str:
+def run_hook_without_site(env: Env, op: str, run_dir: str, heavy: set[str],
+                          module: str = "kvmaccel.hook.entry") -> str:
     """Run the hook as the installed script does (``python -S``); return its exit status
     and which of ``heavy`` it imported."""
     import subprocess
     import sys
 
     top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = WARM.format(top=top, name=NAME, op=op, xml=domain_xml(), config=env.config_path,
-                       heavy=heavy)
+    code = WARM.format(top=top, module=module, name=NAME, op=op, xml=domain_xml(),
+                       config=env.config_path, heavy=heavy)
     return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                           check=True, env={"KVMACCEL_RUN_DIR": run_dir}).stdout
 
@@ -378,6 +382,24 @@ def test_a_warm_start_runs_without_site_logging_or_the_planner(env: Env, run_dir
     wait_clean(run_dir, shm_dir)
 
 
+def test_a_hook_installed_before_the_layout_by_layers_still_starts_warm(
+        env: Env, run_dir: str, shm_dir: str) -> None:
+    """A script that ``kvmaccel hook install`` wrote before kvmaccel's modules moved into
+    packages imports ``kvmaccel.hook_fast``: it still runs, and still warm (the same budget)."""
+    assert env.run("prepare", "begin") == 0
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    stop(env)
+    wait_clean(run_dir, shm_dir)
+    os.makedirs(env.domain_dir)
+    for op in ("prepare", "start"):
+        assert run_hook_without_site(env, op, run_dir, HEAVY, "kvmaccel.hook_fast") == "0 []\n"
+    assert "started from the pool" in env.log()
+    assert pool_states(run_dir, shm_dir) == ["in_use"]
+    stop(env)
+    wait_clean(run_dir, shm_dir)
+
+
 def test_an_unchanged_guest_is_not_planned_again_without_a_pool(env: Env, run_dir: str
                                                                 ) -> None:
     """The second start of the same XML: prepare finds the plan as before, and start
@@ -386,7 +408,8 @@ def test_an_unchanged_guest_is_not_planned_again_without_a_pool(env: Env, run_di
     for _ in range(2):
         assert run_hook_without_site(env, "prepare", run_dir, set()) == "0 []\n"
         os.makedirs(env.domain_dir)
-        planner = {"kvmaccel.plan", "kvmaccel.domain"}  # prepare planned and cached the plan
+        # prepare planned and cached the plan
+        planner = {"kvmaccel.plan.planner", "kvmaccel.model.domain"}
         assert run_hook_without_site(env, "start", run_dir, planner) == "0 []\n"
         assert os.stat(env.file_path).st_nlink == 1  # populated, no pool
         assert os.stat(env.file_path).st_size == SIZE_MIB << 20
@@ -394,7 +417,7 @@ def test_an_unchanged_guest_is_not_planned_again_without_a_pool(env: Env, run_di
     assert env.log().count("plan: populate") == 1
     assert env.log().count("populated 64M") == 2
     assert "plan: as before; start populates " + env.file_path in env.log()
-    assert not os.path.exists(hook_fast.recipe_path(UUID))
+    assert not os.path.exists(hook_state.recipe_path(UUID))
 
 
 def test_a_disabled_config_stops_the_warm_path_too(env: Env, run_dir: str) -> None:
@@ -402,16 +425,16 @@ def test_a_disabled_config_stops_the_warm_path_too(env: Env, run_dir: str) -> No
     assert env.run("prepare", "begin") == 0  # the full hook reads it and saves the snapshot
     os.makedirs(env.domain_dir)
     assert env.run("start", "begin") == 0  # the warm path: disabled, nothing done
-    assert not os.path.exists(env.file_path) and not os.path.exists(hook_fast.state_path(UUID))
+    assert not os.path.exists(env.file_path) and not os.path.exists(hook_state.state_path(UUID))
 
 
 def test_pool_gives_back_unused_files_to_make_room(tmp_path: object, run_dir: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A pool never starves a guest: the clean file of another size that nobody uses is
     given back when the guest's file would not fit otherwise, at prepare and at start."""
-    from kvmaccel.host import read_host
-    from kvmaccel.limits import Limits
-    from kvmaccel.pool import Pool, key_for
+    from kvmaccel.host.facts import read_host
+    from kvmaccel.plan.limits import Limits
+    from kvmaccel.pool.manage import Pool, key_for
 
     from .conftest import private_mount
 

@@ -1,4 +1,4 @@
-"""kvmaccel.hook_install and ``kvmaccel hook install|uninstall|status`` in a temporary libvirt
+"""kvmaccel.hook.install and ``kvmaccel hook install|uninstall|status`` in a temporary libvirt
 directory, with an existing hooks/qemu that must keep working; and the installed script run
 as libvirt runs it."""
 
@@ -12,9 +12,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from kvmaccel import hook, hook_fast, hook_install
-from kvmaccel.cli import main
+from kvmaccel.cli.main import main
 from kvmaccel.errors import HookError
+from kvmaccel.hook import full as hook
+from kvmaccel.hook import install as hook_install
+from kvmaccel.hook import state as hook_state
 from kvmaccel.paths import DEFAULT_RUN_DIR
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,7 +148,7 @@ def test_installed_script_runs_as_libvirt_runs_it(libvirt_dir: str, tmp_path: ob
     st = hook_install.install(libvirt_dir, config_path=config)
     # Run as libvirt runs it, the hook keeps what it read of its config in /run/kvmaccel;
     # uninstalling removes it.
-    snapshot = hook_fast.snapshot_path(config, DEFAULT_RUN_DIR)
+    snapshot = hook_state.snapshot_path(config, DEFAULT_RUN_DIR)
     try:
         handled = subprocess.run([st.path, "g", "prepare", "begin", "-"], env=env,
                                  capture_output=True, input=b"<domain/>", check=False)

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from kvmaccel import virsh
-from kvmaccel.backing import BackingSpec, populate_backings, release
+from kvmaccel.bench import virsh
+from kvmaccel.engine.backing import BackingSpec, populate_backings, release
 from kvmaccel.errors import VirshError
-from kvmaccel.host import read_host
-from kvmaccel.pool import Pool
+from kvmaccel.host.facts import read_host
+from kvmaccel.pool.manage import Pool
 from tests.conftest import need, private_mount
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.root]
@@ -383,7 +383,8 @@ def test_a_pool_at_its_limit_is_not_refilled(libvirt: Libvirt, guest: str) -> No
 @contextlib.contextmanager
 def cpu_hogs(nice: int = 10) -> Iterator[None]:
     """Keep every CPU busy at ``nice`` (in a session and autogroup of their own at that
-    nice, see :func:`kvmaccel.pool.spawn_scrub`): a nice-19 process then gets a small share."""
+    nice, see :func:`kvmaccel.pool.manage.spawn_scrub`): a nice-19 process then gets a small
+    share."""
     def lower() -> None:
         os.nice(nice)
         with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:

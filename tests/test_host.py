@@ -1,4 +1,4 @@
-"""kvmaccel.host against the fake one- and two-node trees in tests/data/sysfs (copies of the
+"""kvmaccel.host.facts against the fake one- and two-node trees in tests/data/sysfs (copies of the
 shape of real hosts), and against this machine."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmaccel.errors import HostError
-from kvmaccel.host import CpuFreq, read_cpufreq, read_host
+from kvmaccel.host.facts import CpuFreq, read_cpufreq, read_host
 
 DATA = Path(__file__).resolve().parent / "data" / "sysfs"
 

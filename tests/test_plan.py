@@ -1,4 +1,4 @@
-"""kvmaccel.plan and ``kvmaccel plan``: golden plans for vm-fixtures/, decisions, bad input.
+"""kvmaccel.plan.planner and ``kvmaccel plan``: golden plans for vm-fixtures/, decisions, bad input.
 
 Every fixture is planned against the fake two-node host in tests/data/sysfs/two-node with its
 ``NAME.qemu.conf`` (if any) and ``--id 7``; the JSON must equal ``NAME.plan.json``.  After a
@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kvmaccel.cli import main
-from kvmaccel.domain import parse_domain
+from kvmaccel.cli.main import main
 from kvmaccel.errors import PlanError
-from kvmaccel.host import read_host
-from kvmaccel.limits import Limits
-from kvmaccel.plan import plan_domain, plan_to_json, shortname, split_by_node
-from kvmaccel.qemuconf import QemuConf, qemu_conf_from_text
+from kvmaccel.host.facts import read_host
+from kvmaccel.model.domain import parse_domain
+from kvmaccel.model.qemuconf import QemuConf, qemu_conf_from_text
+from kvmaccel.plan.libvirt import shortname
+from kvmaccel.plan.limits import Limits
+from kvmaccel.plan.planner import plan_domain, plan_to_json, split_by_node
 
 TOP = Path(__file__).resolve().parents[1]
 FIXTURES = TOP / "vm-fixtures"

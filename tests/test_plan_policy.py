@@ -12,16 +12,16 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from kvmaccel.cli import main
-from kvmaccel.domain import parse_domain
-from kvmaccel.energy import EnergyDecision
-from kvmaccel.host import read_host
-from kvmaccel.limits import Limits
-from kvmaccel.plan import plan_domain
-from kvmaccel.qemuconf import qemu_conf_from_text
-from kvmaccel.tuning import Curve, Tuning, host_fingerprint, resolve_tuning, save_tuning
+from kvmaccel.cli.main import main
+from kvmaccel.host.facts import read_host
+from kvmaccel.model.domain import parse_domain
+from kvmaccel.model.qemuconf import qemu_conf_from_text
+from kvmaccel.plan.energy import EnergyDecision
+from kvmaccel.plan.limits import Limits
+from kvmaccel.plan.planner import plan_domain
+from kvmaccel.plan.tuning import Curve, Tuning, host_fingerprint, resolve_tuning, save_tuning
 
-from .test_energy import fake_host
+from .test_plan_energy import fake_host
 
 TOP = Path(__file__).resolve().parents[1]
 TWO_NODE = TOP / "tests" / "data" / "sysfs" / "two-node"
@@ -119,8 +119,8 @@ def test_plan_limits_are_what_the_engine_runs_with() -> None:
 
 def test_the_hook_runs_the_engine_with_the_plans_limits() -> None:
     """The hook's engine limits are the plan's: energy cap and tuned counts included."""
-    from kvmaccel.config import parse_config
-    from kvmaccel.hook_ops import make_plan
+    from kvmaccel.hook.ops import make_plan
+    from kvmaccel.plan.config import parse_config
 
     host = read_host()
     fp = host_fingerprint(host)

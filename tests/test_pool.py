@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmaccel import sysmem
-from kvmaccel.host import read_host
-from kvmaccel.limits import Limits
-from kvmaccel.pool import Pool, PoolError, PoolKey, key_for, pool_dir_for
+from kvmaccel.host import sysmem
+from kvmaccel.host.facts import read_host
+from kvmaccel.plan.limits import Limits
+from kvmaccel.pool.manage import Pool, PoolError, PoolKey, key_for, pool_dir_for
 
 from .conftest import free_hugepages_2m
 
@@ -163,8 +163,8 @@ def test_scrub_killed_midway_leaves_the_file_dirty(shm_dir: str) -> None:
     pool.release_domain("u1")
     script = (
         "import sys, time\n"
-        "from kvmaccel import pool as p\n"
-        "from kvmaccel.host import read_host\n"
+        "from kvmaccel.pool import manage as p\n"
+        "from kvmaccel.host.facts import read_host\n"
         "real = p.zero_file\n"
         "def slow(*a, **k):\n"
         "    print('zeroing', flush=True)\n"
@@ -201,8 +201,8 @@ def test_real_interrupted_zeroing_is_never_clean(shm_dir: str) -> None:
     write_pattern(entry.path, 2048 * MIB, 1 * MIB)
     pool._write_state(entry.path, "dirty")
     proc = subprocess.Popen([sys.executable, "-c",
-                             "from kvmaccel.pool import Pool\n"
-                             "from kvmaccel.host import read_host\n"
+                             "from kvmaccel.pool.manage import Pool\n"
+                             "from kvmaccel.host.facts import read_host\n"
                              f"Pool({pool_dir!r}).scrub(read_host())\n"])
     deadline = time.monotonic() + 30
     while pool.entries()[0].recorded_state != "scrubbing" and time.monotonic() < deadline:
@@ -267,7 +267,7 @@ def test_the_detached_scrub_is_niced_and_so_is_its_autogroup(tmp_path: object) -
     """spawn_scrub starts a new session, which is a new scheduler autogroup; only the
     group's nice counts between groups, so it must be 19 too, or the scrub competes with
     the guests as an equal."""
-    from kvmaccel.pool import AUTOGROUP, spawn_scrub
+    from kvmaccel.pool.manage import AUTOGROUP, spawn_scrub
 
     from .conftest import need
 

@@ -1,0 +1,384 @@
+"""``kvmaccel hook bench-start``: how long ``virsh start`` takes under each memory setup.
+
+One guest size, every configuration in the same run, rounds in rotated order, medians
+reported (the test machines are VMs whose memory timings drift; see FACTS.md).  The time is
+wall time until ``virsh start`` returns: libvirt's work, the hooks, QEMU's start and its
+preallocation, everything a user waits for.
+
+Configurations (``T`` is ``--threads``):
+
+* ``qemu-hugepages``: ``<hugepages/>``; QEMU preallocates with its default single thread.
+* ``qemu-hugepages-T``: ``<hugepages/>`` + ``<allocation mode='immediate' threads='T'/>``.
+* ``qemu-shm-T``: a shared file on /dev/shm, ``<allocation mode='immediate' threads='T'/>``.
+* ``kvmaccel-hugetlbfs``, ``kvmaccel-shm``: a shared file (``<source type='file'/>``,
+  ``<access mode='shared'/>``) under ``memory_backing_dir`` on the hugetlbfs mount or on
+  /dev/shm, and kvmaccel's hook populating it with T threads (``[limits] threads``) before
+  QEMU starts.  No ``<allocation>``: the file is already fully populated, so QEMU's prealloc
+  would only walk pages that are there.
+* ``kvmaccel-pool-hugetlbfs``, ``kvmaccel-pool-shm``: the same, with the warm pool: before
+  each timed start a clean pool file is made (``Pool.fill``, untimed), the hook links it at
+  the guest's path, nothing is populated on the start path; after the guest is destroyed
+  the bench waits for the hook's detached scrub and drains the pool, so the pool never
+  holds more than one guest's memory.  ``@2G`` (``--pool-sizes``) repeats them for another
+  guest size, to show the pool start does not grow with the guest.
+* each also ``+locked``: all guest memory locked, which pins every page at start as VFIO
+  does.  libvirt's ``<locked/>`` cannot start on the test machines (root lacks
+  CAP_SYS_RESOURCE, memlock hard limit 8 MiB), so the stand-in is qemu.conf ``user`` and
+  ``group`` ``root``, ``clear_emulator_capabilities = 0`` and ``-overcommit mem-lock=on``
+  through ``<qemu:commandline>``.  QEMU then calls ``mlockall(MCL_CURRENT|MCL_FUTURE)``
+  before it creates guest memory, so every mapping is faulted in by one thread at ``mmap``
+  and ``prealloc-threads`` no longer help.
+
+Guest memory goes to a private 2M hugetlbfs and a private tmpfs mounted for the run (not the
+host's /dev/hugepages and /dev/shm, nor any pool there).  The hook is installed in
+``/etc/libvirt/hooks/qemu.d/`` for the run (libvirtd lists that
+directory at every call, so it is moved aside for the QEMU-only configurations);
+``/etc/libvirt/qemu.conf`` is rewritten per configuration and libvirtd restarted.  Both are put
+back at the end, whatever happens.  Raises :class:`~kvmaccel.errors.VirshError`,
+:class:`~kvmaccel.errors.CapacityError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+from ..errors import CapacityError, UsageError, VirshError
+from ..hook import install as hook_install
+from ..host.facts import read_host
+from ..model.units import format_size
+from ..plan.limits import Limits
+from ..pool.manage import POOL_DIRNAME, Pool, PoolKey, key_for
+from . import virsh
+
+Emit = Callable[[str], None]
+PREFIX = "kvmaccel-bench-"
+
+
+@dataclass(frozen=True)
+class StartConfig:
+    name: str
+    hugepages: bool  # <hugepages/>: QEMU fills a temporary file in the hugetlbfs directory
+    backing_dir: str | None  # memory_backing_dir for a shared <source type='file'/>
+    threads: int | None  # <allocation mode='immediate' threads=N/>
+    hook: bool
+    locked: bool
+    pool: bool = False  # the hook starts the guest from a clean pool file
+    size_bytes: int | None = None  # another guest size than the run's
+
+    def guest_bytes(self, default: int) -> int:
+        return self.size_bytes or default
+
+    def qemu_conf(self) -> dict[str, str | int]:
+        settings: dict[str, str | int] = {}
+        if self.backing_dir:
+            settings["memory_backing_dir"] = self.backing_dir
+        if self.locked:
+            settings.update(user="root", group="root", clear_emulator_capabilities=0)
+        return settings
+
+
+@dataclass
+class StartResult:
+    config: StartConfig
+    seconds: list[float] = field(default_factory=list)
+    hook_seconds: list[float] = field(default_factory=list)
+    scrub_seconds: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.seconds) if self.seconds else None
+
+
+def configurations(threads: int, hugetlbfs_dir: str, shm_dir: str = "/dev/shm",
+                   pool_sizes: Sequence[int] = ()) -> list[StartConfig]:
+    pool_h = StartConfig("kvmaccel-pool-hugetlbfs", False, hugetlbfs_dir, None, True, False,
+                         pool=True)
+    pool_s = StartConfig("kvmaccel-pool-shm", False, shm_dir, None, True, False, pool=True)
+    base = [
+        StartConfig("qemu-hugepages", True, None, None, False, False),
+        StartConfig(f"qemu-hugepages-{threads}", True, None, threads, False, False),
+        StartConfig(f"qemu-shm-{threads}", False, shm_dir, threads, False, False),
+        StartConfig("kvmaccel-hugetlbfs", False, hugetlbfs_dir, None, True, False),
+        StartConfig("kvmaccel-shm", False, shm_dir, None, True, False),
+        pool_h, pool_s,
+    ]
+    sized = [replace(c, name=f"{c.name}@{format_size(size)}", size_bytes=size)
+             for size in pool_sizes for c in (pool_h, pool_s)]
+    return base + sized + [replace(c, name=c.name + "+locked", locked=True) for c in base]
+
+
+def domain_xml(cfg: StartConfig, name: str, size_bytes: int) -> str:
+    """A diskless 2-vCPU KVM guest of ``size_bytes`` memory set up as ``cfg`` says."""
+    backing = []
+    if cfg.hugepages:
+        backing.append("<hugepages/>")
+    else:
+        backing += ["<source type='file'/>", "<access mode='shared'/>"]
+    if cfg.threads:
+        backing.append(f"<allocation mode='immediate' threads='{cfg.threads}'/>")
+    cmdline = ("<qemu:commandline><qemu:arg value='-overcommit'/>"
+               "<qemu:arg value='mem-lock=on'/></qemu:commandline>") if cfg.locked else ""
+    return f"""<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <uuid>{uuidlib.uuid5(uuidlib.NAMESPACE_DNS, name + '.kvmaccel')}</uuid>
+  <memory unit='KiB'>{size_bytes // 1024}</memory>
+  <memoryBacking>{''.join(backing)}</memoryBacking>
+  <vcpu placement='static'>2</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
+  {cmdline}
+</domain>
+"""
+
+
+def _check_room(size_bytes: int, configs: Sequence[StartConfig], hugetlbfs_dir: str) -> None:
+    host = read_host()
+    pool = host.hugepages.get(2048)
+    needed = max((c.guest_bytes(size_bytes) for c in configs
+                  if c.hugepages or c.backing_dir == hugetlbfs_dir), default=0)
+    have = pool.free_pages * 2048 * 1024 if pool else 0
+    if have < needed:
+        raise CapacityError(f"a {format_size(needed)} guest needs {needed >> 21} free "
+                            f"2M huge pages; {have >> 21} are free; choose a smaller --size",
+                            page_size_kib=2048, needed_bytes=needed, available_bytes=have)
+    if host.mem_available_kib * 1024 < size_bytes * 3 // 2:
+        raise CapacityError(f"MemAvailable {format_size(host.mem_available_kib * 1024)} is "
+                            f"too little for a {format_size(size_bytes)} guest on tmpfs")
+
+
+@dataclass
+class _Bench:
+    """What one bench run shares: its work directory, the hook's config, the mounts."""
+
+    workdir: str
+    threads: int
+    hugetlbfs_dir: str
+    enable: Callable[[bool], None]
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.workdir, "run")
+
+    def config_path(self, pool: bool) -> str:
+        return os.path.join(self.workdir, "kvmaccel-pool.toml" if pool else "kvmaccel.toml")
+
+    def use_config(self, pool: bool) -> None:
+        """Point the installed hook at the config with the pool on or off.  Each config file
+        is written once and stays put, as an operator's does: the hook trusts what it
+        learned from a config only while the file is unchanged."""
+        path = self.config_path(pool)
+        if not os.path.exists(path):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(f'strict = true\nsyslog = false\nlog_file = "{self.workdir}/hook.log"\n'
+                        f'run_dir = "{self.run_dir}"\n[limits]\nthreads = {self.threads}\n'
+                        f'[pool]\nenabled = {"true" if pool else "false"}\n')
+        if (hook_install.status(virsh.LIBVIRT_DIR).info or {}).get("config") != path:
+            hook_install.install(virsh.LIBVIRT_DIR, config_path=path)
+
+    def pool(self, cfg: StartConfig) -> Pool:
+        assert cfg.backing_dir is not None
+        return Pool(os.path.join(cfg.backing_dir, POOL_DIRNAME),
+                    state_root=os.path.join(self.run_dir, "pool"))
+
+    def key(self, cfg: StartConfig, size_bytes: int) -> PoolKey:
+        page_kib = 2048 if cfg.backing_dir == self.hugetlbfs_dir else 4
+        return key_for(cfg.guest_bytes(size_bytes), page_kib)
+
+
+@contextlib.contextmanager
+def _bench_hook(workdir: str) -> Iterator[Callable[[bool], None]]:
+    """Install the hook (config in ``workdir``) for the run; yield ``enable(bool)``."""
+    with virsh.temporary_hook(os.path.join(workdir, "kvmaccel.toml"), workdir) as enable:
+        yield enable
+
+
+def _state(bench: _Bench, name: str) -> dict[str, object]:
+    key = str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, name + ".kvmaccel"))
+    try:
+        with open(os.path.join(bench.run_dir, "domains", f"{key}.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict):
+        raise VirshError(f"{name}: the hook left no state; see {bench.workdir}/hook.log")
+    return state
+
+
+def _hook_seconds(bench: _Bench, cfg: StartConfig, name: str) -> float | None:
+    """Seconds the hook populated (0 for a start from the pool); raises when the hook did not
+    do what the configuration is about."""
+    if not cfg.hook:
+        return None
+    state = _state(bench, name)
+    if cfg.pool:
+        if state.get("files") or not state.get("pool_links"):
+            raise VirshError(f"{cfg.name}: the start did not come from the pool; see "
+                             f"{bench.workdir}/hook.log")
+        return 0.0
+    try:
+        return float(state["result"]["seconds"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        raise VirshError(f"{cfg.name}: the hook did not populate the guest; see "
+                         f"{bench.workdir}/hook.log") from None
+
+
+def _settle_pool(pool: Pool, timeout_s: float = 300) -> float:
+    """Wait for the hook's detached scrub to finish; return how long it took."""
+    t0 = time.monotonic()
+    while any(e.state in ("in_use", "scrubbing", "dirty") for e in pool.entries()):
+        if time.monotonic() - t0 > timeout_s:
+            raise VirshError(f"the scrub of {pool.directory} did not finish in {timeout_s} s")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def _one_start(cfg: StartConfig, size_bytes: int, bench: _Bench, result: StartResult) -> None:
+    name = PREFIX + cfg.name.replace("+", "-").replace("@", "-")
+    size = cfg.guest_bytes(size_bytes)
+    xml = os.path.join(bench.workdir, f"{name}.xml")
+    with open(xml, "w", encoding="utf-8") as f:
+        f.write(domain_xml(cfg, name, size))
+    virsh.remove_domain(name)
+    virsh.virsh("define", xml)
+    if cfg.hook:
+        bench.use_config(cfg.pool)
+    pool = bench.pool(cfg) if cfg.pool else None
+    if pool is not None:  # untimed: one clean pool file for this guest
+        pool.fill(bench.key(cfg, size_bytes), 1, read_host(),
+                  Limits(threads=bench.threads, idle_cpus_only=False))
+    try:
+        t0 = time.monotonic()
+        virsh.virsh("start", name)
+        result.seconds.append(time.monotonic() - t0)
+        hook_s = _hook_seconds(bench, cfg, name)
+        if hook_s is not None:
+            result.hook_seconds.append(hook_s)
+    finally:
+        virsh.remove_domain(name)
+        if pool is not None:
+            result.scrub_seconds.append(_settle_pool(pool))
+            pool.drain()
+
+
+def run(size_bytes: int, *, runs: int, threads: int, only: Sequence[str] | None,
+        keep_going: bool, emit: Emit, pool_sizes: Sequence[int] = ()) -> list[StartResult]:
+    """Time every configuration ``runs`` times, rotating the order each round."""
+    if os.geteuid() != 0:
+        raise UsageError("bench-start needs root: it rewrites qemu.conf and restarts libvirtd")
+    names = {c.name for c in configurations(threads, "-", "-", pool_sizes)}
+    unknown = set(only or ()) - names
+    if unknown:
+        raise UsageError(f"unknown configuration(s) {', '.join(sorted(unknown))}; "
+                         f"choose from {', '.join(sorted(names))}")
+    workdir = tempfile.mkdtemp(prefix="kvmaccel-bench.", dir="/run")
+    os.chmod(workdir, 0o755)  # QEMU (the qemu user) must reach the mounts inside
+    failed = False
+    try:
+        with virsh.exclusive_libvirt(), \
+                virsh.private_mount("hugetlbfs", "pagesize=2M,mode=0755", "huge-",
+                                    workdir) as huge, \
+                virsh.private_mount("tmpfs", "mode=0755", "shm-", workdir) as shm:
+            configs = [c for c in configurations(threads, huge, shm, pool_sizes)
+                       if not only or c.name in only]
+            _check_room(size_bytes, configs, huge)
+            virsh.daemon_ready(timeout_s=5)
+            results = _run_locked(configs, size_bytes, runs, threads, keep_going, emit,
+                                  workdir, huge)
+            failed = any(r.error for r in results)
+            return results
+    finally:
+        if failed:
+            emit(f"kept {workdir} (hook log and state) for the failures")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_locked(configs: Sequence[StartConfig], size_bytes: int, runs: int, threads: int,
+                keep_going: bool, emit: Emit, workdir: str, huge: str) -> list[StartResult]:
+    results = {c.name: StartResult(c) for c in configs}
+    groups: dict[tuple[tuple[str, str | int], ...], list[StartConfig]] = {}
+    for c in configs:
+        groups.setdefault(tuple(sorted(c.qemu_conf().items())), []).append(c)
+    order = list(groups.items())
+    original = virsh.read_text(virsh.QEMU_CONF)
+    try:
+        with virsh.saved_file(virsh.QEMU_CONF), _bench_hook(workdir) as enable:
+            bench = _Bench(workdir, threads, huge, enable)
+            for r in range(runs):
+                shift = r % len(order)
+                for settings, members in order[shift:] + order[:shift]:
+                    live = [c for c in members if results[c.name].error is None]
+                    if not live:
+                        continue
+                    virsh.write_qemu_conf(dict(settings), original)
+                    enable(True)  # libvirtd runs qemu.d/ hooks only if it found one at start
+                    virsh.restart_libvirtd()
+                    k = r % len(live)
+                    for cfg in live[k:] + live[:k]:
+                        enable(cfg.hook)
+                        try:
+                            _one_start(cfg, size_bytes, bench, results[cfg.name])
+                        except VirshError as e:
+                            if not keep_going:
+                                raise
+                            results[cfg.name].error = str(e)
+                        res = results[cfg.name]
+                        emit(f"round {r + 1}/{runs} {cfg.name}: "
+                             + (f"{res.seconds[-1]:.2f} s" if res.error is None
+                                else f"FAILED: {res.error}"))
+    finally:
+        virsh.restart_libvirtd()  # back to the original qemu.conf, out of the mounts
+    return list(results.values())
+
+
+def format_table(results: Sequence[StartResult], size_bytes: int, threads: int) -> str:
+    """A Markdown table: median start time, hook populate time, the scrub after stop (pool),
+    the ratio to QEMU's best hugepage start at the same threads and locking
+    (``qemu-hugepages-T``), and for kvmaccel the ratio to QEMU on the same backing
+    (``qemu-hugepages-T``, ``qemu-shm-T``); then how the pool start changes with the size."""
+    by_name = {r.config.name: r for r in results}
+    lines = [f"`virsh start` of a {format_size(size_bytes)} guest, median of "
+             f"{max((len(r.seconds) for r in results), default=0)} run(s); T = {threads} threads",
+             "", "| configuration | start (s) | of which kvmaccel populate (s) | "
+             f"scrub after stop (s) | vs qemu-hugepages-{threads} | "
+             "vs QEMU on the same backing |",
+             "|---|---:|---:|---:|---:|---:|"]
+
+    def ratio(med: float, name: str) -> str:
+        base = by_name.get(name)
+        return f"{med / base.median_s:.2f}x" if base and base.median_s else "-"
+
+    def median(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f}" if values else "-"
+
+    for r in results:
+        suffix = "+locked" if r.config.locked else ""
+        med = r.median_s
+        if med is None:
+            lines.append(f"| {r.config.name} | failed: {r.error} | | | | |")
+            continue
+        same = "-"
+        if r.config.hook:
+            kind = "shm" if "-shm" in r.config.name else "hugepages"
+            same = ratio(med, f"qemu-{kind}-{threads}{suffix}")
+        lines.append(f"| {r.config.name} | {med:.2f} | {median(r.hook_seconds)} | "
+                     f"{median(r.scrub_seconds)} | "
+                     f"{ratio(med, f'qemu-hugepages-{threads}{suffix}')} | {same} |")
+    for r in results:
+        if r.config.size_bytes and r.median_s is not None:
+            full = by_name.get(r.config.name.split("@")[0])
+            if full and full.median_s is not None:
+                lines.append(f"\n{full.config.name}: {format_size(size_bytes)} "
+                             f"{full.median_s:.2f} s vs {format_size(r.config.size_bytes)} "
+                             f"{r.median_s:.2f} s: {full.median_s - r.median_s:+.2f} s")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""``kvmaccel pool fill|list|scrub|drain``: the warm pool by hand (see :mod:`kvmaccel.pool.manage`).
+
+A thin layer: it finds the pools, builds :class:`~kvmaccel.pool.manage.PoolKey` values from options
+or from a domain's plan, and delegates.  The pool's limits come from the ``[pool]`` table of
+the config file, or from ``--max-bytes`` / ``--max-node-bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import click
+
+from ..errors import UsageError
+from ..host.facts import HostFacts, read_host
+from ..model.domain import parse_domain
+from ..model.qemuconf import read_qemu_conf
+from ..model.units import format_size, parse_size
+from ..plan.config import read_config
+from ..plan.planner import plan_domain
+from ..pool.manage import POOL_DIRNAME, Pool, PoolKey, key_for, pool_dir_for, spawn_scrub
+from .common import cancel_on_signals, limits_options, make_limits, parse_nodes
+
+
+def _pool(directory: str, host: HostFacts, max_bytes: str | None,
+          max_node_bytes: str | None) -> Pool:
+    config = read_config()
+    return Pool(
+        pool_dir_for(directory, host.mounts),
+        max_bytes=parse_size(max_bytes) if max_bytes else config.pool_max_bytes,
+        max_node_bytes=(parse_size(max_node_bytes) if max_node_bytes
+                        else config.pool_max_node_bytes))
+
+
+def _all_pools(host: HostFacts, directories: tuple[str, ...]) -> list[Pool]:
+    """The pools named, or every pool that exists on a hugetlbfs or tmpfs mount."""
+    if directories:
+        return [Pool(pool_dir_for(d, host.mounts)) for d in directories]
+    seen: set[str] = set()
+    pools = []
+    for mount in host.mounts:
+        path = os.path.join(mount.path, POOL_DIRNAME)
+        if mount.fs_type in ("hugetlbfs", "tmpfs") and path not in seen and os.path.isdir(path):
+            seen.add(path)
+            pools.append(Pool(path))
+    return pools
+
+
+@click.group()
+def pool() -> None:
+    """Pre-populated, pre-zeroed backing files that guests start from."""
+
+
+@pool.command()
+@click.option("--size", help="Size of each file, e.g. 8G (not with --for).")
+@click.option("--page-size", help="Huge page size (a hugetlbfs mount with it); default: "
+              "base pages on /dev/shm.")
+@click.option("--dir", "directory", help="A directory on the filesystem the pool is for.")
+@click.option("--nodes", help="Host nodes the memory is bound to, e.g. 0 or 0,1.")
+@click.option("--policy", type=click.Choice(["bind", "preferred", "interleave"]),
+              default="bind", show_default=True)
+@click.option("--count", type=click.IntRange(1, 1000), default=1, show_default=True)
+@click.option("--for", "domain_xml", type=click.Path(exists=True, dir_okay=False),
+              help="Fill one file per backend kvmaccel would populate for this domain.")
+@click.option("--qemu-conf", type=click.Path(dir_okay=False), help="qemu.conf for --for.")
+@click.option("--reserve", is_flag=True, help="With --for: reserve the files to that guest.")
+@click.option("--max-bytes", help="Most the pool may hold (default: the config's).")
+@click.option("--max-node-bytes", help="Most the pool may hold per node.")
+@click.option("--json", "as_json", is_flag=True)
+@limits_options
+def fill(size: str | None, page_size: str | None, directory: str | None, nodes: str | None,
+         policy: str, count: int, domain_xml: str | None, qemu_conf: str | None,
+         reserve: bool, max_bytes: str | None, max_node_bytes: str | None, as_json: bool,
+         **limit_args: Any) -> None:
+    """Add COUNT clean files to a pool (of --size, or as a domain's plan says)."""
+    host = read_host()
+    limits = make_limits(**limit_args)
+    wanted: list[tuple[str, PoolKey]] = []
+    if domain_xml:
+        if size or page_size or nodes:
+            raise UsageError("--for takes sizes, pages and nodes from the domain; drop --size, "
+                             "--page-size and --nodes")
+        with open(domain_xml, "rb") as f:
+            domain = parse_domain(f.read())
+        plan = plan_domain(domain, host, read_qemu_conf(qemu_conf), limits)
+        for b in plan.populated:
+            assert b.mem_path is not None
+            wanted.append((os.path.dirname(b.mem_path), key_for(
+                b.file_size_bytes, b.page_size_kib, b.host_nodes or (), b.policy,
+                plan.uuid if reserve else None)))
+        if not wanted:
+            raise UsageError(f"{domain_xml}: kvmaccel populates none of this domain's memory "
+                             "(see 'kvmaccel plan'); nothing to fill")
+    else:
+        if not size:
+            raise UsageError("give --size (e.g. --size 8G) or --for DOMAIN.xml")
+        page_kib = parse_size(page_size) // 1024 if page_size else host.base_page_size_kib
+        if directory is None:
+            if page_size:
+                mounts = [m for m in host.hugetlbfs_mounts if m.page_size_kib == page_kib]
+                if not mounts:
+                    raise UsageError(f"no hugetlbfs mount with {page_size} pages; mount one or "
+                                     "give --dir")
+                directory = mounts[0].path
+            else:
+                directory = "/dev/shm"
+        node_list = parse_nodes(nodes)
+        wanted.append((directory, key_for(parse_size(size), page_kib, node_list, policy)))
+    report = []
+    for where, key in wanted:
+        target = _pool(where, host, max_bytes, max_node_bytes)
+        # SIGINT/SIGTERM cancel as for populate: the file being filled has no name yet, so
+        # nothing of it stays; the files already added stay, clean.
+        with cancel_on_signals() as cancel:
+            results = target.fill(key, count, host, limits, cancel=cancel)
+        for result in results:
+            report.append({"pool": target.directory, **result.as_dict()})
+            if not as_json:
+                click.echo(f"{target.directory}: +{format_size(key.size_bytes)} clean in "
+                           f"{result.seconds:.2f} s ({result.gib_per_s:.2f} GiB/s)")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+
+
+@pool.command(name="list")
+@click.option("--dir", "directories", multiple=True, help="Only this pool's filesystem.")
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(directories: tuple[str, ...], as_json: bool) -> None:
+    """Every pool file: state, size, page size, nodes, age, who uses it.
+
+    ``held``: another process still has the file open or mapped (it waits, unscrubbed and
+    unserved); ``bad``: not a file the pool may scrub or serve as it is (the next scrub or
+    drain removes it); the last column says why."""
+    entries = [e for p in _all_pools(read_host(), directories)
+               for e in p.entries(probe_holders=True)]
+    if as_json:
+        click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo("no pool files")
+        return
+    rows = [("STATE", "SIZE", "PAGE", "NODES", "AGE", "USED BY", "FILE")]
+    now = time.time()
+    for e in entries:
+        rows.append((e.state, format_size(e.key.size_bytes),
+                     format_size(e.key.page_size_kib * 1024),
+                     ",".join(map(str, e.key.host_nodes)) or "-",
+                     f"{now - e.updated_unix:.0f}s",
+                     f"{e.domain_uuid}/{e.backend_id}" if e.state == "in_use" else "-",
+                     e.path + (f" ({e.reason})" if e.reason else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+@pool.command()
+@click.option("--dir", "directories", multiple=True, help="Only this pool's filesystem.")
+@click.option("--detach", is_flag=True, help="Scrub in a background process at nice 19.")
+@limits_options
+def scrub(directories: tuple[str, ...], detach: bool, **limit_args: Any) -> None:
+    """Zero every dirty pool file (helpers at nice 19) and mark it clean."""
+    if detach:
+        spawn_scrub(directories)
+        click.echo("scrub started in the background")
+        return
+    host = read_host()
+    limits = make_limits(**limit_args)
+    for p in _all_pools(host, directories):
+        for entry in p.scrub(host, limits):
+            click.echo(f"scrubbed {entry.path} ({format_size(entry.key.size_bytes)})")
+
+
+@pool.command()
+@click.option("--dir", "directories", multiple=True, help="Only this pool's filesystem.")
+def drain(directories: tuple[str, ...]) -> None:
+    """Remove every pool file not in use, giving its pages back to the system."""
+    freed = sum(p.drain() for p in _all_pools(read_host(), directories))
+    click.echo(f"drained {format_size(freed) if freed else 'nothing'}")

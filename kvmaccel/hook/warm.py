@@ -1,0 +1,162 @@
+"""The hook's warm start: a ``prepare`` and ``start`` in as little Python as it takes.
+
+libvirt runs the hook at each step of a guest's life; ``prepare begin`` and ``start begin``
+come before QEMU, so the guest waits for both.  On a warm start (the same XML as last time and
+a clean pool file for every backend) all they do is check the cached plan, link files and write
+two small state files.  This module does that with only what ``json`` loads anyway: no logging,
+tomllib, dataclasses or hashlib, which cost about 60 ms a call, and the installed script starts
+Python without ``site`` (``-S``; it puts kvmaccel's and its dependencies' directories on
+``sys.path`` itself).  Every other case goes to :func:`kvmaccel.hook.full.main`, which
+reads the config, logs, plans and populates.
+
+What a warm start reads, all written by the full hook:
+
+* ``<$KVMACCEL_RUN_DIR, else /run/kvmaccel>/hook-config/<config path>.json``: the config as
+  the full hook last parsed it, with the file's text then.  A config file whose text changed
+  since is not trusted: the full hook reads it again.
+* ``<run_dir>/domains/<uuid>.plan-cache.json``: what a start needs of the guest's last plan
+  (files, sizes, nodes, pool keys, limits) and what it was made from: the XML without its
+  ``id``, and the texts of qemu.conf and the config file;
+* ``<run_dir>/domains/<uuid>.prepared.json``: the recipe ``prepare`` leaves for ``start``.
+
+Anything missing, changed or unexpected falls through to the full hook, which decides and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..pool.files import PoolEntry, PoolFiles, PoolKey
+from ..safefs import write_json_atomic
+from .state import cache_path, file_text, read_json, recipe_path, write_state
+
+FILE_MODE = 0o600
+RECIPE_MAX_AGE_S = 600
+"""A ``prepare`` older than this is not trusted by ``start`` (the pool may have changed)."""
+
+
+# --- a warm prepare: the plan as before, a clean pool file for every backend ----------------
+
+_DOMAIN_ID = re.compile(rb"(<domain\b[^>]*?)\s+id=(['\"])(-?\d+)\2")
+_UUID = re.compile(rb"<uuid>\s*([0-9a-fA-F-]{36})\s*</uuid>")
+
+
+def domain_ids(xml: bytes) -> tuple[str | None, int | None]:
+    """The domain's uuid and id, read without parsing the whole XML."""
+    m_uuid, m_id = _UUID.search(xml), _DOMAIN_ID.search(xml)
+    return (m_uuid.group(1).decode().lower() if m_uuid else None,
+            int(m_id.group(3)) if m_id else None)
+
+
+def plan_inputs(xml: bytes, qemu_conf: str, config_text: str | None) -> dict[str, Any]:
+    """What a plan is a function of, as far as a start goes: the domain XML without its id
+    (which changes at every start), and qemu.conf and kvmaccel's config as they are on disk
+    now.  Compared whole, so no hashing."""
+    return {"xml": _DOMAIN_ID.sub(rb"\1", xml, count=1).decode("utf-8", "replace"),
+            "qemu_conf": [qemu_conf, file_text(qemu_conf)], "config": config_text}
+
+
+def write_recipe_if_clean(domain_uuid: str, domain_id: int, name: str, shortname: str,
+                          backends: list[dict[str, Any]]) -> bool:
+    """Write the start recipe when a clean pool file waits for every backend."""
+    wanted: dict[tuple[str, str, PoolKey], int] = {}
+    for b in backends:
+        if not b["pool_dir"]:
+            return False
+        slot = (b["pool_dir"], b["state_dir"], PoolKey.from_dict(b["key"]))
+        wanted[slot] = wanted.get(slot, 0) + 1
+    for (pool_dir, state_dir, key), count in wanted.items():
+        if len(PoolFiles(pool_dir, state_dir=state_dir).clean_for(key, domain_uuid)) < count:
+            return False
+    write_json_atomic(recipe_path(domain_uuid), {
+        "uuid": domain_uuid, "id": domain_id, "name": name, "shortname": shortname,
+        "written_unix": time.time(), "backends": backends})
+    return True
+
+
+def cached_plan(xml: bytes, qemu_conf: str, config_text: str | None
+                ) -> tuple[str, int, str, dict[str, Any], list[dict[str, Any]]] | None:
+    """(uuid, id, shortname, cache, backends with this start's paths) when the guest's
+    cached plan still holds for ``xml``, else None."""
+    uuid, domain_id = domain_ids(xml)
+    if uuid is None or domain_id is None:
+        return None
+    cache = read_json(cache_path(uuid))
+    try:
+        if cache["inputs"] != plan_inputs(xml, qemu_conf, config_text):
+            return None
+        shortname = f"{domain_id}-{cache['shortname_tail']}"
+        backends = [{**b, "mem_path": f"/{shortname}/".join(b["path_around_shortname"])}
+                    for b in cache["backends"]]
+    except (KeyError, TypeError):
+        return None
+    return uuid, domain_id, shortname, cache, backends
+
+
+def prepare_from_cache(xml: bytes, values: dict[str, Any], say: Callable[[str], None]) -> bool:
+    """True when the cached plan still holds: the guest is planned as before.  When the pool
+    serves every backend, the recipe for ``start`` is written; otherwise ``start``
+    populates from the cached plan, and checks the host's room then (a failing check
+    refuses the start there, under ``strict``, as it would have here)."""
+    found = cached_plan(xml, values["qemu_conf"], values["config_text"])
+    if found is None:
+        return False
+    uuid, domain_id, shortname, cache, backends = found
+    files = ", ".join(b["mem_path"] for b in backends)
+    with_pool = values["pool_enabled"]
+    if with_pool and write_recipe_if_clean(uuid, domain_id, cache["name"], shortname, backends):
+        say(f"plan: as before; the pool serves {files}")
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(recipe_path(uuid))  # one a start that never came left behind
+        say(f"plan: as before; start populates {files}")
+    return True
+
+
+# --- a warm start: link what prepare found ----------------------------------------------------
+
+def start_from_pool(xml: bytes, say: Callable[[str], None]) -> bool:
+    """Link the clean pool files ``prepare`` found at the paths libvirt hands QEMU; True when
+    every backend is served.  Anything unexpected (no recipe, another domain id, a file
+    taken meanwhile, an error) gives back what was linked and returns False: the full path
+    runs."""
+    uuid, domain_id = domain_ids(xml)
+    if uuid is None:
+        return False
+    recipe = read_json(recipe_path(uuid))
+    try:
+        os.unlink(recipe_path(uuid))
+        fresh = (recipe["id"] == domain_id
+                 and time.time() - float(recipe["written_unix"]) < RECIPE_MAX_AGE_S)
+        backends = list(recipe["backends"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not fresh or not backends:
+        return False
+    taken: list[tuple[PoolFiles, PoolEntry, str, str]] = []
+    try:
+        for b in backends:
+            pool = PoolFiles(b["pool_dir"], state_dir=b["state_dir"])
+            target = b["mem_path"]
+            entry = pool.take(PoolKey.from_dict(b["key"]), target, domain_uuid=uuid,
+                              backend_id=b["backend_id"], mode=FILE_MODE)  # owned like its dir
+            if entry is None:
+                say(f"pool: no clean file for {target} any more; populating instead")
+                raise LookupError(target)
+            taken.append((pool, entry, target, b["backend_id"]))
+        write_state(uuid, {
+            "name": recipe.get("name"), "uuid": uuid, "id": recipe["id"],
+            "shortname": recipe.get("shortname"), "files": [], "start_unix": time.time(),
+            "pool_links": [{"backend_id": bid, "link_path": t, "pool_path": e.path,
+                            "pool_dir": p.directory} for p, e, t, bid in taken]})
+    except Exception:  # noqa: BLE001 -- give back and let the full path decide
+        for p, e, t, _ in taken:
+            p.give_back(e, t)
+        return False
+    say("started from the pool: " + ", ".join(t for _, _, t, _ in taken))
+    return True

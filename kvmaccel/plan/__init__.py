@@ -1,0 +1,13 @@
+"""The planning layer: model + host facts + limits -> a plan, with its reasons.
+
+Pure functions (:mod:`.planner`: which files libvirt will hand QEMU and what to do with
+each, after libvirt's own naming and path rules in :mod:`.libvirt`; :mod:`.limits`: helper
+threads per node, chunks; :mod:`.energy`, :mod:`.policy`, :mod:`.tuning`: how many threads,
+and why), and the operator's settings they take
+(:mod:`.config`, kvmaccel's TOML file, expressed in the planner's own types: :class:`Limits`,
+the energy settings).  Nothing here maps memory, creates files or starts threads.
+
+May import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model, kvmaccel.host.
+Must not import: kvmaccel.engine, kvmaccel.pool, kvmaccel.hook, kvmaccel.launch,
+  kvmaccel.bench, kvmaccel.cli.
+"""

@@ -1,0 +1,494 @@
+"""Plan a guest: which memory backends libvirt will hand QEMU, and what kvmaccel does about each.
+
+:func:`plan_domain` is pure: (domain model, host facts, qemu.conf, limits) -> :class:`DomainPlan`.
+It reads no files and mutates none of its inputs.  For every memory backend it reproduces what
+libvirt's ``qemuBuildMemoryBackendProps`` generates (id, QOM type, ``mem-path``, size, share,
+host-nodes, policy, prealloc and prealloc-threads), then decides whether kvmaccel populates it
+and, when not, says why.  For the populated backends it asks :func:`kvmaccel.plan.limits.
+distribute_helpers` (the engine's own rule) how many helper threads serve each node, and checks
+free memory per node and page size.
+
+libvirt rules reproduced here and, for names, sizes and paths, in :mod:`kvmaccel.plan.libvirt`
+(``src/qemu/qemu_command.c``, ``qemu_conf.c``, ``qemu_domain.c``):
+
+* shortname ``<id>-<first 20 characters of the name>``; aliases ``pc.ram`` (no guest NUMA),
+  ``ram-node<N>`` per cell, the device alias (``dimm0``) for memory devices, whose backend id is
+  ``mem<alias>``;
+* sizes: NUMA cells and boot memory rounded up to 1 MiB, memory devices to 2 MiB; with NUMA
+  cells the cells' sum wins over ``<memory>``;
+* huge pages: a ``<page>`` whose nodeset holds the cell, else the one without a nodeset; a
+  bare ``<hugepages/>`` takes the default mount's size; a size equal to the base page means none;
+  mem-path ``<mount>/libvirt/qemu/<shortname>``, a *directory*;
+* ``<source type='file'/>`` or any access mode: ``<memory_backing_dir>/<shortname>/<alias>``;
+  ``memfd``: no path; otherwise ``memory-backend-ram``, no path;
+* share from the device's access, else the cell's ``memAccess``, else ``<memoryBacking>``'s;
+* prealloc with ``<allocation mode='immediate'/>``, huge pages or an nvdimm; never on a
+  virtio-mem backend (QEMU preallocates plugged blocks through the device);
+* host-nodes and policy from a device's ``<nodemask>`` or ``<numatune>`` (memnode, else memory;
+  ``placement='auto'`` uses numad's nodeset); none in ``mode='restrictive'``.
+
+JSON shape (:func:`plan_to_json`, ``kvmaccel plan --json``), stable within ``schema``
+``kvmaccel.plan/1``; sizes in bytes, page sizes in KiB, ``node`` null means "not bound"::
+
+    {
+      "schema": "kvmaccel.plan/1",
+      "domain": {"name": str, "uuid": str|null, "id": int, "shortname": str},
+      "libvirt": {
+        "memory_backing_dir": str,          # qemu.conf value + "/libvirt/qemu", or the default
+        "memory_backing_domain_dir": str,   # <memory_backing_dir>/<shortname>
+        "hugepage_domain_dirs": [str],      # <mount>/libvirt/qemu/<shortname>, every mount
+        "created_dirs": [str],              # the ones libvirt creates for this guest
+        "qemu_user": str, "qemu_group": str
+      },
+      "backends": [{
+        "id": str, "alias": str,
+        "kind": "system"|"cell"|"dimm"|"nvdimm"|"virtio-mem"|"virtio-pmem"|"sgx-epc",
+        "guest_node": int|null,
+        "qom_type": "memory-backend-file"|"memory-backend-memfd"|"memory-backend-ram"|...,
+        "mem_path": str|null, "mem_path_is_dir": bool,
+        "size_bytes": int,                  # what libvirt passes as size=
+        "file_size_bytes": int,             # size_bytes rounded up to page_size_kib
+        "page_size_kib": int, "filesystem": str|null,
+        "share": bool|null,                 # null: not passed (QEMU default)
+        "prealloc": bool, "prealloc_threads": int|null,
+        "host_nodes": [int]|null, "policy": "bind"|"preferred"|"interleave"|null,
+        "populate": bool, "skip_reason": str|null
+      }],
+      "work": [{"node": int|null, "bytes": int}],
+      "helpers": {"threads": int, "per_node": [{"node": int|null, "helpers": int}],
+                  "reasons": [str]},
+      "capacity": [{"node": int|null, "page_size_kib": int, "needed_bytes": int,
+                    "available_bytes": int, "source": str, "ok": bool}],
+      "notes": [str],
+      "tuning": {"status": "none"|"used"|"ignored", "reason": str|null,   # kvmaccel tune
+                 "helpers_per_node": [{"node": int, "helpers": int}]}|null,
+      "energy": {"mode": "auto"|"performance"|"powersave", "max_threads": int|null,
+                 "deciding_signal": str|null, "reason": str,
+                 "signals": [{"name": str, "detail": str}]}|null     # docs/energy.md
+    }
+
+``tuning`` and ``energy`` are null when the caller planned without them.  A tuned per-node
+count replaces the 80% rule (see :mod:`kvmaccel.plan.tuning`); an energy cap lowers ``threads``
+like ``<allocation threads='N'/>`` (the smaller one wins); both say so in the helper reasons.
+
+Errors: :class:`~kvmaccel.errors.PlanError` for a nodeset naming nodes the host lacks, a huge
+page size no hugetlbfs mount serves, or a path that would leave its directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import PlanError
+from ..host.facts import HostFacts
+from ..model.domain import Domain
+from ..model.qemuconf import QemuConf
+from ..model.units import align_up, format_cpu_spec, format_size
+from .energy import EnergyDecision, apply_energy
+from .libvirt import (
+    HugetlbfsMount,
+    _join,
+    _mount_of,
+    _Source,
+    _sources,
+    libvirt_hugetlbfs,
+    shortname,
+)
+from .limits import HelperPlan, Limits, distribute_helpers, split_across_nodes
+from .tuning import TunedDefault
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "kvmaccel.plan/1"
+POLICY = {"strict": "bind", "preferred": "preferred", "interleave": "interleave"}
+POPULATABLE_FS = ("hugetlbfs", "tmpfs")
+
+
+@dataclass(frozen=True)
+class BackendPlan:
+    """One ``-object memory-backend-*`` and kvmaccel's decision about it."""
+
+    backend_id: str
+    alias: str
+    kind: str
+    guest_node: int | None
+    qom_type: str
+    mem_path: str | None
+    mem_path_is_dir: bool
+    size_bytes: int
+    file_size_bytes: int
+    page_size_kib: int
+    filesystem: str | None  # of mem_path: "hugetlbfs", "tmpfs", "ext4"...; None without one
+    share: bool | None
+    prealloc: bool
+    prealloc_threads: int | None
+    host_nodes: tuple[int, ...] | None
+    policy: str | None
+    populate: bool
+    skip_reason: str | None
+
+
+@dataclass(frozen=True)
+class CapacityCheck:
+    """Bytes one node (None: anywhere) must supply in one page size, against what it has."""
+
+    node: int | None
+    page_size_kib: int
+    needed_bytes: int
+    available_bytes: int
+    source: str
+
+    @property
+    def ok(self) -> bool:
+        return self.needed_bytes <= self.available_bytes
+
+
+@dataclass(frozen=True)
+class DomainPlan:
+    name: str
+    uuid: str | None
+    domain_id: int
+    shortname: str
+    memory_backing_dir: str
+    memory_backing_domain_dir: str
+    hugepage_domain_dirs: tuple[str, ...]
+    created_dirs: tuple[str, ...]
+    qemu_user: str
+    qemu_group: str
+    backends: tuple[BackendPlan, ...]
+    work_bytes: tuple[tuple[int | None, int], ...]
+    helpers: HelperPlan
+    capacity: tuple[CapacityCheck, ...]
+    notes: tuple[str, ...]
+    limits: Limits = field(default_factory=Limits)  # what the engine runs with, all caps in
+    tuning: TunedDefault | None = None
+    energy: EnergyDecision | None = None
+
+    @property
+    def populated(self) -> tuple[BackendPlan, ...]:
+        return tuple(b for b in self.backends if b.populate)
+
+
+class _Ctx:
+    """What every backend decision needs; built once per plan."""
+
+    def __init__(self, domain: Domain, host: HostFacts, qemu_conf: QemuConf,
+                 mounts: tuple[HugetlbfsMount, ...], short: str,
+                 auto_nodeset: frozenset[int] | None) -> None:
+        self.domain, self.host, self.qemu_conf = domain, host, qemu_conf
+        self.mounts, self.short, self.auto_nodeset = mounts, short, auto_nodeset
+        self.mbd_domain_dir = _join(qemu_conf.memory_backing_dir, short)
+
+    def default_page_kib(self) -> int:
+        if not self.mounts:
+            raise PlanError("the guest wants huge pages but no hugetlbfs is mounted (or "
+                            "qemu.conf's hugetlbfs_mount is empty)")
+        return next((m for m in self.mounts if m.default), self.mounts[0]).page_size_kib
+
+    def hugepage_dir(self, page_kib: int) -> str:
+        for m in self.mounts:
+            if m.page_size_kib == page_kib:
+                return _join(m.path, "libvirt", "qemu", self.short)
+        have = ", ".join(f"{m.path} ({m.page_size_kib} KiB)" for m in self.mounts) or "none"
+        raise PlanError(f"no hugetlbfs mount serves {page_kib} KiB pages; mounts: {have}")
+
+
+def _hugepage_kib(ctx: _Ctx, src: _Source) -> int | None:
+    """The huge page size for ``src`` (0: the default size), or None for base pages."""
+    if src.device and src.device.source_page_size_kib:
+        page: int | None = src.device.source_page_size_kib
+    else:
+        specs = ctx.domain.memory_backing.hugepages or ()
+        match = None
+        if src.guest_node is not None:
+            match = next((p for p in specs if p.nodeset and src.guest_node in p.nodeset), None)
+        if match is None:
+            match = next((p for p in specs if p.nodeset is None), None)
+        if match is None:
+            return None
+        page = match.size_kib or 0
+    if page == ctx.host.base_page_size_kib:
+        return None  # libvirt: the system page size means "no huge pages"
+    return page
+
+
+def _numa(ctx: _Ctx, src: _Source) -> tuple[frozenset[int] | None, str, bool]:
+    """(nodeset, numatune mode, nodeset unknown because numad decides) for ``src``."""
+    tune = ctx.domain.numatune
+    memnode = tune.memnode(src.guest_node) if tune and src.guest_node is not None else None
+    mode = memnode.mode if memnode else (tune.memory.mode if tune and tune.memory else "strict")
+    if src.device and src.device.source_nodemask:
+        return src.device.source_nodemask, mode, False
+    if tune is None:
+        return None, mode, False
+    if tune.memory and tune.memory.placement == "auto":
+        return ctx.auto_nodeset, mode, ctx.auto_nodeset is None
+    if memnode:
+        return memnode.nodeset, mode, False
+    return (tune.memory.nodeset if tune.memory else None), mode, False
+
+
+def _check_nodes(host: HostFacts, nodes: frozenset[int], what: str) -> None:
+    missing = nodes - set(host.nodes)
+    if missing:
+        raise PlanError(f"{what} names host node(s) {format_cpu_spec(missing)} that this host "
+                        f"lacks; it has node(s) {format_cpu_spec(set(host.nodes))}")
+
+
+def _backend(ctx: _Ctx, src: _Source) -> BackendPlan:
+    domain, backing, dev = ctx.domain, ctx.domain.memory_backing, src.device
+    access = dev.access_mode if dev else None
+    if access is None and src.guest_node is not None and src.guest_node < len(domain.cells):
+        access = domain.cells[src.guest_node].mem_access
+    access = access or backing.access_mode
+    huge = _hugepage_kib(ctx, src)
+    if huge == 0:
+        huge = ctx.default_page_kib()
+    nvdimm_path = dev.source_path if dev and dev.model in ("nvdimm", "virtio-pmem") else None
+    page_kib = huge or ctx.host.base_page_size_kib
+    mem_path: str | None = None
+    is_dir = False
+    if src.kind == "sgx-epc":
+        qom = "memory-backend-epc"
+    elif backing.source_type == "memfd" and src.kind != "nvdimm":
+        qom = "memory-backend-memfd"
+    elif huge or nvdimm_path or access or backing.source_type == "file":
+        qom = "memory-backend-file"
+        if nvdimm_path:
+            mem_path = nvdimm_path
+        elif huge:
+            mem_path, is_dir = ctx.hugepage_dir(huge), True
+        else:
+            mem_path = _join(ctx.mbd_domain_dir, src.alias)
+    else:
+        qom = "memory-backend-ram"
+    prealloc = (backing.allocation_mode == "immediate" or huge is not None
+                or src.kind == "nvdimm") and src.kind != "virtio-mem"
+    nodes, mode, numad = _numa(ctx, src)
+    if nodes is not None:
+        _check_nodes(ctx.host, nodes, f"the numatune or nodemask of backend {src.backend_id}")
+    bound = nodes is not None and mode != "restrictive"
+    share = {"shared": True, "private": False}.get(access or "")
+    fs: str | None = None
+    if mem_path and not is_dir and not nvdimm_path:
+        mount = _mount_of(mem_path, ctx.host.mounts)
+        fs = mount.fs_type if mount else None
+        if mount and mount.fs_type == "hugetlbfs" and mount.page_size_kib:
+            page_kib = mount.page_size_kib
+    elif is_dir:
+        fs = "hugetlbfs"
+
+    skip = None
+    if src.kind == "virtio-mem":
+        skip = ("virtio-mem: QEMU plugs blocks on demand and discards unplugged ones; "
+                "populating the whole region would be wasted")
+    elif src.kind == "sgx-epc":
+        skip = "SGX EPC memory is not ordinary RAM"
+    elif nvdimm_path:
+        skip = f"the {src.kind} file {nvdimm_path} holds guest data; kvmaccel never touches it"
+    elif qom == "memory-backend-memfd":
+        skip = "memfd: QEMU creates the memory itself, there is no path to populate ahead"
+    elif qom == "memory-backend-ram":
+        skip = "anonymous memory: no path, QEMU allocates it itself"
+    elif is_dir:
+        skip = (f"huge pages: mem-path {mem_path} is a directory; QEMU creates and unlinks a "
+                "temporary file in it, so it cannot be populated ahead (use <source "
+                "type='file'/> with memory_backing_dir on hugetlbfs instead)")
+    elif share is not True:
+        why = "private access" if share is False else "no shared access (QEMU's default share=off)"
+        skip = (f"{why}: QEMU maps the file MAP_PRIVATE and would copy every page it writes "
+                "or pins out of it; set <access mode='shared'/>")
+    elif nodes is not None and mode == "restrictive":
+        skip = ("numatune mode 'restrictive': libvirt limits nodes only through the cgroup's "
+                "cpuset.mems, so pages populated from outside it could land on other nodes")
+    elif numad:
+        skip = ("placement='auto': numad picks the nodes as the guest starts; they are not "
+                "known here, and pages populated elsewhere would stay on the wrong nodes")
+    elif fs not in POPULATABLE_FS:
+        skip = (f"memory_backing_dir {ctx.qemu_conf.memory_backing_dir} is on "
+                f"{fs or 'an unknown filesystem'}, not hugetlbfs or tmpfs: populating would "
+                "write guest RAM to disk")
+    return BackendPlan(
+        backend_id=src.backend_id, alias=src.alias, kind=src.kind, guest_node=src.guest_node,
+        qom_type=qom, mem_path=mem_path, mem_path_is_dir=is_dir, size_bytes=src.size_bytes,
+        file_size_bytes=align_up(src.size_bytes, page_kib * 1024), page_size_kib=page_kib,
+        filesystem=fs, share=share, prealloc=prealloc,
+        prealloc_threads=backing.allocation_threads if prealloc else None,
+        host_nodes=tuple(sorted(nodes)) if bound and nodes is not None else None,
+        policy=POLICY.get(mode) if bound else None,
+        populate=skip is None, skip_reason=skip,
+    )
+
+
+def split_by_node(backend: BackendPlan) -> dict[int | None, int]:
+    """Bytes of ``backend`` per host node: all on its one node, evenly (in whole pages, the
+    remainder to the first nodes) over several, or ``{None: size}`` when it is not bound."""
+    return {node: length for node, _, length in split_across_nodes(
+        backend.file_size_bytes, backend.host_nodes or (), backend.page_size_kib * 1024)}
+
+
+def _node_key(node: int | None) -> tuple[bool, int]:
+    return (node is None, node or 0)
+
+
+def _capacity(host: HostFacts, backends: tuple[BackendPlan, ...]) -> tuple[CapacityCheck, ...]:
+    needed: dict[tuple[int | None, int], int] = {}
+    for b in backends:
+        huge = b.page_size_kib > host.base_page_size_kib
+        if not (b.populate or b.prealloc or huge) or b.qom_type == "memory-backend-epc":
+            continue
+        if b.mem_path and not b.mem_path_is_dir and not b.populate and not huge:
+            continue  # a file on disk or an nvdimm: not RAM kvmaccel can count
+        for node, size in split_by_node(b).items():
+            key = (node, b.page_size_kib)
+            needed[key] = needed.get(key, 0) + size
+    checks = []
+    for (node, page_kib), size in sorted(needed.items(), key=lambda kv: (_node_key(kv[0][0]),
+                                                                          kv[0][1])):
+        if page_kib > host.base_page_size_kib:
+            if node is None:
+                pool = host.hugepages.get(page_kib)
+                avail = pool.available_pages if pool else 0
+                source = f"free_hugepages - resv_hugepages ({page_kib} kB), host-wide"
+            else:
+                pool = host.nodes[node].hugepages.get(page_kib) if node in host.nodes else None
+                avail = pool.free_pages if pool else 0
+                source = f"free_hugepages ({page_kib} kB) of node {node}"
+            available = avail * page_kib * 1024
+        elif node is None:
+            available, source = host.mem_available_kib * 1024, "MemAvailable"
+        else:
+            available = host.nodes[node].mem_free_kib * 1024
+            source = f"MemFree of node {node}"
+        checks.append(CapacityCheck(node, page_kib, size, available, source))
+    return tuple(checks)
+
+
+def plan_domain(
+    domain: Domain,
+    host: HostFacts,
+    qemu_conf: QemuConf,
+    limits: Limits,
+    *,
+    domain_id: int | None = None,
+    hugetlbfs: tuple[HugetlbfsMount, ...] | None = None,
+    auto_nodeset: frozenset[int] | None = None,
+    tuned: TunedDefault | None = None,
+    energy: EnergyDecision | None = None,
+) -> DomainPlan:
+    """Plan ``domain`` on ``host``.  Pure; raises :class:`PlanError`.
+
+    ``domain_id`` overrides the XML's id (default: the XML's, else -1 as in
+    ``virsh domxml-to-native``); ``hugetlbfs`` overrides the mounts from qemu.conf and
+    ``host.mounts``; ``auto_nodeset`` is numad's answer for ``placement='auto'``.
+    ``<allocation threads='N'/>`` becomes ``Limits.threads`` (the smaller one when both are set).
+    ``tuned`` (from :func:`kvmaccel.plan.policy.host_policy`) gives the per-node default
+    helpers when used; ``energy`` (from :func:`kvmaccel.plan.energy.decide`) may lower ``threads``
+    further.  The plan's ``limits`` are the result, which the engine should run with.
+    """
+    did = domain_id if domain_id is not None else (
+        domain.domain_id if domain.domain_id is not None else -1)
+    short = shortname(domain.name, did)
+    mounts = hugetlbfs if hugetlbfs is not None else libvirt_hugetlbfs(qemu_conf, host)
+    ctx = _Ctx(domain, host, qemu_conf, mounts, short, auto_nodeset)
+    backends = tuple(_backend(ctx, src) for src in _sources(domain))
+
+    work: dict[int | None, int] = {}
+    for b in backends:
+        if b.populate:
+            for node, size in split_by_node(b).items():
+                work[node] = work.get(node, 0) + size
+    threads = domain.memory_backing.allocation_threads
+    eff = limits
+    reasons: list[str] = []
+    if threads is not None and (limits.threads is None or threads < limits.threads):
+        eff = dataclasses.replace(limits, threads=threads)
+        reasons.append(f"<allocation threads='{threads}'/> in the domain XML")
+    if energy is not None:
+        lowered = apply_energy(eff, energy)
+        if lowered is not eff:
+            reasons.append(f"energy policy: {energy.reason}")
+        eff = lowered
+    if tuned is not None:
+        if tuned.status == "used" and not eff.tuned_helpers_per_node:
+            eff = dataclasses.replace(eff, tuned_helpers_per_node=tuned.helpers_per_node)
+        if tuned.reason:
+            reasons.append(tuned.reason)
+    online = host.online_cpus
+    helpers = distribute_helpers(
+        work, {n: len(node.cpus & online) for n, node in host.nodes.items()}, len(online), eff)
+    helpers = dataclasses.replace(helpers, reasons=(*reasons, *helpers.reasons))
+
+    hp_dirs = tuple(_join(m.path, "libvirt", "qemu", short) for m in mounts)
+    created = []
+    if any(b.mem_path and b.mem_path.startswith(ctx.mbd_domain_dir + "/") for b in backends):
+        created.append(ctx.mbd_domain_dir)
+    if any(b.mem_path_is_dir for b in backends):
+        created.extend(hp_dirs)  # libvirt makes the directory on every hugetlbfs mount
+    return DomainPlan(
+        name=domain.name, uuid=domain.uuid, domain_id=did, shortname=short,
+        memory_backing_dir=qemu_conf.memory_backing_dir,
+        memory_backing_domain_dir=ctx.mbd_domain_dir, hugepage_domain_dirs=hp_dirs,
+        created_dirs=tuple(created), qemu_user=qemu_conf.user, qemu_group=qemu_conf.group,
+        backends=backends, work_bytes=tuple(sorted(work.items(), key=lambda kv: _node_key(kv[0]))),
+        helpers=helpers, capacity=_capacity(host, backends), notes=_notes(domain),
+        limits=eff, tuning=tuned, energy=energy,
+    )
+
+
+def _notes(domain: Domain) -> tuple[str, ...]:
+    notes = []
+    devices = sum(d.target_size_bytes for d in domain.memory_devices)
+    if domain.cells and domain.cells_bytes + devices != domain.memory_bytes:
+        notes.append(f"<memory> says {format_size(domain.memory_bytes)} but the NUMA cells "
+                     f"({format_size(domain.cells_bytes)}) and memory devices "
+                     f"({format_size(devices)}) add up to "
+                     f"{format_size(domain.cells_bytes + devices)}: libvirt uses that sum")
+    if domain.hostdevs:
+        addrs = ", ".join(h.pci_address for h in domain.hostdevs)
+        notes.append(f"VFIO device(s) {addrs}: QEMU pins all guest RAM at start, so every page "
+                     "is allocated and zeroed before the guest runs")
+    if domain.memory_backing.locked:
+        notes.append("<locked/>: QEMU mlocks all guest RAM at start")
+    return tuple(notes)
+
+
+def plan_to_json(plan: DomainPlan) -> dict[str, Any]:
+    """The documented JSON shape (see the module docstring)."""
+    return {
+        "schema": SCHEMA,
+        "domain": {"name": plan.name, "uuid": plan.uuid, "id": plan.domain_id,
+                   "shortname": plan.shortname},
+        "libvirt": {
+            "memory_backing_dir": plan.memory_backing_dir,
+            "memory_backing_domain_dir": plan.memory_backing_domain_dir,
+            "hugepage_domain_dirs": list(plan.hugepage_domain_dirs),
+            "created_dirs": list(plan.created_dirs),
+            "qemu_user": plan.qemu_user, "qemu_group": plan.qemu_group,
+        },
+        "backends": [{
+            "id": b.backend_id, "alias": b.alias, "kind": b.kind, "guest_node": b.guest_node,
+            "qom_type": b.qom_type, "mem_path": b.mem_path, "mem_path_is_dir": b.mem_path_is_dir,
+            "size_bytes": b.size_bytes, "file_size_bytes": b.file_size_bytes,
+            "page_size_kib": b.page_size_kib, "filesystem": b.filesystem, "share": b.share,
+            "prealloc": b.prealloc, "prealloc_threads": b.prealloc_threads,
+            "host_nodes": list(b.host_nodes) if b.host_nodes is not None else None,
+            "policy": b.policy, "populate": b.populate, "skip_reason": b.skip_reason,
+        } for b in plan.backends],
+        "work": [{"node": n, "bytes": size} for n, size in plan.work_bytes],
+        "helpers": {
+            "threads": plan.helpers.threads,
+            "per_node": [{"node": n, "helpers": h} for n, h in sorted(
+                plan.helpers.helpers_per_node.items(), key=lambda kv: _node_key(kv[0]))],
+            "reasons": list(plan.helpers.reasons),
+        },
+        "capacity": [{"node": c.node, "page_size_kib": c.page_size_kib,
+                      "needed_bytes": c.needed_bytes, "available_bytes": c.available_bytes,
+                      "source": c.source, "ok": c.ok} for c in plan.capacity],
+        "notes": list(plan.notes),
+        "tuning": plan.tuning.as_dict() if plan.tuning else None,
+        "energy": plan.energy.as_dict() if plan.energy else None,
+    }

@@ -1,0 +1,10 @@
+"""The warm pool layer: pre-populated, pre-zeroed files and their states.
+
+The files and their crash-safe states, and handing one out (:mod:`.files`, which a warm
+hook start imports alone: it must stay light), and filling, adopting, scrubbing and draining
+on top of the engine (:mod:`.manage`).
+
+May import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model, kvmaccel.host,
+  kvmaccel.plan, kvmaccel.engine.
+Must not import: kvmaccel.hook, kvmaccel.launch, kvmaccel.bench, kvmaccel.cli.
+"""
