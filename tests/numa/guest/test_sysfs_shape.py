@@ -88,8 +88,13 @@ def compare(rel: str) -> str | None:
 
 @functools.cache
 def fake_files() -> list[str]:
+    """Every file of the fake tree, relative to it; the cpufreq directories of its 64 CPUs
+    only when this kernel has cpufreq (walking them over 9p under TCG takes seconds)."""
     found = []
-    for directory, _, files in os.walk(FAKE):
+    for directory, subdirs, files in os.walk(FAKE):
+        rel = os.path.relpath(directory, FAKE)
+        if rel == "sys/devices/system/cpu" and not os.path.exists(f"/{rel}/cpu0/cpufreq"):
+            subdirs[:] = []
         for name in files:
             found.append(os.path.relpath(os.path.join(directory, name), FAKE))
     return sorted(found)
@@ -101,7 +106,7 @@ def test_every_file_of_the_fake_tree_reads_like_the_real_one(
     files = fake_files()
     problems = [p for p in map(compare, files) if p]
     compared = [f for f in files if os.path.exists("/" + f)]
-    record(request, "files", {"in_fake_tree": len(files), "compared": len(compared)})
+    record(request, "files", {"walked": len(files), "compared": len(compared)})
     assert len(compared) > 40, compared
     assert not problems, "\n".join(problems)
 
