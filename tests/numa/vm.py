@@ -23,6 +23,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -121,11 +122,15 @@ def boot(kernel: str, vng: str, out_dir: str, timeout_s: float = TIMEOUT_S) -> G
     t0 = time.monotonic()
     problems = []
     with open(os.path.join(out_dir, "console.log"), "wb") as console:
+        # vng runs QEMU as a child of its own: on a timeout, kill the whole process group.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
+                                stderr=subprocess.STDOUT, cwd=CHECKOUT, env=env,
+                                start_new_session=True)
         try:
-            subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=console,
-                           stderr=subprocess.STDOUT, cwd=CHECKOUT, env=env, timeout=timeout_s,
-                           check=False)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             problems.append(f"the guest did not finish within {timeout_s} s")
     seconds = time.monotonic() - t0
     cases = []
