@@ -4,7 +4,8 @@
 #   scripts/test.sh [pytest args...]
 #
 # Needs root (huge pages, hugetlbfs, libvirtd) on Debian 12.  What it changes and restores:
-# Debian packages (installed, left installed), .venv/ in the checkout, vm.nr_hugepages,
+# Debian packages (installed, left installed), .venv/ in the checkout, a Debian kernel unpacked
+# into /var/cache/kvmaccel-test/kernel (kept, reused), vm.nr_hugepages,
 # a hugetlbfs mount on /dev/hugepages, /dev/kvm's group and mode, virtlogd and libvirtd
 # (started only if not running, stopped again).  The libvirt tests (tests/test_hook_integration.py)
 # rewrite /etc/libvirt/qemu.conf, install hooks in /etc/libvirt/hooks/qemu.d/, restart libvirtd
@@ -15,7 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 
-APT_PACKAGES=(libvirt-daemon-system qemu-system-x86 libvirt-dev pkg-config python3-venv)
+APT_PACKAGES=(libvirt-daemon-system qemu-system-x86 libvirt-dev pkg-config python3-venv
+              kmod busybox-static)  # the last two: the two-node NUMA guest (tests/numa)
 HUGEPAGES_2M=${KVMACCEL_TEST_HUGEPAGES:-1536}   # 3 GiB of 2M pages for the tests
 
 log() { printf 'test.sh: %s\n' "$*" >&2; }
@@ -40,7 +42,11 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[libvirt,dev]'
+.venv/bin/pip install -q -e '.[libvirt,dev,numa-test]'
+# Debian's own kernel for the two-node NUMA guest, unpacked into a cache kept between runs.
+KVMACCEL_NUMA_KERNEL=$(scripts/numa-kernel.sh) ||
+  { log "no kernel for the NUMA guest: tests/numa will fail"; KVMACCEL_NUMA_KERNEL=/nonexistent; }
+export KVMACCEL_NUMA_KERNEL
 
 # --- save the machine's state, restore it whatever happens ----------------------------------
 saved_nr=$(cat /proc/sys/vm/nr_hugepages)
