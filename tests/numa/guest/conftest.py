@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmaccel import sysmem
-from kvmaccel.host import HostFacts, read_host
-from kvmaccel.status import read_vm_areas
+from kvmaccel.host import sysmem
+from kvmaccel.host.facts import HostFacts, read_host
+from kvmaccel.launch.status import read_vm_areas
 
 from ...conftest import private_mount
 
@@ -88,7 +88,7 @@ def pages_per_node(path: str, offset_bytes: int, length_bytes: int) -> dict[int,
 
     Maps the range shared, faults in the pages the file already holds (MADV_POPULATE_READ
     allocates none on hugetlbfs, and finds every page of a populated tmpfs file), and reads
-    the mapping's ``N<node>=<pages>`` from /proc/self/numa_maps (via kvmaccel.status).
+    the mapping's ``N<node>=<pages>`` from /proc/self/numa_maps (via kvmaccel.launch.status).
     """
     fd = os.open(path, os.O_RDWR)
     try:

@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from kvmaccel.backing import BackingSpec, populate_backings
-from kvmaccel.host import HostFacts
-from kvmaccel.limits import Limits
+from kvmaccel.engine.backing import BackingSpec, populate_backings
+from kvmaccel.host.facts import HostFacts
+from kvmaccel.plan.limits import Limits
 
 from .conftest import MIB, record
 

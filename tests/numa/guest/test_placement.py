@@ -3,7 +3,7 @@
 For tmpfs, 2M and 1G hugetlbfs.  The pages are counted where the kernel keeps them
 (/proc/self/numa_maps of a fresh mapping of the populated file), never taken from kvmaccel's
 own report.  Every test here runs twice: with the right binding, where it must pass, and with
-``KVMACCEL_TEST_MISBIND=1`` (:func:`kvmaccel.sysmem.mbind` then binds every range to the other
+``KVMACCEL_TEST_MISBIND=1`` (:func:`kvmaccel.host.sysmem.mbind` then binds every range to the other
 node), where it must fail on an assertion (a strict xfail).  That second run is what shows the
 tests can tell the right node from the wrong one.
 """
@@ -14,13 +14,13 @@ import os
 
 import pytest
 
-from kvmaccel.backing import BackingSpec, populate_backings
-from kvmaccel.engine import WorkItem, populate
+from kvmaccel.engine.backing import BackingSpec, populate_backings
+from kvmaccel.engine.populate import WorkItem, populate
 from kvmaccel.errors import CapacityError
-from kvmaccel.host import HostFacts, read_host
-from kvmaccel.launch import plan_launch, populate_launch
-from kvmaccel.limits import Limits
-from kvmaccel.pool import Pool, key_for
+from kvmaccel.host.facts import HostFacts, read_host
+from kvmaccel.launch.run import plan_launch, populate_launch
+from kvmaccel.plan.limits import Limits
+from kvmaccel.pool.manage import Pool, key_for
 
 from .conftest import KINDS, MIB, pages_per_node, record, set_node_hugepages
 
@@ -112,7 +112,7 @@ def test_preferred_spills_over_where_bind_refuses(
         mounts: dict[str, str], request: pytest.FixtureRequest) -> None:
     """2M pages, node 1 holding only 16 of the 64 needed: the engine's ``preferred`` range
     takes node 1's 16 pages and the rest from node 0; a ``bind`` range fails with a
-    CapacityError.  (Through the engine: kvmaccel.backing's capacity check refuses a short
+    CapacityError.  (Through the engine: kvmaccel.engine.backing's capacity check refuses a short
     node before the kernel is asked, for ``preferred`` as for ``bind``.)"""
     assert set_node_hugepages(1, 2048, 16) == 16
     size = 128 * MIB

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmaccel import hook_fast
+from kvmaccel.hook import entry as hook_entry
 
 from .conftest import MIB, record, set_node_hugepages
 
@@ -88,11 +88,11 @@ def test_hook_refuses_a_guest_that_fits_only_host_wide(
                 f'qemu_conf = "{node1_short}/qemu.conf"\n')
     with open(f"{node1_short}/bound.xml", "rb") as f:
         xml = f.read()
-    assert hook_fast.main([NAME, "prepare", "begin", "-"], io.BytesIO(xml),
+    assert hook_entry.main([NAME, "prepare", "begin", "-"], io.BytesIO(xml),
                           config_path=config) == 1
     err = capsys.readouterr().err
     assert "needs 256M of 2M pages on node 1 but only 128M is free" in err, err
     with open(f"{node1_short}/unbound.xml", "rb") as f:
         xml = f.read()
-    assert hook_fast.main([NAME, "prepare", "begin", "-"], io.BytesIO(xml),
+    assert hook_entry.main([NAME, "prepare", "begin", "-"], io.BytesIO(xml),
                           config_path=config) == 0, "the same guest, unbound, fits host-wide"
