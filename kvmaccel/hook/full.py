@@ -182,14 +182,16 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) ->
         log.error("%s; failing open: the guest starts without kvmaccel", e)
         return 0
     setup_logging(config, name, op)
+    # Everything kvmaccel keeps goes in the config's run_dir, the warm path's snapshot too
+    # (``kvmaccel hook install`` tells the installed script where that is).
+    os.environ["KVMACCEL_RUN_DIR"] = config.run_dir
     try:
         state.save_config_snapshot(config, path)
-    except OSError as e:
+    except (OSError, KvmaccelError) as e:
         log.warning("cannot save the config for the warm start path: %s", e)
     if not config.enabled:
         log.debug("disabled in %s", config.path)
         return 0
-    os.environ["KVMACCEL_RUN_DIR"] = config.run_dir
     data = (stdin or sys.stdin.buffer).read()
     starting = op in ("prepare", "start")
     try:

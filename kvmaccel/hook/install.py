@@ -51,7 +51,7 @@ case "$2 $3" in
     "prepare begin"|"start begin"|"stopped end"|"release end") ;;
     *) [ $# -eq 4 ] && exit 0 ;;
 esac
-{comment}exec {python} -c {code} "$@"
+{run_dir}{comment}exec {python} -c {code} "$@"
 '''
 _CODE = '''
 import sys
@@ -63,13 +63,19 @@ _FAST_START = ("# Python runs without site (-S), which it does not need: kvmacce
 
 
 def render_script(python: str, config_path: str | None,
-                  created_dirs: tuple[str, ...] = ()) -> str:
+                  created_dirs: tuple[str, ...] = (), run_dir: str | None = None) -> str:
     """The hook script text: a /bin/sh front that runs ``python`` for the operations kvmaccel
     acts on.  This very Python runs with ``-S`` and is told where this kvmaccel is; any other
     (``/usr/bin/env python3`` for the copy in the source tree's ``hooks/qemu``) finds
     kvmaccel through site."""
-    info = {"version": __version__, "config": config_path, "created_dirs": list(created_dirs),
-            "python": python}
+    info: dict[str, object] = {"version": __version__, "config": config_path,
+                               "created_dirs": list(created_dirs), "python": python}
+    run_dir_line = ""
+    if run_dir is not None and run_dir != DEFAULT_RUN_DIR:
+        # libvirt runs hooks with a clean environment: the warm path finds the config's
+        # snapshot in the config's run_dir only if it is told where that is.
+        info["run_dir"] = run_dir
+        run_dir_line = f"export KVMACCEL_RUN_DIR={shlex.quote(run_dir)}\n"
     path_line, comment, command = "", "", python
     if os.path.abspath(python) == os.path.abspath(sys.executable):
         package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # kvmaccel/
@@ -83,6 +89,7 @@ def render_script(python: str, config_path: str | None,
     config = json.dumps(config_path) if config_path is not None else "None"
     code = _CODE.format(path_line=path_line, config=config)
     return _TEMPLATE.format(marker=MARKER + json.dumps(info), comment=comment,
+                            run_dir=run_dir_line,
                             python=command, code=shlex.quote(code))
 
 
@@ -170,7 +177,7 @@ def install(libvirt_dir: str = DEFAULT_LIBVIRT_DIR, *, python: str | None = None
         created = [d for d in previous if isinstance(d, str)] if isinstance(previous, list) else []
         if info.get("config") != config_path:
             old = info.get("config")
-            forget_config(old if isinstance(old, str) else None)
+            forget_config(old if isinstance(old, str) else None, _info_run_dir(info))
     for directory in (os.path.join(libvirt_dir, "hooks"), os.path.dirname(path)):
         if not os.path.isdir(directory):
             try:
@@ -179,7 +186,7 @@ def install(libvirt_dir: str = DEFAULT_LIBVIRT_DIR, *, python: str | None = None
             except OSError as e:
                 raise HookError(f"cannot create {directory}: {e.strerror}") from None
             created.append(directory)
-    text = render_script(python, config_path, tuple(created))
+    text = render_script(python, config_path, tuple(created), config_run_dir(config_path))
     tmp = f"{path}.kvmaccel-tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -192,14 +199,34 @@ def install(libvirt_dir: str = DEFAULT_LIBVIRT_DIR, *, python: str | None = None
     return status(libvirt_dir)
 
 
-def forget_config(config_path: str | None) -> None:
+def config_run_dir(config_path: str | None) -> str | None:
+    """The run_dir the config at ``config_path`` names (None when it cannot be read: the
+    hook then fails open and keeps nothing)."""
+    from ..errors import KvmaccelError
+    from ..plan.config import read_config
+
+    try:
+        return read_config(config_path or DEFAULT_CONFIG_PATH).run_dir
+    except KvmaccelError:
+        return None
+
+
+def _info_run_dir(info: dict[str, object]) -> str | None:
+    value = info.get("run_dir")
+    return value if isinstance(value, str) else None
+
+
+def forget_config(config_path: str | None, run_dir: str | None = None) -> None:
     """Remove what the hook, run by libvirt, learned from ``config_path`` (its snapshot
-    under /run/kvmaccel), and the directories for it when they are empty."""
+    under ``run_dir``, /run/kvmaccel by default), and the directories for it when they are
+    empty."""
     from .state import snapshot_path
 
-    snapshot = snapshot_path(config_path or DEFAULT_CONFIG_PATH, DEFAULT_RUN_DIR)
+    run_dir = run_dir or DEFAULT_RUN_DIR
+    snapshot = snapshot_path(config_path or DEFAULT_CONFIG_PATH, run_dir)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(snapshot)
+    # A run_dir of the operator's own stays; only /run/kvmaccel goes when empty.
     for directory in (os.path.dirname(snapshot), DEFAULT_RUN_DIR):
         with contextlib.suppress(OSError):  # not empty, or gone
             os.rmdir(directory)
@@ -221,7 +248,7 @@ def uninstall(libvirt_dir: str = DEFAULT_LIBVIRT_DIR) -> list[str]:
     except OSError as e:
         raise HookError(f"cannot remove {path}: {e.strerror}") from None
     config = info.get("config")
-    forget_config(config if isinstance(config, str) else None)
+    forget_config(config if isinstance(config, str) else None, _info_run_dir(info))
     removed = [path]
     dirs = info.get("created_dirs")
     for directory in reversed(dirs if isinstance(dirs, list) else []):

@@ -257,8 +257,8 @@ class PoolFiles:
     def entries(self, *, probe_holders: bool = False) -> list[PoolEntry]:
         """Every pool file with its effective state, oldest first.  ``probe_holders`` also
         tells a dirty file some other process still has open or mapped (``held``)."""
-        with (self._pool_lock() if probe_holders else contextlib.nullcontext()),\
-                self._dir() as dfd:  # a probe takes a lease: not while a take holds one
+        with self._dir() as dfd, (self._pool_lock() if probe_holders  # a probe takes a lease:
+                                  else contextlib.nullcontext()):  # not while a take holds one
             return [] if dfd is None else self._entries(dfd, probe_holders)
 
     def _entries(self, dfd: int, probe_holders: bool = False) -> list[PoolEntry]:
@@ -354,7 +354,7 @@ class PoolFiles:
         before it is linked, by descriptor, into the target directory (opened
         ``O_NOFOLLOW``); a file some other process still holds is never handed over."""
         directory, name = os.path.split(os.path.abspath(target))
-        with self._pool_lock(), self._dir() as dfd:
+        with self._dir() as dfd, self._pool_lock():
             if dfd is None:
                 return None
             with safefs.opened_dir(directory) as tfd:
@@ -411,7 +411,7 @@ class PoolFiles:
         still that file) and mark the file clean again, unless someone opened it meanwhile."""
         directory, name = os.path.split(os.path.abspath(target))
         pool_name = os.path.basename(entry.path)
-        with self._pool_lock(), self._dir() as dfd:
+        with self._dir() as dfd, self._pool_lock():
             if dfd is None:
                 return
             st = safefs.lstat_at(dfd, pool_name)

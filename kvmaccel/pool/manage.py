@@ -122,9 +122,11 @@ class Pool(PoolFiles):
         from ..engine.backing import BackingSpec, populate_backings
 
         results = []
+        with self._dir(create=True):  # checked before anything is written for it
+            pass
         with self._file_lock(".fill"):
             for _ in range(count):
-                with self._pool_lock(), self._dir(create=True):
+                with self._dir(create=True), self._pool_lock():
                     why = self.room_for(key)
                     if why:
                         raise PoolError(f"{why}; not filling more (raise the pool limits in "
@@ -133,7 +135,7 @@ class Pool(PoolFiles):
                                    tmpfile_dir=self.directory)
                 (backing,), result = populate_backings([spec], host, limits, cancel=cancel)
                 try:
-                    with self._pool_lock(), self._dir() as dfd:
+                    with self._dir() as dfd, self._pool_lock():
                         if dfd is None:
                             raise PoolError(f"pool directory {self.directory} vanished while "
                                             "a file was filled for it")
@@ -162,7 +164,7 @@ class Pool(PoolFiles):
         guest at ``link_path``, so its next start comes from the pool.  It is linked by its
         descriptor (whatever ``link_path`` names by now).  None (and a log line) when the
         pool is at its limit or the file is not of the key's size."""
-        with self._pool_lock(), self._dir(create=True) as dfd:
+        with self._dir(create=True) as dfd, self._pool_lock():
             assert dfd is not None
             why = self.room_for(key)
             st = os.fstat(fd)
@@ -180,7 +182,7 @@ class Pool(PoolFiles):
     def release_domain(self, domain_uuid: str) -> list[PoolEntry]:
         """Mark every file the guest used dirty (its memory is still in them)."""
         released = []
-        with self._pool_lock(), self._dir() as dfd:
+        with self._dir() as dfd, self._pool_lock():
             for entry in [] if dfd is None else self._entries(dfd):
                 if entry.domain_uuid == domain_uuid and entry.recorded_state == "in_use":
                     self._write_state(entry.path, "dirty", entry_stat(entry),
@@ -209,7 +211,7 @@ class Pool(PoolFiles):
         """Scrub one file, re-checked under the pool lock as it is now (the listing may be
         stale: another scrub may have cleaned it and a guest taken it since)."""
         name = os.path.basename(listed.path)
-        with self._pool_lock(), self._dir() as dfd:
+        with self._dir() as dfd, self._pool_lock():
             entry = None if dfd is None else self._entry(dfd, name, listed.key,
                                                          we_hold_its_lock=True)
             if dfd is None or entry is None or not _same(entry, listed):
@@ -241,7 +243,7 @@ class Pool(PoolFiles):
             if not safefs.same_inode(now, st) or now.st_size != entry.key.size_bytes:
                 return False
             zero_file(fd, entry.key, host, limits)
-            with self._pool_lock(), self._dir() as dfd:
+            with self._dir() as dfd, self._pool_lock():
                 again = None if dfd is None else safefs.lstat_at(dfd, name)
                 now = os.fstat(fd)
                 if (again is None or not safefs.same_inode(again, st) or now.st_nlink != 1
@@ -267,7 +269,7 @@ class Pool(PoolFiles):
         """Remove files not in use, oldest first (all of them, or until ``at_least_bytes``
         are given back); return the bytes given back.  Bad files go too, uncounted."""
         freed = 0
-        with self._pool_lock(), self._dir() as dfd:
+        with self._dir() as dfd, self._pool_lock():
             if dfd is None:
                 return 0
             for entry in self._entries(dfd):
