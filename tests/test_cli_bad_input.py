@@ -14,6 +14,7 @@ import pytest
 
 from .conftest import populating_bytes
 from .test_cli_main import kvmaccel
+from .test_pool_isolation import ATTACKER_PYTHON
 
 MIB = 1 << 20
 NOBODY = 65534
@@ -136,7 +137,7 @@ def test_state_is_private_under_umask_000(shm_dir: str, tmp_path: str) -> None:
     (any local user could otherwise rewrite a pool state to 'clean', or hold every slot)."""
     run_dir = os.path.join(str(tmp_path), "fresh", "run")
     env = {**os.environ, "KVMACCEL_RUN_DIR": run_dir}
-    assert run("populate", os.path.join(shm_dir, "g"), "--size", "64M", "--threads", "2",
+    assert run("populate", os.path.join(shm_dir, "g"), "--size", "1G", "--threads", "2",
                "--ignore-load", env=env, umask=0).returncode == 0
     assert run("pool", "fill", "--dir", shm_dir, "--size", "4M", env=env,
                umask=0).returncode == 0
@@ -150,7 +151,7 @@ def test_state_is_private_under_umask_000(shm_dir: str, tmp_path: str) -> None:
     # So nobody else can open a slot, and holding one needs only an open file.
     slot = next(p for p in found if p.startswith("run/slots/slot-"))
     probe = subprocess.run(
-        [sys.executable, "-c", "import os, sys; os.open(sys.argv[1], os.O_RDONLY)",
+        [ATTACKER_PYTHON, "-c", "import os, sys; os.open(sys.argv[1], os.O_RDONLY)",
          os.path.join(str(tmp_path), "fresh", slot)],
         preexec_fn=lambda: (os.setgroups([]), os.setgid(NOBODY), os.setuid(NOBODY)),
         capture_output=True, text=True, timeout=60)

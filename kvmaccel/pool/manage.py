@@ -174,7 +174,12 @@ class Pool(PoolFiles):
                 log.info("pool: not adopting %s: %s", link_path, why)
                 return None
             name = key.filename(secrets.token_hex(4))
-            safefs.link_fd(fd, dfd, name)
+            try:
+                safefs.link_fd(fd, dfd, name)
+            except FileNotFoundError:  # its last name is gone (ENOENT: no longer linkable)
+                log.info("pool: not adopting %s: it was unlinked since it was populated",
+                         link_path)
+                return None
             self._write_state(name, "in_use", st, domain_uuid=domain_uuid,
                               backend_id=backend_id, link_path=os.path.abspath(link_path))
             return self._entry(dfd, name, key)
