@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
-import mmap
 import os
 import shutil
 import signal
@@ -16,12 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmaccel.host import sysmem
 from kvmaccel.host.facts import read_host
 from kvmaccel.plan.limits import Limits
 from kvmaccel.pool.manage import Pool, PoolError, PoolKey, key_for, pool_dir_for
 
 from .conftest import free_hugepages_2m
+from .test_pool_isolation import count, write_all_over
 
 MIB = 1 << 20
 PATTERN = b"guest-secret-"
@@ -43,23 +41,11 @@ def limits() -> Limits:
 
 def write_pattern(path: str, size: int, every: int) -> None:
     """What a guest does: write its data all over the memory."""
-    fd = os.open(path, os.O_RDWR)
-    addr = sysmem.mmap_shared(fd, size)
-    try:
-        for offset in range(0, size, every):
-            ctypes.memmove(addr + offset, PATTERN, len(PATTERN))
-    finally:
-        sysmem.munmap(addr, size)
-        os.close(fd)
+    write_all_over(path, size, PATTERN, every)
 
 
 def pattern_count(path: str, size: int) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
-            return m[:].count(PATTERN)
-    finally:
-        os.close(fd)
+    return count(path, size, PATTERN)
 
 
 def test_key_filename_round_trip() -> None:

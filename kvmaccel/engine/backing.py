@@ -124,7 +124,13 @@ class Backing:
             raise BackingError(f"cannot name {self.spec.path}: {e.strerror}",
                                path=self.spec.path) from e
         self.published = True
-        remember(self.spec.path, self.fd, self.spec.size_bytes)
+        try:
+            remember(self.spec.path, self.fd, self.spec.size_bytes)
+        except (OSError, KvmaccelError) as e:  # unrecorded, it could never be released
+            self.discard()
+            raise BackingError(f"cannot record {self.spec.path} as kvmaccel's under "
+                               f"{run_dir()}: {e}; run as root or set KVMACCEL_RUN_DIR to a "
+                               "directory of yours", path=self.spec.path) from None
 
     def close(self) -> None:
         for attr in ("fd", "dir_fd"):

@@ -357,7 +357,12 @@ class PoolFiles:
         with self._dir() as dfd, self._pool_lock():
             if dfd is None:
                 return None
-            with safefs.opened_dir(directory) as tfd:
+            try:
+                tfd = safefs.open_dir(directory)
+            except OSError as e:
+                raise BackingError(f"cannot open {directory} for a pool file: {e.strerror}",
+                                   path=target) from None
+            try:
                 tst = os.fstat(tfd)
                 owner = (tst.st_uid if uid is None else uid, tst.st_gid if gid is None else gid)
                 for entry in reserved_first([e for e in self._entries(dfd) if e.state == "clean"
@@ -367,6 +372,8 @@ class PoolFiles:
                                             link_path=os.path.join(directory, name))
                     if taken is not None:
                         return taken
+            finally:
+                os.close(tfd)
         return None
 
     def _hand_over(self, dfd: int, entry: PoolEntry, tfd: int, name: str,
