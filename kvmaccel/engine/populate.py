@@ -266,7 +266,8 @@ def plan_helpers(items: Sequence[WorkItem], host: HostFacts, limits: Limits) -> 
     for item in items:
         work[item.node_id] += item.length_bytes
     node_cpus = {n: len(node.cpus & allowed) for n, node in host.nodes.items()}
-    return distribute_helpers(dict(work), node_cpus, len(host.online_cpus & allowed), limits)
+    return distribute_helpers(dict(work), node_cpus, len(host.online_cpus & allowed), limits,
+                              host.cpu_quota)
 
 
 def populate(

@@ -70,6 +70,16 @@ class CpuFreq:
 
 
 @dataclass(frozen=True)
+class CpuQuota:
+    """The CPU bandwidth limit of the cgroup the calling process runs in, the tightest along
+    its path: ``cpus`` = quota / period (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` and
+    ``cpu.cfs_period_us``), and ``source``, the file that sets it."""
+
+    cpus: float
+    source: str
+
+
+@dataclass(frozen=True)
 class HostFacts:
     nodes: dict[int, NumaNode]
     online_cpus: frozenset[int]
@@ -79,6 +89,7 @@ class HostFacts:
     default_hugepage_kib: int | None
     mounts: tuple[Mount, ...]
     cpufreq: CpuFreq | None = None  # None: no cpufreq (VMs, some kernels)
+    cpu_quota: CpuQuota | None = None  # None: no CPU quota on the caller's cgroup
 
     @property
     def hugetlbfs_mounts(self) -> tuple[Mount, ...]:
@@ -201,6 +212,53 @@ def read_mounts(root: str = "/", default_hugepage_kib: int | None = None) -> tup
                 page_kib = default_hugepage_kib
         mounts.append(Mount(_unescape_mount(path), fs_type, page_kib, options))
     return tuple(mounts)
+
+
+def read_cpu_quota(root: str = "/", mounts: tuple[Mount, ...] | None = None
+                   ) -> CpuQuota | None:
+    """The CPU quota of this process's cgroup (``<root>/proc/self/cgroup``), checked at
+    every level from its cgroup up to the hierarchy's root, v2 and v1 alike; None when no
+    level has one, or the files cannot be read (no cgroup filesystem: a debug matter)."""
+    try:
+        lines = cat(_path(root, "proc/self/cgroup")).splitlines()
+    except HostError:
+        return None
+    mounts = read_mounts(root) if mounts is None else mounts
+    best: CpuQuota | None = None
+    for line in lines:
+        hierarchy, controllers, cgroup = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:
+            bases = [m.path for m in mounts if m.fs_type == "cgroup2"]
+        elif "cpu" in controllers.split(","):
+            bases = [m.path for m in mounts
+                     if m.fs_type == "cgroup" and "cpu" in m.options.split(",")]
+        else:
+            continue
+        for base in bases:
+            top = _path(root, base)
+            level = os.path.normpath(_path(top, cgroup))
+            while level.startswith(top):
+                quota = _quota_at(level)
+                if quota is not None and (best is None or quota.cpus < best.cpus):
+                    best = quota
+                if level == top:
+                    break
+                level = os.path.dirname(level)
+    return best
+
+
+def _quota_at(directory: str) -> CpuQuota | None:
+    v2 = _cat_optional(os.path.join(directory, "cpu.max"))
+    if v2 is not None:
+        quota_text, _, period_text = v2.partition(" ")
+        if quota_text == "max" or not (quota_text.isdigit() and period_text.isdigit()):
+            return None
+        return CpuQuota(int(quota_text) / int(period_text), os.path.join(directory, "cpu.max"))
+    quota = _cat_optional(os.path.join(directory, "cpu.cfs_quota_us"))
+    period = _cat_optional(os.path.join(directory, "cpu.cfs_period_us"))
+    if quota is None or period is None or not quota.isdigit() or not period.isdigit():
+        return None  # -1: no quota
+    return CpuQuota(int(quota) / int(period), os.path.join(directory, "cpu.cfs_quota_us"))
 
 
 def read_cpufreq(root: str = "/", cpus: frozenset[int] | None = None) -> CpuFreq | None:
@@ -338,6 +396,7 @@ def read_host(root: str = "/") -> HostFacts:
     """Read every host fact kvmaccel plans with.  Raises :class:`HostError`."""
     meminfo = read_meminfo(root)
     default_huge = meminfo.get("Hugepagesize") or None
+    mounts = read_mounts(root, default_huge)
     return HostFacts(
         nodes=read_nodes(root),
         online_cpus=read_online_cpus(root),
@@ -345,8 +404,9 @@ def read_host(root: str = "/") -> HostFacts:
         base_page_size_kib=os.sysconf("SC_PAGE_SIZE") // 1024,
         hugepages=_read_pools(_path(root, "sys/kernel/mm/hugepages"), host_wide=True),
         default_hugepage_kib=default_huge,
-        mounts=read_mounts(root, default_huge),
+        mounts=mounts,
         cpufreq=read_cpufreq(root),
+        cpu_quota=read_cpu_quota(root, mounts),
     )
 
 

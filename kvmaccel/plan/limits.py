@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
+from ..host.facts import CpuQuota
 
 DEFAULT_MIN_CHUNK_BYTES = 128 << 20
 DEFAULT_NICE = 19
@@ -85,11 +86,14 @@ def distribute_helpers(
     node_cpu_counts: dict[int, int],
     online_cpu_count: int,
     limits: Limits,
+    cpu_quota: CpuQuota | None = None,
 ) -> HelperPlan:
     """Decide how many helpers serve each node's work.
 
     ``work_bytes`` maps a node id (or None) to the bytes to populate there;
-    ``node_cpu_counts`` gives the usable CPUs of each node (allowed CPUs only).
+    ``node_cpu_counts`` gives the usable CPUs of each node (allowed CPUs only, so a cgroup
+    cpuset counts); ``cpu_quota``, the caller's cgroup CPU quota: threads beyond its whole
+    CPUs would only share them, so helpers stop at that many less the caller.
     Returns a :class:`HelperPlan` whose reasons name every rule that cut the count.
     """
     total = sum(work_bytes.values())
@@ -121,6 +125,13 @@ def distribute_helpers(
         )
         reasons.append(f"host-wide cap {host_cap} helper(s) ({source})")
         wanted = host_cap
+
+    if cpu_quota is not None:
+        quota_cap = max(0, math.floor(cpu_quota.cpus + 1e-9) - 1)
+        if wanted > quota_cap:
+            reasons.append(f"cgroup CPU quota of {cpu_quota.cpus:g} CPU(s) "
+                           f"({cpu_quota.source}): {quota_cap} helper(s) beside the caller")
+            wanted = quota_cap
 
     def node_cap(node: int | None) -> int:
         node_chunks = math.ceil(work_bytes[node] / limits.min_chunk_bytes)

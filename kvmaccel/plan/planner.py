@@ -419,7 +419,8 @@ def plan_domain(
             reasons.append(tuned.reason)
     online = host.online_cpus
     helpers = distribute_helpers(
-        work, {n: len(node.cpus & online) for n, node in host.nodes.items()}, len(online), eff)
+        work, {n: len(node.cpus & online) for n, node in host.nodes.items()}, len(online), eff,
+        host.cpu_quota)
     helpers = dataclasses.replace(helpers, reasons=(*reasons, *helpers.reasons))
 
     hp_dirs = tuple(_join(m.path, "libvirt", "qemu", short) for m in mounts)
