@@ -439,3 +439,25 @@ def test_a_scrub_killed_midway_leaves_the_file_dirty_and_it_is_never_linked(
     assert pattern_count(dirty.path) == 0
     assert pool.drain() == 2 * GUEST_BYTES
     assert free_2m() == free_before
+
+
+def test_after_pool_keep_a_defined_guests_first_start_comes_from_the_pool(
+        libvirt: Libvirt, guest: str) -> None:
+    """`kvmaccel pool keep --once` fills a file for every backend of every persistent guest:
+    the first start after it (after a host boot, say) is a pool start, not a populate."""
+    libvirt.write_config(pool=True, pool_extra="keep_free_mib = 0\n")
+    keep = [sys.executable, "-m", "kvmaccel", "pool", "keep", "--once", "--config",
+            libvirt.config_path]
+    proc = subprocess.run(keep, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"for domain {guest}" in proc.stdout and proc.stdout.startswith("filled 1G")
+    pool = libvirt.pool()
+    assert [e.state for e in pool.entries()] == ["clean"]
+    virsh.virsh("start", guest)
+    assert "started from the pool" in libvirt.log()
+    assert state_of(libvirt, guest)["files"] == []
+    proc = subprocess.run(keep, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.startswith("nothing to do"), proc.stdout  # its file is in use
+    virsh.virsh("destroy", guest)
+    wait_for_states(pool, ["clean"])
+    assert pool.drain() == GUEST_BYTES

@@ -7,6 +7,7 @@ the config file, or from ``--max-bytes`` / ``--max-node-bytes``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -179,3 +180,75 @@ def drain(directories: tuple[str, ...]) -> None:
     """Remove every pool file not in use, giving its pages back to the system."""
     freed = sum(p.drain() for p in _all_pools(read_host(), directories))
     click.echo(f"drained {format_size(freed) if freed else 'nothing'}")
+
+
+@pool.command()
+@click.option("--once", is_flag=True, help="One pass, then exit (tests, cron, boot).")
+@click.option("--daemon", is_flag=True, help="Detach and keep going in the background, for "
+              "hosts without systemd; the pidfile says which process.")
+@click.option("--pidfile", help="With --daemon (default: <run_dir>/pool-keep.pid).")
+@click.option("--interval", type=click.FloatRange(0.1, 86400), default=60.0, show_default=True,
+              help="Seconds between passes.")
+@click.option("--uri", default="qemu:///system", show_default=True,
+              help="libvirt, for the persistent domains' targets (keep_domains).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="The config file (default: /etc/kvmaccel/kvmaccel.toml).")
+@click.option("--install-unit", is_flag=True, help="Write a systemd unit that runs the "
+              "keeper (enable it with systemctl), and exit.")
+def keep(once: bool, daemon: bool, pidfile: str | None, interval: float, uri: str,
+         config_file: str | None, install_unit: bool) -> None:
+    """Keep the pool warm: scrub, give back, fill what its targets want (see the config's
+    [pool] keep_domains, keep_free_mib and [[pool.keep]])."""
+    import logging
+    import threading
+
+    from ..errors import KvmaccelError
+    from ..pool import keep as k
+
+    config = read_config(config_file)
+    os.environ["KVMACCEL_RUN_DIR"] = config.run_dir  # the hook's pool states, not another's
+    if install_unit:
+        click.echo(f"wrote {k.install_unit(config_file)}; run: systemctl daemon-reload && "
+                   "systemctl enable --now kvmaccel-pool-keep")
+        return
+    if once and daemon:
+        raise UsageError("give --once or --daemon, not both")
+
+    def targets() -> list[k.Target]:
+        host = read_host()
+        found = k.config_targets(config.pool_keep, host)
+        if config.pool_keep_domains:
+            try:
+                found += k.domain_targets(config, host, uri)
+            except KvmaccelError as e:
+                logging.getLogger("kvmaccel.pool.keep").warning(
+                    "keep: no domain targets: %s", e)
+        return found
+
+    logger = logging.getLogger("kvmaccel")
+    if once:
+        with cancel_on_signals() as cancel:
+            actions = k.keep_once(config, targets(), config.limits, cancel)
+        for line in actions or ["nothing to do: the pool is what its targets want"]:
+            click.echo(line)
+        return
+    if daemon:
+        pidfile = pidfile or os.path.join(config.run_dir, "pool-keep.pid")
+        if not k.daemonize(pidfile):
+            click.echo(f"keeper started; its pid is in {pidfile}")
+            return
+        logger.setLevel(logging.INFO)
+        log_file = os.path.join(os.path.dirname(config.log_file), "pool-keep.log")
+        os.makedirs(os.path.dirname(log_file), mode=0o755, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s kvmaccel-keep[%(process)d]: "
+                                               "%(message)s"))
+        logger.addHandler(handler)
+        try:
+            k.run_forever(config, targets, interval, config.limits, threading.Event())
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pidfile)
+        os._exit(0)
+    logger.setLevel(logging.INFO)  # in the foreground (a service): one line per action
+    k.run_forever(config, targets, interval, config.limits)

@@ -49,6 +49,17 @@ its default::
     enabled = true                      # start guests from clean pool files; scrub after
     max_mib = 0                         # most a pool may hold per filesystem, MiB; 0: no cap
     max_node_mib = 0                    # most a pool may hold per NUMA node, MiB; 0: no cap
+    keep_free_mib = -1                  # what `pool keep` never fills into, per node and page
+                                        # size, MiB; -1: a tenth of the node's pages of it
+    keep_domains = true                 # `pool keep` keeps a file for every backend of every
+                                        # persistent libvirt domain kvmaccel serves
+
+    [[pool.keep]]                       # more targets for `pool keep`, as many as needed
+    size = "8G"                         # file size
+    page_size = "2M"                    # a hugetlbfs mount with it; absent: base pages
+    dir = "/dev/hugepages"              # the filesystem (default: the first mount that fits)
+    nodes = "0"                         # host nodes (default: none), policy "bind" etc.
+    count = 1
 
 Unknown keys and values of the wrong type raise :class:`~kvmaccel.errors.ConfigError` naming
 the file and key, so that a typo never silently does nothing.  ``<allocation threads='N'/>``
@@ -96,6 +107,22 @@ class HookConfig:
     pool_max_bytes: int | None = None
     pool_max_node_bytes: int | None = None
     energy: EnergySettings = field(default_factory=EnergySettings)
+    pool_keep_free_bytes: int | None = None  # None: a tenth of each node's pages
+    pool_keep_domains: bool = True
+    pool_keep: tuple[KeepTarget, ...] = ()
+
+
+@dataclass(frozen=True)
+class KeepTarget:
+    """One ``[[pool.keep]]`` entry: ``count`` clean files of this shape.  ``page_size_kib``
+    None means base pages (tmpfs); ``directory`` None, the first mount that fits."""
+
+    size_bytes: int
+    page_size_kib: int | None = None
+    directory: str | None = None
+    nodes: tuple[int, ...] = ()
+    policy: str = "bind"
+    count: int = 1
 
 
 _TOP: dict[str, type | tuple[type, ...]] = {
@@ -103,7 +130,11 @@ _TOP: dict[str, type | tuple[type, ...]] = {
     "log_file": str, "log_level": str, "run_dir": str, "qemu_conf": str, "limits": dict,
     "pool": dict, "energy": str, "energy_threads": int, "energy_signals": list,
 }
-_POOL: dict[str, type] = {"enabled": bool, "max_mib": int, "max_node_mib": int}
+_POOL: dict[str, type] = {"enabled": bool, "max_mib": int, "max_node_mib": int,
+                          "keep_free_mib": int, "keep_domains": bool, "keep": list}
+_KEEP: dict[str, type | tuple[type, ...]] = {
+    "size": str, "page_size": str, "dir": str, "nodes": str, "policy": str, "count": int}
+POLICIES = ("bind", "preferred", "interleave")
 _LIMITS: dict[str, type] = {
     "threads": int, "nice": int, "max_helpers_per_node": int, "max_helpers": int,
     "min_chunk_mib": int,
@@ -137,6 +168,10 @@ def parse_config(text: str, path: str = "<string>") -> HookConfig:
     for key in ("max_mib", "max_node_mib"):
         if pool.get(key, 0) < 0:
             raise ConfigError(f"{path}: pool.{key} must be 0 (no cap) or more MiB")
+    keep_free = pool.get("keep_free_mib", -1)
+    if keep_free < -1:
+        raise ConfigError(f"{path}: pool.keep_free_mib must be -1 (a tenth) or 0 or more MiB")
+    keep = tuple(_keep_target(entry, i, path) for i, entry in enumerate(pool.get("keep", [])))
     timeout = float(data.get("populate_timeout_s", 0))
     if timeout < 0:
         raise ConfigError(f"{path}: populate_timeout_s must be 0 (no limit) or more seconds")
@@ -176,7 +211,36 @@ def parse_config(text: str, path: str = "<string>") -> HookConfig:
         pool_max_bytes=pool.get("max_mib", 0) * MIB or None,
         pool_max_node_bytes=pool.get("max_node_mib", 0) * MIB or None,
         energy=energy,
+        pool_keep_free_bytes=None if keep_free == -1 else keep_free * MIB,
+        pool_keep_domains=pool.get("keep_domains", True), pool_keep=keep,
     )
+
+
+def _keep_target(entry: object, index: int, path: str) -> KeepTarget:
+    from ..model.units import parse_node_spec, parse_size
+
+    where = f"pool.keep[{index}]."
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{path}: pool.keep[{index}] must be a table ([[pool.keep]])")
+    _check(entry, _KEEP, where, path)
+    if "size" not in entry:
+        raise ConfigError(f"{path}: {where}size is missing (e.g. size = \"8G\")")
+    if entry.get("policy", "bind") not in POLICIES:
+        raise ConfigError(f"{path}: {where}policy must be one of {', '.join(POLICIES)}")
+    if not 1 <= entry.get("count", 1) <= 1000:
+        raise ConfigError(f"{path}: {where}count must be from 1 to 1000")
+    if "dir" in entry and not os.path.isabs(entry["dir"]):
+        raise ConfigError(f"{path}: {where}dir must be an absolute path")
+    try:
+        page = entry.get("page_size")
+        return KeepTarget(
+            size_bytes=parse_size(entry["size"]),
+            page_size_kib=parse_size(page) // 1024 if page else None,
+            directory=entry.get("dir"),
+            nodes=tuple(sorted(parse_node_spec(entry.get("nodes", "")))),
+            policy=entry.get("policy", "bind"), count=entry.get("count", 1))
+    except UsageError as e:
+        raise ConfigError(f"{path}: {where[:-1]}: {e}") from None
 
 
 def _cap(value: int) -> int | None:

@@ -260,6 +260,16 @@ class Pool(PoolFiles):
         log.info("pool: scrubbed %s (%s)", entry.path, format_size(entry.key.size_bytes))
         return True
 
+    def give_back_unused(self, listed: PoolEntry) -> bool:
+        """Remove a clean file nobody uses (re-checked under the lock); True when removed."""
+        with self._dir() as dfd, self._pool_lock():
+            entry = None if dfd is None else self._entry(dfd, os.path.basename(listed.path),
+                                                         listed.key)
+            if dfd is None or entry is None or not _same(entry, listed) or \
+                    entry.state != "clean":
+                return False
+            return self._remove(dfd, entry, "given back: no target needs it")
+
     def _remove(self, dfd: int, entry: PoolEntry, why: str) -> bool:
         """Remove a pool file's name and state (the file is the pool's own: nobody else can
         make names in its directory)."""
