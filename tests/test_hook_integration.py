@@ -37,7 +37,8 @@ from kvmaccel.bench import virsh
 from kvmaccel.engine.backing import BackingSpec, populate_backings, release
 from kvmaccel.errors import VirshError
 from kvmaccel.host.facts import read_host
-from kvmaccel.pool.manage import Pool
+from kvmaccel.plan.limits import Limits
+from kvmaccel.pool.manage import Pool, key_for
 from tests.conftest import need, private_mount
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.root]
@@ -404,8 +405,8 @@ def cpu_hogs(nice: int = 10) -> Iterator[None]:
 def test_a_scrub_killed_midway_leaves_the_file_dirty_and_it_is_never_linked(
         libvirt: Libvirt, guest: str) -> None:
     """The hook's own detached scrub, SIGKILLed while it zeroes the last guest's memory:
-    the file stays dirty, the next start does not get it (it gets a fresh file, with none of
-    the old data), and the next scrub finishes the job."""
+    the file stays dirty and is never linked as it is.  The guest's next start scrubs its own
+    file itself, then takes it (never a second, fresh file): none of the old data."""
     libvirt.write_config(pool=True)
     pool = libvirt.pool()
     free_before = free_2m()
@@ -431,13 +432,15 @@ def test_a_scrub_killed_midway_leaves_the_file_dirty_and_it_is_never_linked(
 
     virsh.virsh("start", guest)
     state = state_of(libvirt, guest)
-    [fresh] = state["files"]  # type: ignore[misc]
-    assert not os.path.samefile(fresh, dirty.path) and pattern_count(fresh) == 0
-    assert [e.state for e in pool.entries() if e.path == dirty.path] == ["dirty"]
+    assert state["files"] == []  # no fresh file
+    [link] = state["pool_links"]  # type: ignore[misc]
+    assert os.path.samefile(link["link_path"], dirty.path)
+    assert pattern_count(link["link_path"]) == 0
+    assert [e.state for e in pool.entries()] == ["in_use"]
     virsh.virsh("destroy", guest)
-    wait_for_states(pool, ["clean", "clean"])
+    wait_for_states(pool, ["clean"])
     assert pattern_count(dirty.path) == 0
-    assert pool.drain() == 2 * GUEST_BYTES
+    assert pool.drain() == GUEST_BYTES
     assert free_2m() == free_before
 
 
@@ -461,3 +464,50 @@ def test_after_pool_keep_a_defined_guests_first_start_comes_from_the_pool(
     virsh.virsh("destroy", guest)
     wait_for_states(pool, ["clean"])
     assert pool.drain() == GUEST_BYTES
+
+
+def test_a_guest_started_again_at_once_waits_for_its_own_scrubbed_file(
+        libvirt: Libvirt, guest: str) -> None:
+    """Destroyed and started again at once: the guest's own file is still being scrubbed.
+    The start waits for that scrub (lending it its priority) instead of populating a second
+    file beside it, and gets the file clean: none of its last run's bytes."""
+    libvirt.write_config(pool=True)
+    pool = libvirt.pool()
+    virsh.virsh("start", guest)
+    [path] = state_of(libvirt, guest)["files"]  # type: ignore[misc]
+    write_pattern(path)
+    virsh.virsh("destroy", guest)
+    virsh.virsh("start", guest)  # at once: the detached scrub has barely started
+    state = state_of(libvirt, guest)
+    assert state["files"] == [], "populated a second file instead of waiting for its own"
+    [link] = state["pool_links"]  # type: ignore[misc]
+    (entry,) = pool.entries()  # still one file
+    assert entry.state == "in_use" and os.path.samefile(link["link_path"], entry.path)
+    assert pattern_count(link["link_path"]) == 0
+    assert "from the pool" in libvirt.log()
+    virsh.virsh("destroy", guest)
+    wait_for_states(pool, ["clean"])
+    assert pool.drain() == GUEST_BYTES
+
+
+@pytest.mark.parametrize("libvirt", ["hugetlbfs"], indirect=True)
+def test_a_pool_holding_nearly_every_huge_page_never_stops_another_guest(
+        libvirt: Libvirt) -> None:
+    """A plain <hugepages/> guest kvmaccel populates nothing for: at its prepare the hook
+    gives back unused pool files until the huge pages QEMU will take are free."""
+    libvirt.write_config(pool=True)
+    pool = libvirt.pool()
+    key = key_for(256 << 20, 2048)
+    while free_2m() >= GUEST_BYTES // (2 << 20):  # until the guest cannot fit
+        pool.fill(key, 1, read_host(), Limits(threads=1))
+    path = os.path.join(FIXTURES, "small-hugepages.xml")
+    name = "kvmaccel-small-hugepages"
+    virsh.remove_domain(name)
+    virsh.virsh("define", path)
+    try:
+        virsh.virsh("start", name)
+        assert virsh.virsh("domstate", name).stdout.strip() == "running"
+        assert "so that guest kvmaccel-small-hugepages fits" in libvirt.log()
+    finally:
+        virsh.remove_domain(name)
+        pool.drain()

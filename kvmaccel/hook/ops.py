@@ -149,6 +149,7 @@ def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
 def op_prepare(xml: bytes, config: HookConfig) -> None:
     """Plan and check capacity.  Raises :class:`CapacityError` with the numbers."""
     plan, limits = make_plan(xml, config)
+    hook_pool.room_for_everything(plan, read_host(), config)
     if not plan.populated:
         reasons = "; ".join(f"{b.backend_id}: {b.skip_reason}" for b in plan.backends)
         log.info("nothing for kvmaccel to populate (%s)", reasons or "no memory backends")

@@ -16,13 +16,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .. import safefs
 from ..errors import UsageError
+from ..model.units import format_size
 from ..pool.manage import (
+    POOL_DIRNAME,
     Pool,
     PoolEntry,
     PoolKey,
@@ -71,27 +74,100 @@ def pool_for(path: str, host: HostFacts, config: HookConfig) -> Pool | None:
                 max_node_bytes=config.pool_max_node_bytes)
 
 
-def capacity_after_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
-                        ) -> tuple[CapacityCheck, ...]:
-    """The plan's capacity checks less what clean pool files would serve, with the clean
-    pool files nobody would use counted as available (:func:`make_room` gives them back)."""
-    served: dict[tuple[int | None, int], int] = {}
-    spare: dict[tuple[int | None, int], int] = {}
+def served_by_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
+                   ) -> tuple[set[str], dict[str, list[PoolEntry]]]:
+    """The backends a pool file will serve at start (a clean one, or this guest's own file
+    that a scrub is finishing), and per pool the clean files left over."""
+    served: set[str] = set()
     clean: dict[str, list[PoolEntry]] = {}  # per pool: clean files not yet spoken for
     for backend in plan.populated:
         assert backend.mem_path is not None
         pool = pool_for(backend.mem_path, host, config)
         if pool is None:
             continue
-        left = clean.setdefault(pool.directory,
-                                [e for e in pool.entries() if e.state == "clean"])
+        if pool.directory not in clean:
+            entries = pool.entries()
+            clean[pool.directory] = [e for e in entries if e.state == "clean"]
+            clean[pool.directory + "\0own"] = [
+                e for e in entries if e.domain_uuid == plan.uuid and plan.uuid is not None
+                and e.state in ("dirty", "scrubbing")]
         key = backend_key(backend)
-        match = next((e for e in reserved_first(left) if e.key.serves(key, plan.uuid)), None)
-        if match is not None:
-            left.remove(match)
-            _add(served, key)
-    for left in clean.values():
-        for entry in left:
+        for candidates in (clean[pool.directory], clean[pool.directory + "\0own"]):
+            match = next((e for e in reserved_first(candidates)
+                          if e.key.serves(key, plan.uuid)), None)
+            if match is not None:
+                candidates.remove(match)
+                served.add(backend.backend_id)
+                break
+    return served, {d: left for d, left in clean.items() if not d.endswith("\0own")}
+
+
+def room_for_everything(plan: DomainPlan, host: HostFacts, config: HookConfig) -> int:
+    """A pool must never be the reason a start fails.  Count what the guest will allocate of
+    each page size on each node, whatever allocates it (kvmaccel, or QEMU itself for the
+    backends kvmaccel does not populate), less what pool files will serve; where the host
+    has less free, give back unused, unreserved pool files of that page size on that node,
+    oldest first, until it fits.  Returns the bytes given back."""
+    from ..plan.limits import split_across_nodes
+    from ..pool.keep import free_bytes
+
+    if not config.pool_enabled:
+        return 0
+    served, _ = served_by_pool(plan, host, config)
+    need: dict[tuple[int | None, int], int] = {}
+    for b in plan.backends:
+        if b.backend_id in served:
+            continue
+        for node, _, length in split_across_nodes(b.size_bytes, b.host_nodes or (),
+                                                  b.page_size_kib * 1024):
+            need[(node, b.page_size_kib)] = need.get((node, b.page_size_kib), 0) + length
+    freed = 0
+    for (node, page_kib), wanted in need.items():
+        short = wanted - free_bytes(host, node, page_kib)
+        for pool in _pools_of_page(page_kib, host, config) if short > 0 else []:
+
+            def fits(e: PoolEntry, node: int | None = node, page_kib: int = page_kib) -> bool:
+                nodes = e.key.node_bytes()
+                return (e.key.page_size_kib == page_kib and e.key.reserved_uuid is None
+                        and (node is None or node in nodes or None in nodes))
+
+            got = pool.drain(at_least_bytes=short, matching=fits)
+            if got:
+                log.info("pool %s: gave back %s of %s pages%s so that guest %s fits",
+                         pool.directory, format_size(got), format_size(page_kib * 1024),
+                         "" if node is None else f" on node {node}", plan.name)
+            freed += got
+            short -= got
+            if short <= 0:
+                break
+    return freed
+
+
+def _pools_of_page(page_kib: int, host: HostFacts, config: HookConfig) -> list[Pool]:
+    pools = []
+    for mount in host.mounts:
+        if (mount.fs_type == "hugetlbfs" and mount.page_size_kib == page_kib) or (
+                mount.fs_type == "tmpfs" and page_kib == host.base_page_size_kib):
+            directory = os.path.join(mount.path, POOL_DIRNAME)
+            if os.path.isdir(directory):
+                pools.append(Pool(directory, max_bytes=config.pool_max_bytes,
+                                  max_node_bytes=config.pool_max_node_bytes))
+    return pools
+
+
+def capacity_after_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
+                        ) -> tuple[CapacityCheck, ...]:
+    """The plan's capacity checks less what pool files would serve (:func:`served_by_pool`),
+    with the clean pool files nobody would use counted as available (:func:`make_room` gives
+    them back)."""
+    served_ids, left = served_by_pool(plan, host, config)
+    served: dict[tuple[int | None, int], int] = {}
+    spare: dict[tuple[int | None, int], int] = {}
+    for backend in plan.populated:
+        if backend.backend_id in served_ids:
+            _add(served, backend_key(backend))
+    for entries in left.values():
+        for entry in entries:
             _add(spare, entry.key)
     return tuple(replace(c, needed_bytes=max(0, c.needed_bytes
                                              - served.get((c.node, c.page_size_kib), 0)),
@@ -117,6 +193,14 @@ def take(domain_uuid: str | None, backends: Sequence[Fresh], host: HostFacts,
         if pool is not None and domain_uuid:
             entry = pool.take(key, spec.path, domain_uuid=domain_uuid, backend_id=backend_id,
                               uid=spec.uid, gid=spec.gid, mode=spec.mode)
+            t0 = time.monotonic()
+            if entry is None and pool.own_file_after_scrub(
+                    key, domain_uuid, host, config.limits, own_file_wait_s(config)):
+                log.info("%s: waited %.2f s for the scrub of this guest's own last file",
+                         spec.path, time.monotonic() - t0)
+                entry = pool.take(key, spec.path, domain_uuid=domain_uuid,
+                                  backend_id=backend_id, uid=spec.uid, gid=spec.gid,
+                                  mode=spec.mode)
         if entry is None or pool is None:
             fresh.append((backend_id, key, spec))
             continue
@@ -141,6 +225,16 @@ def adopt(domain_uuid: str | None, fresh: Sequence[Fresh], backings: Sequence[Ba
         if entry is not None:
             adopted.append(Linked(backend_id, spec.path, entry.path, pool.directory))
     return adopted
+
+
+OWN_FILE_WAIT_S = 300.0
+"""How long a start waits for its own last file's scrub before populating a fresh one (a
+scrub zeroes at about the speed a populate does, so a wait this long is already slower)."""
+
+
+def own_file_wait_s(config: HookConfig) -> float:
+    timeout = config.populate_timeout_s
+    return min(timeout, OWN_FILE_WAIT_S) if timeout > 0 else OWN_FILE_WAIT_S
 
 
 def release(domain_uuid: str, links: Sequence[dict[str, object]]) -> list[str]:
