@@ -395,7 +395,8 @@ def test_pool_list_says_what_is_held_and_what_is_bad(shm_dir: str) -> None:
     finally:
         os.close(fd)
     assert proc.returncode == 0, proc.stderr
-    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    table = proc.stdout.split("\n\n")[0].splitlines()[1:]  # the summary follows a blank line
+    rows = {line.split()[0]: line for line in table}
     assert set(rows) == {"held", "bad"}
     assert "open or mapped" in rows["held"] and "its name says 4194304" in rows["bad"]
 

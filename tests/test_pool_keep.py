@@ -123,3 +123,16 @@ def test_install_unit_writes_a_unit_for_this_python(tmp_path: str) -> None:
         text = f.read()
     assert f"ExecStart={sys.executable} -m kvmaccel pool keep --config /etc/k.toml" in text
     assert "Nice=19" in text and "CPUWeight=idle" in text
+
+
+def test_pool_list_says_what_is_held_and_kept_free(tmp_path: str, shm_dir: str,
+                                                   run_dir: str) -> None:
+    cfg = config(str(tmp_path), shm_dir, run_dir, keep_free="64")
+    assert keep(cfg, "--once").returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "kvmaccel", "pool", "list", "--dir", shm_dir],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "KVMACCEL_CONFIG": cfg})
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("4K pages, any node: the pool holds 16M, ")
+    assert last.endswith(" free, 64M kept free (keep_free_mib)")

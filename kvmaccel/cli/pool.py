@@ -155,6 +155,26 @@ def list_cmd(directories: tuple[str, ...], as_json: bool) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    _held_and_kept_free(entries)
+
+
+def _held_and_kept_free(entries: list[Any]) -> None:
+    """Per page size and node: what the pool holds, what is free, what is kept free."""
+    from ..pool.keep import floor_bytes, free_bytes
+
+    host, config = read_host(), read_config()
+    held: dict[tuple[int, int | None], int] = {}
+    for e in entries:
+        for node, length in e.key.node_bytes().items():
+            held[(e.key.page_size_kib, node)] = held.get((e.key.page_size_kib, node), 0) + length
+    click.echo("")
+    for (page_kib, node), length in sorted(held.items(), key=lambda kv: (kv[0][0],
+                                                                        kv[0][1] or -1)):
+        where = "any node" if node is None else f"node {node}"
+        click.echo(f"{format_size(page_kib * 1024)} pages, {where}: the pool holds "
+                   f"{format_size(length)}, {format_size(free_bytes(host, node, page_kib))} "
+                   f"free, {format_size(floor_bytes(config, host, node, page_kib))} kept free "
+                   "(keep_free_mib)")
 
 
 @pool.command()
