@@ -95,3 +95,31 @@ def test_helpers_follow_a_real_cgroups_quota(shm_dir: str, v1_cpu_cgroup: str) -
     assert capped["threads"] == 1
     reasons = " ".join(map(str, capped["reasons"]))  # type: ignore[call-overload]
     assert f"cgroup CPU quota of 1 CPU(s) ({v1_cpu_cgroup}/cpu.cfs_quota_us)" in reasons
+
+
+def test_fills_run_in_the_configured_cgroup_at_the_lowest_share(shm_dir: str, tmp_path: str
+                                                                ) -> None:
+    need(os.geteuid() == 0, "needs root")
+    need(os.path.isfile(os.path.join(CPU_V1, "cpu.shares")), "no v1 cpu controller")
+    name = f"kvtest-cg-{os.getpid()}"
+    cfg = os.path.join(str(tmp_path), "kvmaccel.toml")
+    write(cfg, f'cgroup = "{name}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "kvmaccel", "pool", "fill", "--dir", shm_dir,
+                             "--size", "2G", "--threads", "1"],
+                            env={**os.environ, "KVMACCEL_CONFIG": cfg},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while proc.poll() is None and f"cpu:/{name}" not in seen:
+            with open(f"/proc/{proc.pid}/cgroup") as f:
+                seen = f.read()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert f"cpu:/{name}" in seen
+        with open(os.path.join(CPU_V1, name, "cpu.shares")) as f:
+            assert f.read().strip() == "2"
+    finally:
+        proc.kill()
+        proc.wait()
+        if os.path.isdir(os.path.join(CPU_V1, name)):
+            os.rmdir(os.path.join(CPU_V1, name))

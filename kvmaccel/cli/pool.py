@@ -50,6 +50,15 @@ def _all_pools(host: HostFacts, directories: tuple[str, ...]) -> list[Pool]:
     return pools
 
 
+def _enter_cgroup(name: str | None = None) -> None:
+    """Fills, scrubs and the keeper run in the config's ``cgroup``, when it names one."""
+    from ..engine.cgroup import enter
+
+    name = read_config().cgroup if name is None else name
+    if name:
+        enter(name)
+
+
 @click.group()
 def pool() -> None:
     """Pre-populated, pre-zeroed backing files that guests start from."""
@@ -77,6 +86,7 @@ def fill(size: str | None, page_size: str | None, directory: str | None, nodes: 
          reserve: bool, max_bytes: str | None, max_node_bytes: str | None, as_json: bool,
          **limit_args: Any) -> None:
     """Add COUNT clean files to a pool (of --size, or as a domain's plan says)."""
+    _enter_cgroup()
     host = read_host()
     limits = make_limits(**limit_args)
     wanted: list[tuple[str, PoolKey]] = []
@@ -187,6 +197,7 @@ def scrub(directories: tuple[str, ...], detach: bool, **limit_args: Any) -> None
         spawn_scrub(directories)
         click.echo("scrub started in the background")
         return
+    _enter_cgroup()
     host = read_host()
     limits = make_limits(**limit_args)
     for p in _all_pools(host, directories):
@@ -233,6 +244,7 @@ def keep(once: bool, daemon: bool, pidfile: str | None, interval: float, uri: st
         return
     if once and daemon:
         raise UsageError("give --once or --daemon, not both")
+    _enter_cgroup(config.cgroup)
 
     def targets() -> list[k.Target]:
         host = read_host()

@@ -225,6 +225,10 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
         log.info("started from the pool: %s", ", ".join(link.link_path for link in linked))
         return
     specs = [spec for _, _, spec in fresh]
+    if config.cgroup:  # populate in kvmaccel's own cgroup: seen and limited in one place
+        from ..engine.cgroup import enter
+
+        enter(config.cgroup)
     if config.pool_enabled and hook_pool.make_room(specs, host, config):
         host = read_host()
     limits = job.limits

@@ -30,6 +30,10 @@ its default::
     # libvirt's qemu.conf, read for memory_backing_dir, hugetlbfs_mount, user and group.
     qemu_conf = "/etc/libvirt/qemu.conf"
 
+    # The cpu cgroup the hook's populates and the pool's fills, scrubs and keeper run in
+    # (made if missing, with the lowest CPU share; "" runs them where they were started).
+    cgroup = ""
+
     # Energy policy (docs/energy.md).  "auto": while one of energy_signals holds, at most
     # energy_threads threads; "performance": no limit, signals ignored; "powersave": always
     # at most energy_threads.  Signals: on_battery, powersave_epp (powersave governor with
@@ -71,6 +75,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +115,7 @@ class HookConfig:
     pool_keep_free_bytes: int | None = None  # None: a tenth of each node's pages
     pool_keep_domains: bool = True
     pool_keep: tuple[KeepTarget, ...] = ()
+    cgroup: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ _TOP: dict[str, type | tuple[type, ...]] = {
     "strict": bool, "enabled": bool, "populate_timeout_s": (int, float), "syslog": bool,
     "log_file": str, "log_level": str, "run_dir": str, "qemu_conf": str, "limits": dict,
     "pool": dict, "energy": str, "energy_threads": int, "energy_signals": list,
+    "cgroup": str,
 }
 _POOL: dict[str, type] = {"enabled": bool, "max_mib": int, "max_node_mib": int,
                           "keep_free_mib": int, "keep_domains": bool, "keep": list}
@@ -213,7 +220,28 @@ def parse_config(text: str, path: str = "<string>") -> HookConfig:
         energy=energy,
         pool_keep_free_bytes=None if keep_free == -1 else keep_free * MIB,
         pool_keep_domains=pool.get("keep_domains", True), pool_keep=keep,
+        cgroup=_cgroup(data.get("cgroup", ""), path),
     )
+
+
+_CGROUP_NAME = re.compile(r"^[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*$")
+
+
+def check_cgroup_name(name: str) -> str:
+    """A cgroup path below the hierarchy's root; :class:`ConfigError` otherwise."""
+    if not _CGROUP_NAME.match(name) or any(part in (".", "..") for part in name.split("/")):
+        raise ConfigError(f"cgroup {name[:40]!r} must be a relative path of letters, digits, "
+                          "'.', '_' and '-' below the cgroup root, such as kvmaccel")
+    return name
+
+
+def _cgroup(name: str, path: str) -> str:
+    if not name:
+        return ""
+    try:
+        return check_cgroup_name(name)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _keep_target(entry: object, index: int, path: str) -> KeepTarget:
