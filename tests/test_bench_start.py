@@ -9,7 +9,8 @@ from kvmaccel.model.domain import parse_domain
 
 def test_configurations_and_their_xml() -> None:
     configs = {c.name: c for c in configurations(2, "/dev/hugepages", "/dev/shm", [2 << 30])}
-    assert len(configs) == 16 and "kvmaccel-shm+locked" in configs
+    assert len(configs) == 20 and "kvmaccel-shm+locked" in configs
+    assert configs["kvmaccel-restart-shm"].restart and configs["kvmaccel-restart-shm"].pool
     assert configs["kvmaccel-pool-shm@2G"].guest_bytes(8 << 30) == 2 << 30
     assert configs["kvmaccel-pool-hugetlbfs+locked"].pool
     locked = configs["qemu-hugepages-2+locked"]
@@ -38,8 +39,11 @@ def test_table_ratios() -> None:
     results = [StartResult(configs["qemu-shm-2"], [4.0, 6.0, 5.0]),
                StartResult(configs["qemu-hugepages-2"], [1.0]),
                StartResult(configs["kvmaccel-shm"], [4.0], [3.0]),
-               StartResult(configs["kvmaccel-hugetlbfs"], [], error="boom")]
+               StartResult(configs["kvmaccel-hugetlbfs"], [], error="boom"),
+               StartResult(configs["kvmaccel-pool-shm"], [0.5]),
+               StartResult(configs["kvmaccel-restart-shm"], [0.6])]
     table = format_table(results, 8 << 30, 2)
     assert "| qemu-shm-2 | 5.00 | - | - | 5.00x | - |" in table
     assert "| kvmaccel-shm | 4.00 | 3.00 | - | 4.00x | 0.80x |" in table
     assert "failed: boom" in table
+    assert "| kvmaccel-restart-shm | 0.60 | - | - | 0.60x | 1.20x of kvmaccel-pool-shm |" in table
