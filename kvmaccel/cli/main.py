@@ -173,4 +173,5 @@ LAZY_COMMANDS: dict[str, str] = {
     "bench-run": "kvmaccel.cli.run:bench_run_cmd",
     "pool": "kvmaccel.cli.pool:pool",
     "tune": "kvmaccel.cli.tune:tune",
+    "doctor": "kvmaccel.cli.ops:doctor",
 }
