@@ -39,6 +39,7 @@ from ..paths import run_dir
 from ..plan.limits import Limits, split_across_nodes
 from ..safefs import write_json_atomic
 from .populate import EngineOps, PopulateResult, ProgressFn, WorkItem, populate
+from .report import annotate
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +479,10 @@ def populate_backings(
         if on_open:
             on_open(backings)
         items = [item for backing in backings for item in backing.work_items()]
-        result = populate(items, host, limits, progress=progress, cancel=cancel, ops=ops)
+        result = annotate(
+            populate(items, host, limits, progress=progress, cancel=cancel, ops=ops),
+            [(b.path or b.spec.tmpfile_dir, b.fs_kind, b.page_size_bytes, b.spec.size_bytes)
+             for b in backings])
         for backing in backings:
             backing.publish()
     except BaseException as e:
