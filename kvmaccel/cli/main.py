@@ -175,4 +175,5 @@ LAZY_COMMANDS: dict[str, str] = {
     "pool": "kvmaccel.cli.pool:pool",
     "tune": "kvmaccel.cli.tune:tune",
     "doctor": "kvmaccel.cli.ops:doctor",
+    "metrics": "kvmaccel.cli.ops:metrics",
 }

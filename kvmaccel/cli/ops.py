@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import click
 
+from ..engine import records
+from ..errors import UsageError
 from ..hook import doctor as doc
 from ..hook import install as hook_install
 
@@ -67,3 +69,38 @@ def doctor(ctx: click.Context, libvirt_dir: str, qemu_conf: str | None,
     click.echo(f"{failed} problem(s), {warned} warning(s)")
     if failed:
         ctx.exit(1)
+
+
+@click.command()
+@click.option("--textfile", "textfile_dir", metavar="DIR",
+              help="Write DIR/kvmaccel.prom atomically (node_exporter's textfile collector) "
+                   "instead of printing.")
+@click.option("--records", "record_path", metavar="FILE",
+              help=f"The record file (default $KVMACCEL_RECORD_FILE, else "
+                   f"{records.DEFAULT_RECORD_FILE}).")
+@click.option("--pool-dir", "pool_dirs", multiple=True, metavar="DIR",
+              help="Pools to report (default: every pool on a hugetlbfs or tmpfs mount).")
+def metrics(textfile_dir: str | None, record_path: str | None,
+            pool_dirs: tuple[str, ...]) -> None:
+    """Print kvmaccel's metrics in Prometheus's text format.
+
+    Starts by result and source, a start-time histogram, the share of starts the warm pool
+    served, stops, scrubs and fills (from the record file), and the pool's bytes by state,
+    page size and node with the scrub backlog (from the pools themselves).
+    """
+    from ..host.facts import read_host
+    from ..pool.metrics import render, write_textfile
+    from .pool import _all_pools
+
+    entries = [e for p in _all_pools(read_host(), pool_dirs) for e in p.entries()]
+    text = render(records.read(record_path), entries)
+    if textfile_dir is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        path = write_textfile(textfile_dir, text)
+    except OSError as e:
+        raise UsageError(f"cannot write metrics into {textfile_dir}: {e.strerror or e}; give "
+                         "an existing directory (node_exporter's --collector.textfile."
+                         "directory)") from None
+    click.echo(f"wrote {path}")

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from .. import paths
+from ..engine import records
 from ..errors import KvmaccelError
 from ..plan.config import HookConfig, read_config
 from . import state
@@ -204,6 +205,9 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) ->
         else:
             reason = f"unexpected {type(e).__name__}: {e}"
         detail = isinstance(e, Exception) and not isinstance(e, KvmaccelError)
+        if starting and (config.strict or op == "start"):
+            records.append("start", "refused" if config.strict else "failed_open",
+                           domain=name, reason=reason)
         if config.strict and starting:
             log.error("%s; strict = true: refusing the start", reason, exc_info=detail)
             print(f"kvmaccel: {reason}", file=sys.stderr)

@@ -23,10 +23,12 @@ import secrets
 import stat
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .. import safefs
+from ..engine import records
 from ..errors import KvmaccelError, UsageError
 from ..model.units import format_size
 from ..plan.limits import Limits, split_across_nodes
@@ -145,6 +147,8 @@ class Pool(PoolFiles):
                 finally:
                     backing.close()
                 results.append(result)
+                records.append("fill", pool=self.directory, page_size_kib=key.page_size_kib,
+                               **records.from_result(result.as_dict()))
         return results
 
     # --- handing out and taking back -------------------------------------------------------
@@ -242,7 +246,9 @@ class Pool(PoolFiles):
             now = os.fstat(fd)
             if not safefs.same_inode(now, st) or now.st_size != entry.key.size_bytes:
                 return False
+            t0 = time.monotonic()
             zero_file(fd, entry.key, host, limits)
+            seconds = time.monotonic() - t0
             with self._dir() as dfd, self._pool_lock():
                 again = None if dfd is None else safefs.lstat_at(dfd, name)
                 now = os.fstat(fd)
@@ -253,6 +259,9 @@ class Pool(PoolFiles):
         finally:
             os.close(fd)
         log.info("pool: scrubbed %s (%s)", entry.path, format_size(entry.key.size_bytes))
+        records.append("scrub", pool=self.directory, uuid=entry.domain_uuid,
+                       bytes=entry.key.size_bytes, seconds=round(seconds, 4),
+                       page_size_kib=entry.key.page_size_kib)
         return True
 
     def _remove(self, dfd: int, entry: PoolEntry, why: str) -> bool:
