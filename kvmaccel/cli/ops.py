@@ -19,7 +19,7 @@ _MARK = {doc.OK: "ok", doc.INFO: "--", doc.WARN: "WARN", doc.FAIL: "FAIL"}
 
 def _defined_domains(uri: str) -> tuple[list[tuple[str, str]] | None, str]:
     """(name, inactive XML) of every defined guest, or None and why not."""
-    if not hook_install.daemons():
+    if uri.startswith("qemu:") and not hook_install.daemons():
         return None, "no libvirt daemon is running (start libvirtd to check the guests)"
     try:
         import libvirt
