@@ -22,7 +22,9 @@
 #   installed there already, into a temporary prefix, leaving that one alone): removed;
 # * free 2M huge pages for the guest (vm.nr_hugepages raised if needed): the count restored;
 # * /dev/kvm opened to the kvm group: its mode and group restored;
-# * virtlogd and libvirtd started if not running: stopped again.
+# * virtlogd and libvirtd started if not running: stopped again;
+# * /var/log/kvmaccel (the hook's log and kvmaccel's records of the demo's starts): removed
+#   if it was not there before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 umask 022  # libvirtd, started here, inherits it (see kvmaccel/bench/virsh.py)
@@ -58,6 +60,7 @@ saved_nr=$(cat /proc/sys/vm/nr_hugepages)
 kvm_mode=""; kvm_group=""
 started_virtlogd=0; started_libvirtd=0
 prefix=/opt/kvmaccel; tmp_prefix=""; installed=0
+had_log_dir=0; [ -d /var/log/kvmaccel ] && had_log_dir=1  # the hook's log and records
 systemd=0; [ -d /run/systemd/system ] && command -v systemctl >/dev/null && systemd=1
 restore() {
   rc=$?
@@ -81,6 +84,7 @@ restore() {
     fi
   fi
   [ -n "$kvm_mode" ] && chmod "$kvm_mode" /dev/kvm && chgrp "$kvm_group" /dev/kvm
+  [ "$had_log_dir" = 0 ] && rm -rf /var/log/kvmaccel
   echo "$saved_nr" > /proc/sys/vm/nr_hugepages
   log "machine restored (nr_hugepages=$saved_nr$([ "$installed" = 1 ] && echo ", kvmaccel removed"))"
   exit $rc
