@@ -368,7 +368,8 @@ def run_hook_without_site(env: Env, op: str, run_dir: str, heavy: set[str],
     code = WARM.format(top=top, module=module, name=NAME, op=op, xml=domain_xml(),
                        config=env.config_path, heavy=heavy)
     return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
-                          check=True, env={"KVMACCEL_RUN_DIR": run_dir}).stdout
+                          check=True, env={"KVMACCEL_RUN_DIR": run_dir,
+                                           "KVMACCEL_RECORD_FILE": records.record_file()}).stdout
 
 
 def test_a_warm_start_runs_without_site_logging_or_the_planner(env: Env, run_dir: str,
