@@ -13,6 +13,7 @@ from ..engine import records
 from ..errors import UsageError
 from ..hook import doctor as doc
 from ..hook import install as hook_install
+from ..paths import DEFAULT_RECORD_FILE
 
 _MARK = {doc.OK: "ok", doc.INFO: "--", doc.WARN: "WARN", doc.FAIL: "FAIL"}
 
@@ -76,8 +77,8 @@ def doctor(ctx: click.Context, libvirt_dir: str, qemu_conf: str | None,
               help="Write DIR/kvmaccel.prom atomically (node_exporter's textfile collector) "
                    "instead of printing.")
 @click.option("--records", "record_path", metavar="FILE",
-              help=f"The record file (default $KVMACCEL_RECORD_FILE, else "
-                   f"{records.DEFAULT_RECORD_FILE}).")
+              help="The record file (default $KVMACCEL_RECORD_FILE, else the config's "
+                   f"record_file, {DEFAULT_RECORD_FILE} unless set).")
 @click.option("--pool-dir", "pool_dirs", multiple=True, metavar="DIR",
               help="Pools to report (default: every pool on a hugetlbfs or tmpfs mount).")
 def metrics(textfile_dir: str | None, record_path: str | None,

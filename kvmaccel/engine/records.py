@@ -1,6 +1,7 @@
 """One JSON line per start, stop, scrub and fill: the record monitoring reads.
 
-The file is ``$KVMACCEL_RECORD_FILE``, else ``/var/log/kvmaccel/records.jsonl``.  Each line is
+The file is ``$KVMACCEL_RECORD_FILE``, else ``/var/log/kvmaccel/records.jsonl``; the hook
+sets the variable from the config's ``record_file``.  Each line is
 an object with at least ``time`` (Unix seconds), ``event`` (``start``, ``stop``, ``scrub``,
 ``fill``) and ``result`` (``ok``, or what went wrong: ``failed_open``, ``refused``,
 ``timeout``, ``error``); the others as they apply:
@@ -33,14 +34,25 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import safefs
+from ..paths import DEFAULT_RECORD_FILE
 
-DEFAULT_RECORD_FILE = "/var/log/kvmaccel/records.jsonl"
 MAX_BYTES = 4 << 20  # then rotated to <file>.1: at most about 8 MiB of records, ~25k lines
 EVENTS = ("start", "stop", "scrub", "fill")
 
 
 def record_file() -> str:
-    return os.environ.get("KVMACCEL_RECORD_FILE") or DEFAULT_RECORD_FILE
+    """``$KVMACCEL_RECORD_FILE`` (the hook sets it from its config), else the config's
+    ``record_file`` (read only then: the commands), else the default."""
+    chosen = os.environ.get("KVMACCEL_RECORD_FILE")
+    if chosen:
+        return chosen
+    from ..errors import KvmaccelError
+    from ..plan.config import read_config
+
+    try:
+        return read_config().record_file
+    except KvmaccelError:
+        return DEFAULT_RECORD_FILE
 
 
 def from_result(result: dict[str, Any]) -> dict[str, Any]:

@@ -186,6 +186,7 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) ->
     # Everything kvmaccel keeps goes in the config's run_dir, the warm path's snapshot too
     # (``kvmaccel hook install`` tells the installed script where that is).
     os.environ["KVMACCEL_RUN_DIR"] = config.run_dir
+    os.environ.setdefault("KVMACCEL_RECORD_FILE", config.record_file)  # libvirt: unset
     try:
         state.save_config_snapshot(config, path)
     except (OSError, KvmaccelError) as e:
