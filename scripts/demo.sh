@@ -117,11 +117,16 @@ if [ -e /dev/kvm ]; then
   kvm_mode=$(stat -c %a /dev/kvm); kvm_group=$(stat -c %G /dev/kvm)
   chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
 fi
+# A daemon that another script has just stopped can still be exiting: wait for it to go
+# (its socket goes first), then start our own.
+wait_gone() { for _ in $(seq 100); do pgrep -x "$1" >/dev/null || return 0; sleep 0.1; done; }
+if [ ! -S /run/libvirt/virtlogd-sock ]; then wait_gone virtlogd; fi
 if ! pgrep -x virtlogd >/dev/null; then
   if [ "$systemd" = 1 ]; then systemctl start virtlogd; else virtlogd -d; fi
   started_virtlogd=1
 fi
 for _ in $(seq 50); do [ -S /run/libvirt/virtlogd-sock ] && break; sleep 0.1; done
+if [ ! -S /run/libvirt/libvirt-sock ]; then wait_gone libvirtd; fi
 if ! pgrep -x libvirtd >/dev/null; then
   if [ "$systemd" = 1 ]; then systemctl start libvirtd; else libvirtd -d; fi
   started_libvirtd=1
