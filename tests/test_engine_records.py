@@ -42,5 +42,10 @@ def test_never_raises_and_refuses_a_symlink(tmp_path: Path, capsys: object) -> N
     records.append("start", path=str(link))
     assert target.read_text() == "keep\n"
     records.append("start", path="/proc/no/such/records.jsonl")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o1777)  # like /tmp: anyone could swap the file; refused, not raised
+    records.append("start", path=str(shared / "records.jsonl"))
+    assert os.listdir(shared) == []
     err = capsys.readouterr().err  # type: ignore[attr-defined]
-    assert err.count("kvmaccel: warning: cannot write a record") == 2
+    assert err.count("kvmaccel: warning: cannot write a record") == 3

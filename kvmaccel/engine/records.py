@@ -80,7 +80,8 @@ def append(event: str, result: str = "ok", *, path: str | None = None,
             os.write(fd, line)
         finally:
             os.close(fd)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 -- a record is never a reason to fail (an unsafe
+        # directory raises UnsafePathError, a KvmaccelError; a full disk OSError)
         print(f"kvmaccel: warning: cannot write a record to {target}: {e}", file=sys.stderr)
 
 
