@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
+from typing import Protocol
 
 from ..model.units import format_size
 from .populate import PopulateResult
@@ -39,17 +40,34 @@ def hugepage_name_warning(path: str, fs_kind: str, page_size_bytes: int) -> str 
             "(mount -t hugetlbfs -o pagesize=2M none DIR; `kvmaccel doctor` checks the mounts)")
 
 
-def annotate(result: PopulateResult,
-             targets: Sequence[tuple[str | None, str, int, int]]) -> PopulateResult:
-    """``result`` with its memory kinds and warnings, from ``(path, fs_kind,
-    page_size_bytes, size_bytes)`` per backing (path None for a memfd).  Each warning is
-    also logged (the CLI shows warnings on stderr)."""
+class _Spec(Protocol):
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def tmpfile_dir(self) -> str | None: ...
+    @property
+    def size_bytes(self) -> int: ...
+
+
+class _Backing(Protocol):  # kvmaccel.engine.backing.Backing, which imports this module
+    @property
+    def spec(self) -> _Spec: ...
+    @property
+    def fs_kind(self) -> str: ...
+    @property
+    def page_size_bytes(self) -> int: ...
+
+
+def annotate(result: PopulateResult, backings: Sequence[_Backing]) -> PopulateResult:
+    """``result`` with the memory kinds of ``backings`` and the warnings about them.  Each
+    warning is also logged (the CLI shows warnings on stderr)."""
     kinds: dict[tuple[str, int], int] = {}
     warnings: list[str] = []
-    for path, fs_kind, page_bytes, size_bytes in targets:
-        key = (fs_kind, page_bytes // 1024)
-        kinds[key] = kinds.get(key, 0) + size_bytes
-        warning = hugepage_name_warning(path, fs_kind, page_bytes) if path else None
+    for b in backings:
+        key = (b.fs_kind, b.page_size_bytes // 1024)
+        kinds[key] = kinds.get(key, 0) + b.spec.size_bytes
+        path = b.spec.path or b.spec.tmpfile_dir
+        warning = hugepage_name_warning(path, b.fs_kind, b.page_size_bytes) if path else None
         if warning and warning not in warnings:
             log.warning("%s", warning)
             warnings.append(warning)
