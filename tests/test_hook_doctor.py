@@ -83,6 +83,19 @@ def test_qemu_conf_on_disk_and_a_bad_hugetlbfs_mount(tmp_path: Path) -> None:
     assert any(x.startswith("fail qemu.conf: hugetlbfs_mount /mnt/nothing is not") for x in lines)
 
 
+def test_the_records_line(tmp_path: Path) -> None:
+    from kvmaccel.engine import records
+
+    path = str(tmp_path / "records.jsonl")
+    inp = _input(tmp_path, ONE_NODE, record_file=path)
+    assert "no start recorded yet" in _lines(doctor.check_records(inp))[0]
+    records.append("start", domain="a", source="pool", path=path)
+    records.append("start", "failed_open", domain="b", reason="no room", path=path)
+    line = _lines(doctor.check_records(inp))[0]
+    assert line.startswith(f"warn records: {path}: 2 start(s), 1 not ok; the last: b "
+                           "failed_open (no room)"), line
+
+
 def test_which_guests_are_served(tmp_path: Path) -> None:
     served = (TOP / "vm-fixtures" / "small-shm.xml").read_text()
     hugepages = (TOP / "vm-fixtures" / "small-hugepages.xml").read_text()

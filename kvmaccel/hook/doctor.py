@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .. import __version__
+from ..engine import records
 from ..errors import KvmaccelError
 from ..host.facts import HostFacts, Mount, SecurityFacts, read_host, read_security
 from ..model.domain import parse_domain
@@ -52,6 +53,7 @@ class DoctorInput:
     front_path: str = FRONT_PATH
     domains: Sequence[tuple[str, str]] | None = None
     domains_note: str = "libvirt was not asked"
+    record_file: str | None = None  # None: $KVMACCEL_RECORD_FILE, else the config's
     host: HostFacts | None = field(default=None, compare=False)
 
     def host_facts(self) -> HostFacts:
@@ -237,6 +239,20 @@ def check_security(inp: DoctorInput) -> list[Finding]:
     return findings
 
 
+def check_records(inp: DoctorInput) -> list[Finding]:
+    path = inp.record_file or records.record_file()
+    starts = [r for r in records.read(path) if r.get("event") == "start"]
+    if not starts:
+        return [Finding("records", INFO, f"{path}: no start recorded yet (`kvmaccel metrics` "
+                                         "reads it)")]
+    failed = [r for r in starts if r.get("result") != "ok"]
+    last = starts[-1]
+    status = WARN if last.get("result") != "ok" else OK
+    return [Finding("records", status, f"{path}: {len(starts)} start(s), {len(failed)} not ok; "
+                    f"the last: {last.get('domain')} {last.get('result')}"
+                    + (f" ({last.get('reason')}); see the hook's log" if status == WARN else ""))]
+
+
 def check_guests(inp: DoctorInput) -> list[Finding]:
     if inp.domains is None:
         return [Finding("guests", INFO, f"not checked: {inp.domains_note}")]
@@ -275,7 +291,7 @@ def check_guests(inp: DoctorInput) -> list[Finding]:
 
 
 CHECKS: list[Check] = [check_kvmaccel, check_config, check_hugetlbfs, check_qemu_conf,
-                       check_hook, check_front, check_security, check_guests]
+                       check_hook, check_front, check_security, check_records, check_guests]
 
 
 def run(inp: DoctorInput, checks: Sequence[Check] = CHECKS) -> list[Finding]:
