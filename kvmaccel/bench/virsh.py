@@ -87,16 +87,9 @@ def restart_libvirtd() -> None:
             break
         time.sleep(0.1)
     stopped_unix = time.time()
-    # stdio to /dev/null: the daemon must not hold a caller's pipe open.  umask 022, as
-    # systemd starts it: the daemon inherits ours, and the kvmaccel command runs with 077,
-    # under which libvirtd makes <hugetlbfs>/libvirt/qemu 0700 and QEMU, as the qemu user,
-    # cannot open its memory there ("can't open backing store ... Permission denied").
-    previous = os.umask(0o022)
-    try:
-        proc = subprocess.run(["libvirtd", "-d"], check=False, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    finally:
-        os.umask(previous)
+    # stdio to /dev/null: the daemon must not hold a caller's pipe open.
+    proc = subprocess.run(["libvirtd", "-d"], check=False, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if proc.returncode != 0:
         # Someone else (another developer's shell, a test command) may have started one in
         # the gap: it read the current qemu.conf too, so it will do.
