@@ -23,7 +23,6 @@ import secrets
 import stat
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -214,6 +213,7 @@ class Pool(PoolFiles):
     def _scrub_one(self, listed: PoolEntry, host: HostFacts, limits: Limits | None) -> bool:
         """Scrub one file, re-checked under the pool lock as it is now (the listing may be
         stale: another scrub may have cleaned it and a guest taken it since)."""
+        from time import monotonic  # the record's seconds
         name = os.path.basename(listed.path)
         with self._dir() as dfd, self._pool_lock():
             entry = None if dfd is None else self._entry(dfd, name, listed.key,
@@ -246,9 +246,9 @@ class Pool(PoolFiles):
             now = os.fstat(fd)
             if not safefs.same_inode(now, st) or now.st_size != entry.key.size_bytes:
                 return False
-            t0 = time.monotonic()
+            t0 = monotonic()
             zero_file(fd, entry.key, host, limits)
-            seconds = time.monotonic() - t0
+            seconds = monotonic() - t0
             with self._dir() as dfd, self._pool_lock():
                 again = None if dfd is None else safefs.lstat_at(dfd, name)
                 now = os.fstat(fd)
