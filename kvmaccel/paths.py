@@ -11,6 +11,7 @@ import os
 DEFAULT_CONFIG_PATH = "/etc/kvmaccel/kvmaccel.toml"
 DEFAULT_LOG_FILE = "/var/log/kvmaccel/hook.log"
 DEFAULT_RUN_DIR = "/run/kvmaccel"
+DEFAULT_RECORD_FILE = "/var/log/kvmaccel/records.jsonl"
 
 
 def run_dir() -> str:

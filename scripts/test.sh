@@ -17,7 +17,8 @@ cd "$(dirname "$0")/.."
 top=$PWD
 
 APT_PACKAGES=(libvirt-daemon-system qemu-system-x86 libvirt-dev pkg-config python3-venv
-              kmod busybox-static)  # the last two: the two-node NUMA guest (tests/numa)
+              kmod busybox-static  # these two: the two-node NUMA guest (tests/numa)
+              python3-libvirt python3-click python3-psutil)  # scripts/install.sh's test
 HUGEPAGES_2M=${KVMACCEL_TEST_HUGEPAGES:-1536}   # 3 GiB of 2M pages for the tests
 
 log() { printf 'test.sh: %s\n' "$*" >&2; }

@@ -43,6 +43,15 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monkey
     return path
 
 
+@pytest.fixture(autouse=True)
+def record_file(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test gets its own record file (starts, stops, scrubs, fills): the host's
+    /var/log/kvmaccel/records.jsonl is never written by a test run in this process."""
+    path = str(tmp_path_factory.mktemp("records") / "records.jsonl")
+    monkeypatch.setenv("KVMACCEL_RECORD_FILE", path)
+    return path
+
+
 def populating_bytes(pid: int, directory: str) -> int:
     """Bytes process ``pid`` has populated so far in a file it holds open in ``directory``
     (kvmaccel populates new files unnamed, and names them only when they are complete)."""

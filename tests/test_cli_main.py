@@ -110,4 +110,4 @@ def test_progress_bar_on_a_tty(shm_dir: str) -> None:
                           text=True, timeout=120, env={**os.environ, "COLUMNS": "100"})
     assert proc.returncode == 0, proc.stdout
     assert "populating" in proc.stdout and "100%" in proc.stdout
-    assert f"{path}: 512M in " in proc.stdout
+    assert f"{path}: 512M of tmpfs 4K in " in proc.stdout

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from kvmaccel.engine import records
 from kvmaccel.engine.backing import created_by_us
 from kvmaccel.hook import entry, warm
 from kvmaccel.hook import full as hook
@@ -110,7 +111,7 @@ def test_start_populates_and_stop_removes(env: Env, run_dir: str,
         state = json.load(f)
     assert state["files"] == [env.file_path] and state["id"] == 7
     assert state["result"]["bytes"] == SIZE_MIB << 20
-    summary = [line for line in env.log().splitlines() if "populated 64M in" in line]
+    summary = [line for line in env.log().splitlines() if "populated 64M of tmpfs 4K in" in line]
     assert len(summary) == 1 and f"{NAME} start: INFO" in summary[0]
     assert "GiB/s" in summary[0] and "helpers per node" in summary[0]
 
@@ -121,6 +122,13 @@ def test_start_populates_and_stop_removes(env: Env, run_dir: str,
     assert os.listdir(f"{run_dir}/files") == []
     assert env.run("release", "end", domain_xml(domain_id=None)) == 0
     assert capsys.readouterr().out == ""
+    # One record per start and stop (the release after it finds nothing left to stop).
+    start, stop = records.read()
+    assert (start["event"], start["result"], start["source"]) == ("start", "ok", "fresh")
+    assert start["uuid"] == UUID and start["domain"] == NAME
+    assert start["bytes"] == SIZE_MIB << 20 and start["memory"] == "tmpfs 4K"
+    assert start["seconds"] >= start["populate_seconds"] > 0 and start["helpers_per_node"]
+    assert (stop["event"], stop["uuid"], stop["bytes"]) == ("stop", UUID, SIZE_MIB << 20)
 
 
 def test_stop_after_libvirt_removed_the_directory(env: Env, run_dir: str) -> None:
@@ -360,7 +368,8 @@ def run_hook_without_site(env: Env, op: str, run_dir: str, heavy: set[str],
     code = WARM.format(top=top, module=module, name=NAME, op=op, xml=domain_xml(),
                        config=env.config_path, heavy=heavy)
     return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
-                          check=True, env={"KVMACCEL_RUN_DIR": run_dir}).stdout
+                          check=True, env={"KVMACCEL_RUN_DIR": run_dir,
+                                           "KVMACCEL_RECORD_FILE": records.record_file()}).stdout
 
 
 def test_a_warm_start_runs_without_site_logging_or_the_planner(env: Env, run_dir: str,

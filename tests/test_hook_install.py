@@ -128,7 +128,8 @@ def test_installed_script_runs_as_libvirt_runs_it(libvirt_dir: str, tmp_path: ob
     with open(config, "w") as f:
         f.write(f'enabled = false\nsyslog = false\nlog_file = "{tmp_path}/h.log"\n')
     st = hook_install.install(libvirt_dir, config_path=config)
-    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}  # libvirt cleans the environment
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C",  # libvirt cleans the environment
+           "KVMACCEL_RECORD_FILE": os.environ["KVMACCEL_RECORD_FILE"]}  # (but the test's records)
     t0 = time.monotonic()
     ignored = subprocess.run([st.path, "g", "started", "begin", "-"], env=env,
                              capture_output=True, input=b"", check=False)

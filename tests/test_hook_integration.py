@@ -219,7 +219,7 @@ def test_hook_populates_the_file_qemu_maps(libvirt: Libvirt, guest: str) -> None
     assert (size, allocated, ino) == (GUEST_BYTES, GUEST_BYTES, st.st_ino)
     if libvirt.kind == "hugetlbfs":
         assert at_start["free_2m"] <= free_before - GUEST_BYTES // (2 << 20)  # type: ignore[operator]
-    summary = [line for line in libvirt.log().splitlines() if "populated 1G in" in line]
+    summary = [line for line in libvirt.log().splitlines() if "populated 1G of" in line]
     assert len(summary) == 1 and f"{guest} start: INFO" in summary[0]
 
     # The guest runs: libvirt says so and its vCPU thread uses CPU time.

@@ -33,7 +33,9 @@ def write_config(tmp_path: str, shm_dir: str, run_dir: str) -> str:
 def call(script: str, op: str, subop: str, xml: bytes) -> subprocess.CompletedProcess[bytes]:
     """As libvirt calls a hook: a clean environment, the XML on stdin."""
     return subprocess.run([script, NAME, op, subop, "-"], input=xml, capture_output=True,
-                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, timeout=120)
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",  # + the test's records
+                               "KVMACCEL_RECORD_FILE": os.environ["KVMACCEL_RECORD_FILE"]},
+                          timeout=120)
 
 
 def test_the_pool_never_adopts_what_the_owner_swapped_in(tmp_path: str, shm_dir: str,

@@ -16,6 +16,7 @@ syslog = false
 log_file = "/var/log/x.log"
 log_level = "debug"
 run_dir = "/run/x"
+record_file = "/var/log/x/records.jsonl"
 qemu_conf = "/etc/x/qemu.conf"
 
 [limits]
@@ -32,6 +33,7 @@ def test_missing_file_gives_the_documented_defaults(tmp_path: object) -> None:
     assert cfg == HookConfig()
     assert (cfg.strict, cfg.enabled, cfg.populate_timeout_s) == (False, True, 0.0)
     assert cfg.log_file == DEFAULT_LOG_FILE and cfg.run_dir == "/run/kvmaccel"
+    assert cfg.record_file == "/var/log/kvmaccel/records.jsonl"
     assert cfg.limits == Limits()
 
 
@@ -43,6 +45,7 @@ def test_every_key_is_read(tmp_path: object) -> None:
     assert cfg.strict and not cfg.enabled and cfg.populate_timeout_s == 2.5
     assert not cfg.syslog and cfg.log_file == "/var/log/x.log" and cfg.log_file_set
     assert cfg.log_level == "debug" and cfg.run_dir == "/run/x"
+    assert cfg.record_file == "/var/log/x/records.jsonl"
     assert cfg.qemu_conf == "/etc/x/qemu.conf" and cfg.path == path
     assert cfg.limits == Limits(threads=4, nice=10, max_helpers_per_node=2,
                                 max_helpers_host=3, min_chunk_bytes=64 << 20)
@@ -71,6 +74,7 @@ def test_zero_and_minus_one_mean_the_default_rule() -> None:
     ("populate_timeout_s = -1", "populate_timeout_s must be 0"),
     ('log_level = "loud"', "log_level must be one of"),
     ('run_dir = "run"', "run_dir must be an absolute path"),
+    ('record_file = "r.jsonl"', "record_file must be an absolute path"),
     ("[limits]\nnice = 40", "[limits]: nice must be between -20 and 19"),
     ("limits = 3", "limits must be a dict"),
 ])

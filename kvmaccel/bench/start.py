@@ -183,7 +183,9 @@ class _Bench:
         if not os.path.exists(path):
             with open(path, "w", encoding="utf-8") as f:
                 f.write(f'strict = true\nsyslog = false\nlog_file = "{self.workdir}/hook.log"\n'
-                        f'run_dir = "{self.run_dir}"\n[limits]\nthreads = {self.threads}\n'
+                        f'run_dir = "{self.run_dir}"\n'
+                        f'record_file = "{self.workdir}/records.jsonl"\n'
+                        f'[limits]\nthreads = {self.threads}\n'
                         f'[pool]\nenabled = {"true" if pool else "false"}\n')
         if (hook_install.status(virsh.LIBVIRT_DIR).info or {}).get("config") != path:
             hook_install.install(virsh.LIBVIRT_DIR, config_path=path)

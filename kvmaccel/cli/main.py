@@ -102,7 +102,8 @@ def populate(path: str, size: str, nodes: str | None, policy: str, mode: str,
     if as_json:
         click.echo(json.dumps({"path": os.path.abspath(path), **result.as_dict()}, indent=2))
     else:
-        click.echo(f"{path}: {format_size(result.bytes_total)} in {result.seconds:.2f} s "
+        click.echo(f"{path}: {format_size(result.bytes_total)} of {result.memory_text} "
+                   f"in {result.seconds:.2f} s "
                    f"({result.gib_per_s:.2f} GiB/s), {result.threads} thread(s); helpers "
                    f"{describe_helpers(result)}")
         for reason in result.reasons:
@@ -173,4 +174,6 @@ LAZY_COMMANDS: dict[str, str] = {
     "bench-run": "kvmaccel.cli.run:bench_run_cmd",
     "pool": "kvmaccel.cli.pool:pool",
     "tune": "kvmaccel.cli.tune:tune",
+    "doctor": "kvmaccel.cli.ops:doctor",
+    "metrics": "kvmaccel.cli.ops:metrics",
 }

@@ -130,7 +130,8 @@ def fill(size: str | None, page_size: str | None, directory: str | None, nodes: 
         for result in results:
             report.append({"pool": target.directory, **result.as_dict()})
             if not as_json:
-                click.echo(f"{target.directory}: +{format_size(key.size_bytes)} clean in "
+                click.echo(f"{target.directory}: +{format_size(key.size_bytes)} of "
+                           f"{result.memory_text} clean in "
                            f"{result.seconds:.2f} s ({result.gib_per_s:.2f} GiB/s)")
     if as_json:
         click.echo(json.dumps(report, indent=2))

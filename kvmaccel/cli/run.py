@@ -65,8 +65,9 @@ def run(dry_run: bool, qemu_argv: tuple[str, ...], **limit_args: Any) -> None:
         new_argv, backings, result = populate_launch(plan, host, limits, progress=progress,
                                                      cancel=cancel)
     if result is not None:
-        log.info("populated %s in %.2f s (%.2f GiB/s), %d thread(s); helpers %s",
-                 format_size(result.bytes_total), result.seconds, result.gib_per_s,
+        log.info("populated %s of %s in %.2f s (%.2f GiB/s), %d thread(s); helpers %s",
+                 format_size(result.bytes_total), result.memory_text or "memfd",
+                 result.seconds, result.gib_per_s,
                  result.threads, describe_helpers(result))
     exec_qemu(new_argv, backings)
 
@@ -118,7 +119,7 @@ def prealloc(domain_xml_file: str | None, domain_name: str | None, uri: str | No
             click.echo(f"populated {path}")
         if done.result is not None:
             r = done.result
-            click.echo(f"{format_size(r.bytes_total)} in {r.seconds:.2f} s "
+            click.echo(f"{format_size(r.bytes_total)} of {r.memory_text} in {r.seconds:.2f} s "
                        f"({r.gib_per_s:.2f} GiB/s), {r.threads} thread(s); helpers "
                        f"{describe_helpers(r)}")
         for backend_id, reason in done.skipped:

@@ -7,12 +7,10 @@ checked on its descriptor (``fstatfs``: hugetlbfs or tmpfs), populated, and only
 under its name by descriptor and recorded under ``<run dir>/files/`` (see
 :mod:`kvmaccel.safefs` for why: a guest's directory belongs to the qemu user).  So nobody can
 reach a file before it is complete, two runs for one path cannot both succeed, and a run
-that fails or is cancelled leaves nothing.  ``kvmaccel release`` only ever removes a file
-kvmaccel's record names.  An existing file is used only when kvmaccel's record says it
-created it; any other existing file is refused, never truncated or reused.
-
-:func:`populate_backings` is the whole job the CLI and the hook run: open, populate with the
-engine, and on any failure or cancel remove exactly what this run created.
+that fails or is cancelled leaves nothing.  ``kvmaccel release`` only removes a file kvmaccel's
+record names; an existing file is used only when that record says kvmaccel created it, and
+any other is refused.  :func:`populate_backings` is the whole job of the CLI and the hook:
+open, populate, name the memory, and on failure remove exactly what this run created.
 """
 
 from __future__ import annotations
@@ -39,6 +37,7 @@ from ..paths import run_dir
 from ..plan.limits import Limits, split_across_nodes
 from ..safefs import write_json_atomic
 from .populate import EngineOps, PopulateResult, ProgressFn, WorkItem, populate
+from .report import annotate
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +483,8 @@ def populate_backings(
         if on_open:
             on_open(backings)
         items = [item for backing in backings for item in backing.work_items()]
-        result = populate(items, host, limits, progress=progress, cancel=cancel, ops=ops)
+        done = populate(items, host, limits, progress=progress, cancel=cancel, ops=ops)
+        result = annotate(done, backings)  # which memory it was: hugetlbfs 2M, tmpfs 4K
         for backing in backings:
             backing.publish()
     except BaseException as e:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from ..errors import CancelledError, CapacityError, PopulateError
 from ..host import sysmem
 from ..host.facts import HostFacts, allowed_cpus, runnable_tasks
-from ..model.units import GIB
+from ..model.units import GIB, format_size
 from ..plan.limits import HelperPlan, Limits, chunk_size_bytes, distribute_helpers
 from .slots import HostSlots
 
@@ -88,6 +88,15 @@ class PopulateResult:
     chunk_size_bytes: int
     method: str  # "madvise" or "touch"
     reasons: tuple[str, ...] = field(default=())
+    # What was populated, per kind of memory: ("hugetlbfs", page_size_kib, bytes); filled in
+    # by kvmaccel.engine.backing, which knows the files (the engine sees only descriptors).
+    memory: tuple[tuple[str, int, int], ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def memory_text(self) -> str:
+        """``hugetlbfs 2M``, ``tmpfs 4K``, or several joined by ``+``; ``""`` when unknown."""
+        return " + ".join(f"{fs} {format_size(kib * 1024)}" for fs, kib, _ in self.memory)
 
     @property
     def gib_per_s(self) -> float:
@@ -109,6 +118,10 @@ class PopulateResult:
             "chunk_size_bytes": self.chunk_size_bytes,
             "method": self.method,
             "reasons": list(self.reasons),
+            "memory": self.memory_text,
+            "filesystems": [{"filesystem": fs, "page_size_kib": kib, "bytes": n}
+                            for fs, kib, n in self.memory],
+            "warnings": list(self.warnings),
         }
 
 

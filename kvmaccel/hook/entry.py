@@ -58,6 +58,7 @@ def _warm(name: str, op: str, xml: bytes, config_path: str | None) -> bool:
     if op == "start" and not values["pool_enabled"]:
         return False
     os.environ["KVMACCEL_RUN_DIR"] = values["run_dir"]
+    os.environ.setdefault("KVMACCEL_RECORD_FILE", values["record_file"])  # libvirt: unset
 
     def say(message: str) -> None:
         log_info(values, name, op, message)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from .. import paths
+from ..engine import records
 from ..errors import KvmaccelError
 from ..plan.config import HookConfig, read_config
 from . import state
@@ -185,6 +186,7 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) ->
     # Everything kvmaccel keeps goes in the config's run_dir, the warm path's snapshot too
     # (``kvmaccel hook install`` tells the installed script where that is).
     os.environ["KVMACCEL_RUN_DIR"] = config.run_dir
+    os.environ.setdefault("KVMACCEL_RECORD_FILE", config.record_file)  # libvirt: unset
     try:
         state.save_config_snapshot(config, path)
     except (OSError, KvmaccelError) as e:
@@ -204,6 +206,9 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) ->
         else:
             reason = f"unexpected {type(e).__name__}: {e}"
         detail = isinstance(e, Exception) and not isinstance(e, KvmaccelError)
+        if starting and (config.strict or op == "start"):
+            records.append("start", "refused" if config.strict else "failed_open",
+                           domain=name, reason=reason)
         if config.strict and starting:
             log.error("%s; strict = true: refusing the start", reason, exc_info=detail)
             print(f"kvmaccel: {reason}", file=sys.stderr)

@@ -80,8 +80,13 @@ def render_script(python: str, config_path: str | None,
     if os.path.abspath(python) == os.path.abspath(sys.executable):
         package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # kvmaccel/
         directories = [os.path.dirname(package)]
-        for name in ("purelib", "platlib"):
-            directory = sysconfig.get_path(name)
+        # Without site, a venv made with --system-site-packages (scripts/install.sh) would
+        # lose Debian's dist-packages too (python3-libvirt, -click, -psutil): every
+        # site-packages directory this Python has goes on the path, in its order.
+        candidates = [sysconfig.get_path("purelib"), sysconfig.get_path("platlib"),
+                      *(p for p in sys.path
+                        if os.path.basename(p) in ("site-packages", "dist-packages"))]
+        for directory in candidates:
             if directory not in directories:
                 directories.append(directory)
         path_line = f"sys.path[:0] = {json.dumps(directories)}\n"

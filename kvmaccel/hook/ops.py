@@ -16,6 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from ..engine import records
 from ..errors import BackingError, CancelledError, CapacityError
 from ..host.facts import read_host
 from ..model.units import format_size
@@ -199,6 +200,7 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
     from ..engine.backing import populate_backings
     from ..engine.populate import describe_helpers
 
+    t0 = time.monotonic()
     job = cached_job(xml, config)
     if job is None:
         plan, limits = make_plan(xml, config)
@@ -223,6 +225,9 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
     write_state(key, state)
     if not fresh:
         log.info("started from the pool: %s", ", ".join(link.link_path for link in linked))
+        records.append("start", domain=job.name, uuid=job.uuid, source="pool",
+                       bytes=sum(b.size_bytes for b in job.backends), helpers_per_node={},
+                       seconds=round(time.monotonic() - t0, 4))
         return
     specs = [spec for _, _, spec in fresh]
     if config.cgroup:  # populate in kvmaccel's own cgroup: seen and limited in one place
@@ -249,6 +254,10 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
     except CancelledError:
         write_state(key, {**state, "files": [], "cancelled": True})  # pool links stay
         if timed_out.is_set():
+            records.append("start", "timeout", domain=job.name, uuid=job.uuid,
+                           source="fresh", seconds=round(time.monotonic() - t0, 4),
+                           reason=f"populate ran past populate_timeout_s = "
+                                  f"{config.populate_timeout_s:g} s")
             log.warning("populate ran past populate_timeout_s = %g s: cancelled and removed "
                         "the partly populated file(s); QEMU allocates the memory itself",
                         config.populate_timeout_s)
@@ -267,8 +276,16 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
             backing.close()
     state["pool_links"] = [dataclasses.asdict(link) for link in [*linked, *adopted]]
     write_state(key, {**state, "populated_unix": time.time(), "result": result.as_dict()})
-    log.info("populated %s in %.2f s (%.2f GiB/s), %d thread(s), helpers per node %s: %s",
-             format_size(result.bytes_total), result.seconds, result.gib_per_s, result.threads,
+    records.append("start", domain=job.name, uuid=job.uuid,
+                   source="mixed" if linked else "fresh",
+                   **{**records.from_result(result.as_dict()),
+                      "bytes": sum(b.size_bytes for b in job.backends),
+                      "seconds": round(time.monotonic() - t0, 4),
+                      "populated_bytes": result.bytes_total,
+                      "populate_seconds": round(result.seconds, 4)})
+    log.info("populated %s of %s in %.2f s (%.2f GiB/s), %d thread(s), helpers per node %s: "
+             "%s", format_size(result.bytes_total), result.memory_text, result.seconds,
+             result.gib_per_s, result.threads,
              describe_helpers(result), ", ".join(str(s.path) for s in specs))
 
 
@@ -300,6 +317,8 @@ def op_stop(xml: bytes, config: HookConfig) -> None:
         hook_pool.release(domain.uuid, [x for x in links if isinstance(x, dict)])
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state_path(key))
+    records.append("stop", domain=domain.name, uuid=domain.uuid, bytes=freed,
+                   pool_files=len(links) if isinstance(links, list) else 0)
     log.info("released %s", format_size(freed) if freed else "nothing (libvirt removed the "
              "files with the domain directory)")
 

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from ..plan.config import HookConfig
 
 SNAPSHOT_DIR = "hook-config"
-SNAPSHOT_FIELDS = ("enabled", "strict", "pool_enabled", "run_dir", "qemu_conf", "syslog",
-                   "log_file", "log_file_set", "log_level")
+SNAPSHOT_FIELDS = ("enabled", "strict", "pool_enabled", "run_dir", "record_file", "qemu_conf",
+                   "syslog", "log_file", "log_file_set", "log_level")
 SYSLOG_SOCKET = "/dev/log"
 LOG_BODY = "%(domain)s %(op)s: %(levelname)s: %(message)s"
 """One log line after ``kvmaccel-hook[<pid>]: `` (:mod:`kvmaccel.hook.full` logs the same way)."""

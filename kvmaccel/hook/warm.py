@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..engine import records
 from ..pool.files import PoolEntry, PoolFiles, PoolKey
 from ..safefs import write_json_atomic
 from .state import cache_path, file_text, read_json, recipe_path, write_state
@@ -125,6 +126,7 @@ def start_from_pool(xml: bytes, say: Callable[[str], None]) -> bool:
     every backend is served.  Anything unexpected (no recipe, another domain id, a file
     taken meanwhile, an error) gives back what was linked and returns False: the full path
     runs."""
+    t0 = time.monotonic()
     uuid, domain_id = domain_ids(xml)
     if uuid is None:
         return False
@@ -159,4 +161,8 @@ def start_from_pool(xml: bytes, say: Callable[[str], None]) -> bool:
             p.give_back(e, t)
         return False
     say("started from the pool: " + ", ".join(t for _, _, t, _ in taken))
+    records.append("start", domain=recipe.get("name"), uuid=uuid, source="pool",
+                   bytes=sum(e.key.size_bytes for _, e, _, _ in taken),
+                   seconds=round(time.monotonic() - t0, 4), helpers_per_node={},
+                   page_size_kib=sorted({e.key.page_size_kib for _, e, _, _ in taken}))
     return True

@@ -422,3 +422,22 @@ def runnable_tasks(root: str = "/") -> int:
 def allowed_cpus() -> frozenset[int]:
     """CPUs this process may run on (its affinity mask, which a cgroup cpuset narrows)."""
     return frozenset(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class SecurityFacts:
+    """The mandatory access control modules libvirt confines QEMU with.  None: the module is
+    not in this kernel (its sysfs file is missing)."""
+
+    apparmor_enabled: bool | None
+    selinux_enforcing: bool | None
+
+
+def read_security(root: str = "/") -> SecurityFacts:
+    """AppArmor (``/sys/module/apparmor/parameters/enabled``, ``Y``/``N``) and SELinux
+    (``/sys/fs/selinux/enforce``, ``1`` enforcing, ``0`` permissive).  Never raises."""
+    apparmor = _cat_optional(_path(root, "sys/module/apparmor/parameters/enabled"))
+    selinux = _cat_optional(_path(root, "sys/fs/selinux/enforce"))
+    return SecurityFacts(
+        apparmor_enabled=None if apparmor is None else apparmor.upper().startswith("Y"),
+        selinux_enforcing=None if selinux is None else selinux == "1")

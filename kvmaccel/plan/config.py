@@ -27,6 +27,10 @@ its default::
     # helper slots).  Must be the same for the hook and for `kvmaccel release`.
     run_dir = "/run/kvmaccel"
 
+    # One JSON line per start, stop, scrub and fill, rotated by size (kvmaccel.engine.records;
+    # `kvmaccel metrics` reads it).  $KVMACCEL_RECORD_FILE overrides it for the commands.
+    record_file = "/var/log/kvmaccel/records.jsonl"
+
     # libvirt's qemu.conf, read for memory_backing_dir, hugetlbfs_mount, user and group.
     qemu_conf = "/etc/libvirt/qemu.conf"
 
@@ -81,7 +85,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, UsageError
-from ..paths import DEFAULT_CONFIG_PATH, DEFAULT_LOG_FILE, DEFAULT_RUN_DIR, config_path
+from ..paths import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_LOG_FILE,
+    DEFAULT_RECORD_FILE,
+    DEFAULT_RUN_DIR,
+    config_path,
+)
 from .energy import DEFAULT_ENERGY_THREADS, DEFAULT_SIGNALS, EnergySettings
 from .limits import DEFAULT_MIN_CHUNK_BYTES, DEFAULT_NICE, Limits
 
@@ -104,6 +114,7 @@ class HookConfig:
     log_file_set: bool = False
     log_level: str = "info"
     run_dir: str = DEFAULT_RUN_DIR
+    record_file: str = DEFAULT_RECORD_FILE
     qemu_conf: str = "/etc/libvirt/qemu.conf"
     limits: Limits = field(default_factory=Limits)
     path: str | None = None
@@ -133,7 +144,8 @@ class KeepTarget:
 
 _TOP: dict[str, type | tuple[type, ...]] = {
     "strict": bool, "enabled": bool, "populate_timeout_s": (int, float), "syslog": bool,
-    "log_file": str, "log_level": str, "run_dir": str, "qemu_conf": str, "limits": dict,
+    "log_file": str, "log_level": str, "run_dir": str, "record_file": str, "qemu_conf": str,
+    "limits": dict,
     "pool": dict, "energy": str, "energy_threads": int, "energy_signals": list,
     "cgroup": str,
 }
@@ -186,7 +198,7 @@ def parse_config(text: str, path: str = "<string>") -> HookConfig:
     if level not in LOG_LEVELS:
         raise ConfigError(f"{path}: log_level must be one of {', '.join(LOG_LEVELS)}, "
                           f"not {level!r}")
-    for key in ("run_dir", "qemu_conf", "log_file"):
+    for key in ("run_dir", "record_file", "qemu_conf", "log_file"):
         if key in data and not os.path.isabs(data[key]):
             raise ConfigError(f"{path}: {key} must be an absolute path, not {data[key]!r}")
     try:
@@ -213,6 +225,7 @@ def parse_config(text: str, path: str = "<string>") -> HookConfig:
         populate_timeout_s=timeout, syslog=data.get("syslog", True),
         log_file=data.get("log_file", DEFAULT_LOG_FILE), log_file_set="log_file" in data,
         log_level=level, run_dir=data.get("run_dir", DEFAULT_RUN_DIR),
+        record_file=data.get("record_file", DEFAULT_RECORD_FILE),
         qemu_conf=data.get("qemu_conf", "/etc/libvirt/qemu.conf"), limits=limits, path=path,
         pool_enabled=pool.get("enabled", True),
         pool_max_bytes=pool.get("max_mib", 0) * MIB or None,

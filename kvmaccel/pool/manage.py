@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .. import safefs
+from ..engine import records
 from ..errors import KvmaccelError, UsageError
 from ..model.units import format_size
 from ..plan.limits import Limits, split_across_nodes
@@ -146,6 +147,8 @@ class Pool(PoolFiles):
                 finally:
                     backing.close()
                 results.append(result)
+                records.append("fill", pool=self.directory, page_size_kib=key.page_size_kib,
+                               **records.from_result(result.as_dict()))
         return results
 
     # --- handing out and taking back -------------------------------------------------------
@@ -216,6 +219,7 @@ class Pool(PoolFiles):
     def _scrub_one(self, listed: PoolEntry, host: HostFacts, limits: Limits | None) -> bool:
         """Scrub one file, re-checked under the pool lock as it is now (the listing may be
         stale: another scrub may have cleaned it and a guest taken it since)."""
+        from time import monotonic  # the record's seconds
         name = os.path.basename(listed.path)
         with self._dir() as dfd, self._pool_lock():
             entry = None if dfd is None else self._entry(dfd, name, listed.key,
@@ -249,7 +253,9 @@ class Pool(PoolFiles):
             now = os.fstat(fd)
             if not safefs.same_inode(now, st) or now.st_size != entry.key.size_bytes:
                 return False
+            t0 = monotonic()
             zero_file(fd, entry.key, host, limits)
+            seconds = monotonic() - t0
             with self._dir() as dfd, self._pool_lock():
                 again = None if dfd is None else safefs.lstat_at(dfd, name)
                 now = os.fstat(fd)
@@ -260,6 +266,9 @@ class Pool(PoolFiles):
         finally:
             os.close(fd)
         log.info("pool: scrubbed %s (%s)", entry.path, format_size(entry.key.size_bytes))
+        records.append("scrub", pool=self.directory, uuid=entry.domain_uuid,
+                       bytes=entry.key.size_bytes, seconds=round(seconds, 4),
+                       page_size_kib=entry.key.page_size_kib)
         return True
 
     def own_file_after_scrub(self, key: PoolKey, domain_uuid: str, host: HostFacts,

@@ -1,0 +1,131 @@
+"""One JSON line per start, stop, scrub and fill: the record monitoring reads.
+
+The file is ``$KVMACCEL_RECORD_FILE``, else ``/var/log/kvmaccel/records.jsonl``; the hook
+sets the variable from the config's ``record_file``.  Each line is
+an object with at least ``time`` (Unix seconds), ``event`` (``start``, ``stop``, ``scrub``,
+``fill``) and ``result`` (``ok``, or what went wrong: ``failed_open``, ``refused``,
+``timeout``, ``error``); the others as they apply:
+
+* ``domain``, ``uuid``: the guest (start, stop);
+* ``bytes``, ``seconds``, ``gib_per_s``: memory handled and the time it took (for a start,
+  the hook's own time at ``start begin``; for a start from the pool, linking only);
+* ``helpers_per_node``: helper threads per node (``{"0": 1}``; ``"any"``: not bound);
+* ``source``: ``pool`` (every backend from the warm pool), ``fresh`` (populated at start),
+  ``mixed``; ``memory``: ``hugetlbfs 2M``, ``tmpfs 4K``; ``reason``: why a result is not ok.
+
+Writing is root's business in a directory others cannot write: the directory is made 0700
+and the file 0600 (:mod:`kvmaccel.safefs`), opened ``O_APPEND|O_NOFOLLOW``, and each line is
+one ``write``.  When the file passes :data:`MAX_BYTES` it is renamed to ``<file>.1`` (the
+previous ``.1`` goes) under an ``flock`` on the file, so two writers rotate once.
+
+A record is a report, never a reason to fail: :func:`append` says so on stderr and returns
+on any error.  Kept light (``json``, ``os``, ``fcntl``, no ``logging``): the hook's warm
+start writes one, and its import budget is what ``json`` loads.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .. import safefs
+from ..paths import DEFAULT_RECORD_FILE
+
+MAX_BYTES = 4 << 20  # then rotated to <file>.1: at most about 8 MiB of records, ~25k lines
+EVENTS = ("start", "stop", "scrub", "fill")
+
+
+def record_file() -> str:
+    """``$KVMACCEL_RECORD_FILE`` (the hook sets it from its config), else the config's
+    ``record_file`` (read only then: the commands), else the default."""
+    chosen = os.environ.get("KVMACCEL_RECORD_FILE")
+    if chosen:
+        return chosen
+    from ..errors import KvmaccelError
+    from ..plan.config import read_config
+
+    try:
+        return read_config().record_file
+    except KvmaccelError:
+        return DEFAULT_RECORD_FILE
+
+
+def from_result(result: dict[str, Any]) -> dict[str, Any]:
+    """The record's fields from a :meth:`PopulateResult.as_dict`."""
+    return {k: result[k] for k in ("bytes", "seconds", "gib_per_s", "helpers_per_node",
+                                   "memory") if k in result}
+
+
+def append(event: str, result: str = "ok", *, path: str | None = None,
+           max_bytes: int = MAX_BYTES, **fields: Any) -> None:
+    """Append one record.  Never raises: a failure is one line on stderr (the hook's
+    stderr goes nowhere when it succeeds)."""
+    record = {"time": round(time.time(), 3), "event": event, "result": result, **fields}
+    if "gib_per_s" not in record and record.get("seconds") and record.get("bytes"):
+        record["gib_per_s"] = round(record["bytes"] / (1 << 30) / record["seconds"], 3)
+    target = path or record_file()
+    try:
+        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+        safefs.private_dirs(os.path.dirname(target) or ".")
+        fd = _open(target)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_size + len(line) > max_bytes and os.fstat(fd).st_size:
+                fd = _rotate(fd, target)
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except Exception as e:  # noqa: BLE001 -- a record is never a reason to fail (an unsafe
+        # directory raises UnsafePathError, a KvmaccelError; a full disk OSError)
+        print(f"kvmaccel: warning: cannot write a record to {target}: {e}", file=sys.stderr)
+
+
+def _open(target: str) -> int:
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise OSError(f"{target} is not this user's private file (uid {st.st_uid}, mode "
+                      f"{st.st_mode & 0o777:04o}); remove it")
+    return fd
+
+
+def _rotate(fd: int, target: str) -> int:
+    """Rename the full file (still locked through ``fd``) to ``.1``; return a fresh one.  A
+    writer that opened the old file before the rename and waited on the lock writes its
+    line to ``.1``: nothing is lost."""
+    st = os.fstat(fd)
+    try:
+        now = os.stat(target, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.replace(target, target + ".1")
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+    fresh = _open(target)
+    fcntl.flock(fresh, fcntl.LOCK_EX)
+    return fresh
+
+
+def read(path: str | None = None) -> Iterator[dict[str, Any]]:
+    """Every record, oldest first (the rotated file, then the current one); lines that do
+    not parse are skipped."""
+    target = path or record_file()
+    for name in (target + ".1", target):
+        try:
+            with open(name, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(record, dict):
+                        yield record
+        except FileNotFoundError:
+            continue
