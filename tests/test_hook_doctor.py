@@ -130,3 +130,21 @@ def test_cli_exit_status_and_libvirt_guests(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert any(x.startswith("FAIL  config: ") for x in proc.stdout.splitlines()), proc.stdout
     assert os.listdir(libvirt) == []  # doctor changes nothing
+
+
+def test_the_keeper_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    config = tmp_path / "kvmaccel.toml"
+    config.write_text(f'run_dir = "{run_dir}"\n')
+    inp = doctor.DoctorInput(root=str(tmp_path), config_path=str(config))
+    (line,) = doctor.check_keeper(inp)
+    assert line.status == doctor.INFO and "kvmaccel pool keep --install-unit" in line.message
+    run_dir.mkdir()
+    (run_dir / "pool-keep.pid").write_text(f"{os.getpid()}\n")
+    (line,) = doctor.check_keeper(inp)
+    assert line.status == doctor.OK and f"(pid {os.getpid()})" in line.message
+    unit = tmp_path / "etc/systemd/system/kvmaccel-pool-keep.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Unit]\n")
+    (line,) = doctor.check_keeper(inp)
+    assert line.status == doctor.OK and "systemd unit" in line.message

@@ -222,6 +222,26 @@ def check_front(inp: DoctorInput) -> list[Finding]:
     return [Finding("front", INFO, "not installed (kvmaccel front install)")]
 
 
+def check_keeper(inp: DoctorInput) -> list[Finding]:
+    """The pool keeper: a systemd unit, or a --daemon whose pidfile names a live process."""
+    from ..plan.config import read_config
+    from ..pool.keep import UNIT_PATH
+
+    unit = os.path.join(inp.root, UNIT_PATH.lstrip("/"))
+    if os.path.exists(unit):
+        return [Finding("keeper", OK, f"systemd unit {UNIT_PATH} installed (is it enabled? "
+                        "systemctl is-enabled kvmaccel-pool-keep)")]
+    try:
+        pidfile = os.path.join(read_config(inp.config_path).run_dir, "pool-keep.pid")
+        with open(pidfile, encoding="ascii") as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError, KvmaccelError):
+        return [Finding("keeper", INFO, "not running: a guest's first start after boot is a "
+                        "fresh populate (kvmaccel pool keep --install-unit, or --daemon)")]
+    return [Finding("keeper", OK, f"kvmaccel pool keep --daemon runs (pid {pid})")]
+
+
 def check_security(inp: DoctorInput) -> list[Finding]:
     sec: SecurityFacts = read_security(inp.root)
     findings = []
@@ -291,7 +311,8 @@ def check_guests(inp: DoctorInput) -> list[Finding]:
 
 
 CHECKS: list[Check] = [check_kvmaccel, check_config, check_hugetlbfs, check_qemu_conf,
-                       check_hook, check_front, check_security, check_records, check_guests]
+                       check_hook, check_front, check_keeper, check_security, check_records,
+                       check_guests]
 
 
 def run(inp: DoctorInput, checks: Sequence[Check] = CHECKS) -> list[Finding]:
