@@ -45,15 +45,8 @@ case "$SIZE" in
   *) log "KVMACCEL_DEMO_SIZE=$SIZE: give a size such as 2G or 512M"; exit 2 ;;
 esac
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing ${missing[*]} (left installed)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. scripts/lib.sh
+apt_install_missing "${APT_PACKAGES[@]}"
 
 # --- save the machine's state, restore it whatever happens ----------------------------------
 saved_nr=$(cat /proc/sys/vm/nr_hugepages)

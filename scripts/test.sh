@@ -28,15 +28,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 2
 fi
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. scripts/lib.sh
+apt_install_missing "${APT_PACKAGES[@]}"
 
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
