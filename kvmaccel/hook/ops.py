@@ -67,9 +67,9 @@ class StartJob:
 def job_from_plan(plan: DomainPlan, limits: Limits) -> StartJob:
     backends = []
     for b in plan.populated:
-        assert b.mem_path is not None  # populated backends always have a file
+        assert b.file_path is not None  # populated backends always have a file
         backends.append(JobBackend(
-            b.backend_id, b.mem_path, b.file_size_bytes, tuple(b.host_nodes or ()),
+            b.backend_id, b.file_path, b.file_size_bytes, tuple(b.host_nodes or ()),
             "preferred" if b.policy == "preferred" else "bind", b.alias,
             hook_pool.backend_key(b)))
     return StartJob(plan.uuid, plan.name, plan.domain_id, plan.shortname, limits,
@@ -135,6 +135,7 @@ def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
     from ..model.qemuconf import read_qemu_conf
     from ..plan.planner import plan_domain
     from ..plan.policy import host_policy
+    from .front import is_front
 
     domain = parse_domain(xml)
     host = read_host()
@@ -142,7 +143,7 @@ def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
     if energy.max_threads is not None:
         log.info("%s", energy.reason)
     plan = plan_domain(domain, host, read_qemu_conf(config.qemu_conf), config.limits,
-                       tuned=tuned, energy=energy)
+                       tuned=tuned, energy=energy, front=is_front(domain.emulator))
     return plan, plan.limits
 
 
@@ -165,7 +166,7 @@ def op_prepare(xml: bytes, config: HookConfig) -> None:
                 needed_bytes=check.needed_bytes, available_bytes=check.available_bytes)
     write_recipe(plan, limits, config, xml)
     log.info("plan: populate %s with %d thread(s)",
-             ", ".join(f"{b.mem_path} ({format_size(b.file_size_bytes)})"
+             ", ".join(f"{b.file_path} ({format_size(b.file_size_bytes)})"
                        for b in plan.populated), plan.helpers.threads)
 
 

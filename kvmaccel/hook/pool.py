@@ -79,8 +79,8 @@ def capacity_after_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
     spare: dict[tuple[int | None, int], int] = {}
     clean: dict[str, list[PoolEntry]] = {}  # per pool: clean files not yet spoken for
     for backend in plan.populated:
-        assert backend.mem_path is not None
-        pool = pool_for(backend.mem_path, host, config)
+        assert backend.file_path is not None
+        pool = pool_for(backend.file_path, host, config)
         if pool is None:
             continue
         left = clean.setdefault(pool.directory,
