@@ -173,4 +173,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "bench-run": "kvmaccel.cli.run:bench_run_cmd",
     "pool": "kvmaccel.cli.pool:pool",
     "tune": "kvmaccel.cli.tune:tune",
+    "front": "kvmaccel.cli.front:front",
+    "enable": "kvmaccel.cli.front:enable",
+    "disable": "kvmaccel.cli.front:disable",
 }
