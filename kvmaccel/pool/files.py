@@ -379,6 +379,8 @@ class PoolFiles:
         if fd is None:
             return None
         try:
+            if not self._placed_right(dfd, entry, fd, st):
+                return None
             if not safefs.nobody_else_holds(fd):
                 self._write_state(pool_name, "dirty", st)
                 log_warning(f"pool: {entry.path} is still open or mapped by "
@@ -405,6 +407,26 @@ class PoolFiles:
         return entry._replace(state="in_use", domain_uuid=fields["domain_uuid"],
                               backend_id=fields["backend_id"], link_path=fields["link_path"],
                               nlink=2)
+
+    def _placed_right(self, dfd: int, entry: PoolEntry, fd: int, st: os.stat_result) -> bool:
+        """A bound file's pages must all be on its nodes: QEMU's mbind would not move them.
+        A file that is wrong is removed from the pool (scrubbing would not move them either).
+        Checked on the descriptor, with no mapping left when it returns (the lease of
+        :meth:`_hand_over` comes next)."""
+        key = entry.key
+        if not key.host_nodes or key.policy not in ("bind", "interleave"):
+            return True  # unbound, or preferred: pages may be anywhere
+        from ..engine.placement import placement  # only for bound files: the warm path stays light
+
+        found = placement(fd, key.size_bytes, key.page_size_kib * 1024, key.host_nodes)
+        if not found.misplaced:
+            return True
+        log_warning(f"pool: {entry.path} has {found.misplaced} page(s) off node(s) "
+                    f"{','.join(map(str, key.host_nodes))} ({found.describe()}); removed "
+                    "from the pool, not handed out")
+        safefs.unlink_if_same(dfd, os.path.basename(entry.path), st)
+        self._forget_state(os.path.basename(entry.path))
+        return False
 
     def give_back(self, entry: PoolEntry, target: str) -> None:
         """Undo :meth:`take` before any guest ran on the file: unlink ``target`` (if it is
