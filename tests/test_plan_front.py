@@ -131,3 +131,19 @@ def test_disable_dry_run_prints_the_change(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert result.stdout == src.read_text()
     assert "/usr/bin/qemu-system-x86_64-kvmaccel -> /usr/bin/qemu-system-x86_64" in result.stderr
+
+
+def test_plan_text_names_the_file_the_front_hands_qemu(tmp_path: Path) -> None:
+    runner = CliRunner()
+    enabled = runner.invoke(main, ["enable", "--xml", str(FIXTURES / "memfd-2node.xml"),
+                                   "--dry-run"])
+    xml_file = tmp_path / "memfd-2node.xml"
+    xml_file.write_text(enabled.stdout)
+    args = fixture_args("memfd-2node")
+    args[0] = str(xml_file)
+    result = runner.invoke(main, ["plan", *args])
+    assert result.exit_code == 0, result.output
+    assert "/kvmaccel-ram-node0 (the front's; libvirt passes a memfd)" in result.stdout
+    assert "the front is not installed" not in result.stdout or "front install" in result.stdout
+    before = runner.invoke(main, ["plan", *fixture_args("memfd-2node")])
+    assert "kvmaccel enable nfv-router-a" in before.stdout

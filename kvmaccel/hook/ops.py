@@ -23,12 +23,13 @@ from ..plan.config import HookConfig
 from ..plan.limits import Limits
 from ..pool.files import PoolKey
 from ..safefs import write_json_atomic
+from . import memdir
 from . import pool as hook_pool
 from .state import cache_path, read_state, recipe_path, state_path, write_state
 from .warm import FILE_MODE, cached_plan, plan_inputs, write_recipe_if_clean
 
 if TYPE_CHECKING:  # prepare needs neither the engine nor the backings: not imported then
-    from ..engine.backing import BackingSpec
+    from ..engine.backing import Backing, BackingSpec
     from ..model.domain import Domain
     from ..plan.planner import DomainPlan
 
@@ -170,8 +171,11 @@ def op_prepare(xml: bytes, config: HookConfig) -> None:
                        for b in plan.populated), plan.helpers.threads)
 
 
-def backing_specs(job: StartJob) -> list[BackingSpec]:
-    """One spec per backend, owned like the directory libvirt made for it.
+def backing_specs(job: StartJob, config: HookConfig | None = None,
+                  made: list[str] | None = None) -> list[BackingSpec]:
+    """One spec per backend, owned like the directory libvirt made for it.  A hugetlb memfd
+    served through the front has no such directory (libvirt makes none for a memfd): it is
+    made here (:mod:`kvmaccel.hook.memdir`) and appended to ``made``.
 
     Raises :class:`BackingError` when that directory does not exist (libvirt makes it just
     before ``start begin``).
@@ -181,6 +185,13 @@ def backing_specs(job: StartJob) -> list[BackingSpec]:
     specs = []
     for b in job.backends:
         directory = os.path.dirname(b.mem_path)
+        if (config is not None and made is not None and not os.path.lexists(directory)
+                and memdir.is_guest_dir(directory, job.shortname)):
+            from ..model.qemuconf import read_qemu_conf
+
+            conf = read_qemu_conf(config.qemu_conf)
+            if memdir.make_guest_dir(directory, memdir.qemu_owner(conf.user, conf.group)):
+                made.append(directory)
         try:
             st = os.stat(directory)
         except OSError as e:
@@ -206,13 +217,15 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
     if not job.backends:
         log.info("nothing for kvmaccel to populate")
         return
-    specs = backing_specs(job)
+    made: list[str] = []
+    specs = backing_specs(job, config, made)
     key = job.uuid or f"name-{job.name}"
     host = read_host()
     # Record first what this start is about to create, so that a crash leaves a trail.
     state: dict[str, object] = {
         "name": job.name, "uuid": job.uuid, "id": job.domain_id, "shortname": job.shortname,
         "files": [s.path for s in specs], "pool_links": [], "start_unix": time.time(),
+        "made_dirs": made,
     }
     write_state(key, state)
     linked, fresh = hook_pool.take(
@@ -257,6 +270,13 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
         if timer is not None:
             timer.cancel()
     try:
+        check_placement(backings)
+    except BaseException:
+        for backing in backings:
+            backing.discard()
+        write_state(key, {**state, "files": []})
+        raise
+    try:
         adopted = hook_pool.adopt(job.uuid, fresh, backings, host, config)
     finally:
         for backing in backings:
@@ -266,6 +286,16 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
     log.info("populated %s in %.2f s (%.2f GiB/s), %d thread(s), helpers per node %s: %s",
              format_size(result.bytes_total), result.seconds, result.gib_per_s, result.threads,
              describe_helpers(result), ", ".join(str(s.path) for s in specs))
+
+
+def check_placement(backings: list[Backing]) -> None:
+    """Every page of each bound file on its nodes, or :class:`BackingError` (the engine binds
+    before it faults, so this only fails when something else went wrong)."""
+    from ..engine.placement import check_placement as check
+
+    for b in backings:
+        if b.spec.nodes and b.spec.policy == "bind":
+            check(b.fd, b.spec.size_bytes, b.page_size_bytes, b.spec.nodes, str(b.path))
 
 
 def op_stop(xml: bytes, config: HookConfig) -> None:
@@ -294,6 +324,10 @@ def op_stop(xml: bytes, config: HookConfig) -> None:
     links = state.get("pool_links")
     if domain.uuid and isinstance(links, list) and links:
         hook_pool.release(domain.uuid, [x for x in links if isinstance(x, dict)])
+    made = state.get("made_dirs")
+    for directory in made if isinstance(made, list) else []:
+        if isinstance(directory, str) and memdir.remove_guest_dir(directory):
+            log.info("removed %s", directory)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state_path(key))
     log.info("released %s", format_size(freed) if freed else "nothing (libvirt removed the "
