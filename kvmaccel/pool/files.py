@@ -418,12 +418,15 @@ class PoolFiles:
             return True  # unbound, or preferred: pages may be anywhere
         from ..engine.placement import placement  # only for bound files: the warm path stays light
 
-        found = placement(fd, key.size_bytes, key.page_size_kib * 1024, key.host_nodes)
-        if not found.misplaced:
-            return True
-        log_warning(f"pool: {entry.path} has {found.misplaced} page(s) off node(s) "
-                    f"{','.join(map(str, key.host_nodes))} ({found.describe()}); removed "
-                    "from the pool, not handed out")
+        try:
+            found = placement(fd, key.size_bytes, key.page_size_kib * 1024, key.host_nodes)
+            if not found.misplaced:
+                return True
+            why = (f"has {found.misplaced} page(s) off node(s) "
+                   f"{','.join(map(str, key.host_nodes))} ({found.describe()})")
+        except BackingError as e:  # not complete: a clean file always is
+            why = str(e)
+        log_warning(f"pool: {entry.path} {why}; removed from the pool, not handed out")
         safefs.unlink_if_same(dfd, os.path.basename(entry.path), st)
         self._forget_state(os.path.basename(entry.path))
         return False
