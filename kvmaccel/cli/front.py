@@ -14,6 +14,7 @@ from collections.abc import Callable
 import click
 
 from ..errors import UsageError
+from ..hook import divert as divert_mod
 from ..hook import front as hook_front
 
 
@@ -34,12 +35,16 @@ qemu_option = click.option("--qemu", default=hook_front.DEFAULT_QEMU, show_defau
 @front.command()
 @qemu_option
 @click.option("--divert", is_flag=True,
-              help="Put the front at QEMU's own path with dpkg-divert (not implemented yet).")
+              help="Put the front at QEMU's own path (dpkg-divert), for every guest.")
 def install(qemu: str, divert: bool) -> None:
-    """Install the front beside QEMU as <QEMU>-kvmaccel."""
+    """Install the front beside QEMU as <QEMU>-kvmaccel (or, with --divert, in its place)."""
     if divert:
-        raise UsageError("--divert is not implemented yet; install the front beside QEMU and "
-                         "use 'kvmaccel enable DOMAIN...' instead")
+        st = divert_mod.install(qemu)
+        click.echo(f"diverted {qemu} to {st.qemu} and installed the front at {st.path}; "
+                   f"{divert_mod.APT_CONF_DIR}/{divert_mod.APT_HOOK_NAME} touches it after "
+                   "QEMU upgrades so that libvirt probes QEMU again")
+        click.echo("every guest using this QEMU now starts through the front")
+        return
     st = hook_front.install(qemu)
     click.echo(f"installed {st.path}: execs {st.qemu}")
     click.echo("now start guests through it: kvmaccel enable DOMAIN... (or --all)")
@@ -48,7 +53,11 @@ def install(qemu: str, divert: bool) -> None:
 @front.command()
 @qemu_option
 def uninstall(qemu: str) -> None:
-    """Remove the front `install` wrote, and nothing else."""
+    """Remove the front `install` wrote (with --divert: undo the diversion), and nothing else."""
+    if hook_front.read_status(qemu).diverted and divert_mod.uninstall(qemu):
+        click.echo(f"removed the front at {qemu}, the apt hook and the diversion: {qemu} is "
+                   "the real QEMU again")
+        return
     path = hook_front.front_path(qemu)
     if hook_front.uninstall(path):
         click.echo(f"removed {path}; guests still enabled will not start until "
@@ -61,6 +70,9 @@ def uninstall(qemu: str) -> None:
 @qemu_option
 def status(qemu: str) -> None:
     """Say whether the front is installed and which QEMU it execs."""
+    here = hook_front.read_status(qemu)
+    if here.diverted:
+        click.echo(f"{qemu}: kvmaccel's front {here.version} (diverted), execs {here.qemu}")
     st = hook_front.read_status(hook_front.front_path(qemu))
     if st.installed:
         click.echo(f"{st.path}: kvmaccel's front {st.version}, execs {st.qemu}")

@@ -194,11 +194,7 @@ def is_front(path: str | None) -> bool:
     return bool(path) and read_status(str(path)).installed
 
 
-def install(qemu: str = DEFAULT_QEMU, path: str | None = None) -> FrontStatus:
-    """Write the front for ``qemu`` at ``path`` (default :func:`front_path`), mode 0755,
-    root's; atomically (a temporary name, then rename).  Replaces only a front kvmaccel
-    wrote.  Raises :class:`HookError`."""
-    path = path or front_path(qemu)
+def _check_qemu(qemu: str) -> None:
     try:
         st = os.stat(qemu)
     except OSError as e:
@@ -208,9 +204,23 @@ def install(qemu: str = DEFAULT_QEMU, path: str | None = None) -> FrontStatus:
         raise HookError(f"{qemu} is not an executable file; name the QEMU binary with --qemu")
     if read_status(qemu).installed:
         raise HookError(f"{qemu} is itself kvmaccel's front; name the real QEMU with --qemu")
+
+
+def install(qemu: str = DEFAULT_QEMU, path: str | None = None) -> FrontStatus:
+    """Write the front for ``qemu`` at ``path`` (default :func:`front_path`), mode 0755,
+    root's; atomically (a temporary name, then rename).  Replaces only a front kvmaccel
+    wrote.  Raises :class:`HookError`."""
+    path = path or front_path(qemu)
+    _check_qemu(qemu)
     if os.path.lexists(path) and not read_status(path).installed:
         raise HookError(f"{path} exists and kvmaccel did not write it; refusing to replace it")
-    text = render(qemu)
+    _write_front(path, render(qemu))
+    return read_status(path)
+
+
+def _write_front(path: str, text: str, rename: bool = True) -> str:
+    """Write ``text`` beside ``path`` (0755) and, if ``rename``, rename it over ``path``;
+    return the temporary name's path."""
     directory, name = os.path.split(path)
     tmp = f".{name}.kvmaccel-{os.getpid()}"
     dfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -223,14 +233,15 @@ def install(qemu: str = DEFAULT_QEMU, path: str | None = None) -> FrontStatus:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        if rename:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dfd)
         raise HookError(f"cannot write {path}: {e.strerror}") from e
     finally:
         os.close(dfd)
-    return read_status(path)
+    return os.path.join(directory, tmp)
 
 
 def uninstall(path: str) -> bool:
