@@ -222,3 +222,22 @@ def test_the_front_adds_at_most_10_ms_to_a_start_it_does_not_serve(
           f"{statistics.median(direct):.2f} ms, through the front "
           f"{statistics.median(through):.2f} ms)")
     assert overhead <= 10
+
+
+def test_against_the_real_qemu_the_front_adds_at_most_10_ms(tmp_path: str) -> None:
+    """The same, with the real QEMU: libvirt's longest command line here plus ``-version``
+    (QEMU parses every option, creates no object, prints its version and exits)."""
+    qemu = "/usr/bin/qemu-system-x86_64"
+    if not os.access(qemu, os.X_OK):
+        pytest.skip("needs qemu-system-x86")
+    script = front.install(qemu, os.path.join(str(tmp_path), "qemu-system-x86_64-kvmaccel"))
+    argv = [*max((libvirt_argv(a) for a in ARGS), key=len), "-version"]
+    assert subprocess.run([qemu, *argv], capture_output=True, check=False).returncode == 0
+    direct, through = [], []
+    for _ in range(5):
+        direct.append(_median_ms([qemu, *argv], 7))
+        through.append(_median_ms([script.path, *argv], 7))
+    overhead = statistics.median(through) - statistics.median(direct)
+    print(f"front overhead on the real QEMU: {overhead:.2f} ms (direct "
+          f"{statistics.median(direct):.2f} ms)")
+    assert overhead <= 10
