@@ -51,6 +51,7 @@ class JobBackend:
     policy: str  # bind or preferred: how the engine binds the pages
     alias: str
     key: PoolKey
+    make_dir: bool = False  # a hugetlb memfd through the front: libvirt makes no directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ def job_from_plan(plan: DomainPlan, limits: Limits) -> StartJob:
         backends.append(JobBackend(
             b.backend_id, b.file_path, b.file_size_bytes, tuple(b.host_nodes or ()),
             "preferred" if b.policy == "preferred" else "bind", b.alias,
-            hook_pool.backend_key(b)))
+            hook_pool.backend_key(b), b.front and b.qom_type == "memory-backend-memfd"))
     return StartJob(plan.uuid, plan.name, plan.domain_id, plan.shortname, limits,
                     tuple(backends))
 
@@ -90,7 +91,8 @@ def cached_job(xml: bytes, config: HookConfig) -> StartJob | None:
         return StartJob(uuid, cache["name"], domain_id, shortname, Limits(**limits), tuple(
             JobBackend(b["backend_id"], b["mem_path"], int(b["size_bytes"]),
                        tuple(int(n) for n in b["host_nodes"]), b["policy"], b["alias"],
-                       PoolKey.from_dict(b["key"])) for b in backends))
+                       PoolKey.from_dict(b["key"]), bool(b.get("make_dir")))
+            for b in backends))
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -185,7 +187,8 @@ def backing_specs(job: StartJob, config: HookConfig | None = None,
     specs = []
     for b in job.backends:
         directory = os.path.dirname(b.mem_path)
-        if (config is not None and made is not None and not os.path.lexists(directory)
+        if (b.make_dir and config is not None and made is not None
+                and not os.path.lexists(directory)
                 and memdir.is_guest_dir(directory, job.shortname)):
             from ..model.qemuconf import read_qemu_conf
 
