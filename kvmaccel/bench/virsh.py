@@ -87,9 +87,12 @@ def restart_libvirtd() -> None:
             break
         time.sleep(0.1)
     stopped_unix = time.time()
-    # stdio to /dev/null: the daemon must not hold a caller's pipe open.
+    # stdio to /dev/null: the daemon must not hold a caller's pipe open.  umask 022 as an init
+    # system gives it: under kvmaccel's own 077 it would make the per-domain directories
+    # 0700 root, and QEMU (the qemu user) could not open its memory.
     proc = subprocess.run(["libvirtd", "-d"], check=False, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          preexec_fn=lambda: os.umask(0o022))
     if proc.returncode != 0:
         # Someone else (another developer's shell, a test command) may have started one in
         # the gap: it read the current qemu.conf too, so it will do.
