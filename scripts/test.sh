@@ -12,6 +12,9 @@
 # and define guests named kvmaccel-small-*; they undo that themselves, and this script puts
 # qemu.conf, the hooks directory, /var/log/kvmaccel, /run/kvmaccel (where hooks run by
 # libvirt keep state), the libvirt lock file and those guests back once more on exit.
+# The front's tests (tests/test_hook_front_integration.py) also install the emulator front
+# as /usr/bin/qemu-system-x86_64-kvmaccel and reserve 1G huge pages; both are put back here
+# too (the front removed if it was not there before, the 1G page count as it was).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
@@ -44,6 +47,9 @@ export KVMACCEL_NUMA_KERNEL
 
 # --- save the machine's state, restore it whatever happens ----------------------------------
 saved_nr=$(cat /proc/sys/vm/nr_hugepages)
+NR_1G=/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages
+saved_nr_1g=$(cat "$NR_1G" 2>/dev/null || echo "")  # the front's tests reserve 1G pages
+FRONT=/usr/bin/qemu-system-x86_64-kvmaccel  # the front's tests install it, then remove it
 mounted_huge=0
 kvm_mode=""; kvm_group=""
 started_virtlogd=0; started_libvirtd=0
@@ -54,6 +60,7 @@ cp -p "$QEMU_CONF" "$state/qemu.conf" 2>/dev/null || : > "$state/no-qemu.conf"
 [ -d /var/log/kvmaccel ] || : > "$state/no-log-dir"
 [ -e /run/kvmaccel ] || : > "$state/no-run-dir"  # where hooks run by libvirt keep state
 [ -e /run/kvmaccel-libvirt.lock ] || : > "$state/no-libvirt-lock"
+[ -e "$FRONT" ] || : > "$state/no-front"
 test_guests() { sed -n 's:.*<name>\(.*\)</name>.*:\1:p' vm-fixtures/small-*.xml; }
 restore_libvirt() {
   local changed=0
@@ -89,6 +96,8 @@ restore() {
   find /dev/hugepages -maxdepth 1 \( -name 'kvmaccel-*' -o -name 'kvtest-hog-*' \) -delete 2>/dev/null
   if [ "$mounted_huge" = 1 ]; then umount /dev/hugepages; fi
   echo "$saved_nr" > /proc/sys/vm/nr_hugepages
+  [ -n "$saved_nr_1g" ] && echo "$saved_nr_1g" > "$NR_1G"
+  [ -f "$state/no-front" ] && rm -f "$FRONT"
   [ -f "$state/no-run-dir" ] && rm -rf /run/kvmaccel
   [ -f "$state/no-libvirt-lock" ] && rm -f /run/kvmaccel-libvirt.lock
   rm -rf "${KVMACCEL_RUN_DIR:-/nonexistent}" "$state"

@@ -9,7 +9,7 @@ from kvmaccel.model.domain import parse_domain
 
 def test_configurations_and_their_xml() -> None:
     configs = {c.name: c for c in configurations(2, "/dev/hugepages", "/dev/shm", [2 << 30])}
-    assert len(configs) == 20 and "kvmaccel-shm+locked" in configs
+    assert len(configs) == 24 and "kvmaccel-shm+locked" in configs
     assert configs["kvmaccel-restart-shm"].restart and configs["kvmaccel-restart-shm"].pool
     assert configs["kvmaccel-pool-shm@2G"].guest_bytes(8 << 30) == 2 << 30
     assert configs["kvmaccel-pool-hugetlbfs+locked"].pool
@@ -18,13 +18,20 @@ def test_configurations_and_their_xml() -> None:
     d = parse_domain(xml)
     assert d.memory_bytes == 8 << 30 and d.memory_backing.allocation_threads == 2
     assert "mem-lock=on" in xml
-    assert locked.qemu_conf() == {"user": "root", "group": "root",
-                                  "clear_emulator_capabilities": 0}
+    assert locked.qemu_conf() == {"user": "root", "group": "root", "hugetlbfs_mount":
+                                  "/dev/hugepages", "clear_emulator_capabilities": 0}
     hook = configs["kvmaccel-hugetlbfs"]
     d = parse_domain(domain_xml(hook, "g", 1 << 30))
     assert d.memory_backing.source_type == "file" and d.memory_backing.access_mode == "shared"
     assert d.memory_backing.allocation_threads is None
     assert hook.qemu_conf() == {"memory_backing_dir": "/dev/hugepages"}
+    for name in ("kvmaccel-front", "kvmaccel-front-pool+locked"):
+        through = configs[name]
+        d = parse_domain(domain_xml(through, "g", 1 << 30))
+        assert d.emulator == "/usr/bin/qemu-system-x86_64-kvmaccel"
+        assert d.memory_backing.hugepages is not None and through.hook
+        assert through.qemu_conf()["hugetlbfs_mount"] == "/dev/hugepages"
+    assert configs["kvmaccel-front-pool"].pool
 
 
 def test_qemu_conf_settings_replace_earlier_ones() -> None:

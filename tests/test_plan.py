@@ -23,7 +23,8 @@ from kvmaccel.model.domain import parse_domain
 from kvmaccel.model.qemuconf import QemuConf, qemu_conf_from_text
 from kvmaccel.plan.libvirt import shortname
 from kvmaccel.plan.limits import Limits
-from kvmaccel.plan.planner import plan_domain, plan_to_json, split_by_node
+from kvmaccel.plan.planjson import plan_to_json
+from kvmaccel.plan.planner import plan_domain, split_by_node
 
 TOP = Path(__file__).resolve().parents[1]
 FIXTURES = TOP / "vm-fixtures"

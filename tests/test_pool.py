@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -266,3 +267,42 @@ def test_the_detached_scrub_is_niced_and_so_is_its_autogroup(tmp_path: object) -
         assert os.getsid(pid) == pid
     finally:
         os.waitpid(pid, 0)
+
+
+# --- placement: checked before a bound file is handed over --------------------------------
+
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+
+
+def test_a_bound_file_on_its_node_is_handed_over(huge_area: tuple[str, str]) -> None:
+    pool_dir, guest_dir = huge_area
+    pool = Pool(pool_dir)
+    key = key_for(8 * MIB, 2048, (0,), "bind")
+    pool.fill(key, 1, read_host(), limits())
+    target = os.path.join(guest_dir, "kvmaccel-ram-node0")
+    assert pool.take(key, target, domain_uuid="u", backend_id="ram-node0") is not None
+    assert os.path.exists(target)
+
+
+def test_a_bound_file_missing_pages_is_removed_not_handed_over(
+        huge_area: tuple[str, str]) -> None:
+    """A clean file that lost a page (here punched out by root; in life, anything that is
+    not kvmaccel): mapping it to look would fill the hole with a page from anywhere, so it is
+    refused before, and removed from the pool."""
+    pool_dir, guest_dir = huge_area
+    pool = Pool(pool_dir)
+    key = key_for(8 * MIB, 2048, (0,), "bind")
+    pool.fill(key, 1, read_host(), limits())
+    (entry,) = pool.entries()
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(entry.path, os.O_RDWR)
+    try:
+        assert libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                              ctypes.c_long(2 * MIB), ctypes.c_long(2 * MIB)) == 0
+    finally:
+        os.close(fd)
+    assert pool.entries()[0].state == "clean"
+    target = os.path.join(guest_dir, "kvmaccel-ram-node0")
+    assert pool.take(key, target, domain_uuid="u", backend_id="ram-node0") is None
+    assert not os.path.exists(target) and pool.entries() == []

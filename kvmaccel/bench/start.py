@@ -21,6 +21,11 @@ Configurations (``T`` is ``--threads``):
   the bench waits for the hook's detached scrub and drains the pool, so the pool never
   holds more than one guest's memory.  ``@2G`` (``--pool-sizes``) repeats them for another
   guest size, to show the pool start does not grow with the guest.
+* ``kvmaccel-front``, ``kvmaccel-front-pool``: ``<hugepages/>`` as in ``qemu-hugepages``, the
+  guest started through kvmaccel's emulator front (installed for the run if it is not), so
+  the hook populates ``kvmaccel-pc.ram`` in the guest's hugepage directory (or links a clean
+  pool file there) and the front hands it to QEMU.  ``hugetlbfs_mount`` names the private
+  mount for every hugepage configuration.
 * each also ``+locked``: all guest memory locked, which pins every page at start as VFIO
   does.  libvirt's ``<locked/>`` cannot start on the test machines (root lacks
   CAP_SYS_RESOURCE, memlock hard limit 8 MiB), so the stand-in is qemu.conf ``user`` and
@@ -52,6 +57,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..errors import CapacityError, UsageError, VirshError
+from ..hook import front as hook_front
 from ..hook import install as hook_install
 from ..host.facts import read_host
 from ..model.units import format_size
@@ -61,6 +67,8 @@ from . import virsh
 
 Emit = Callable[[str], None]
 PREFIX = "kvmaccel-bench-"
+QEMU = hook_front.DEFAULT_QEMU
+FRONT = hook_front.front_path(QEMU)
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,9 @@ class StartConfig:
     locked: bool
     pool: bool = False  # the hook starts the guest from a clean pool file
     restart: bool = False  # timed: a start right after the guest ran from the pool and stopped
+    hugetlbfs_mount: str | None = None  # qemu.conf hugetlbfs_mount for <hugepages/>
     size_bytes: int | None = None  # another guest size than the run's
+    front: bool = False  # <emulator> is kvmaccel's front (with hugepages: a directory)
 
     def guest_bytes(self, default: int) -> int:
         return self.size_bytes or default
@@ -82,6 +92,8 @@ class StartConfig:
         settings: dict[str, str | int] = {}
         if self.backing_dir:
             settings["memory_backing_dir"] = self.backing_dir
+        if self.hugepages and self.hugetlbfs_mount:
+            settings["hugetlbfs_mount"] = self.hugetlbfs_mount
         if self.locked:
             settings.update(user="root", group="root", clear_emulator_capabilities=0)
         return settings
@@ -105,15 +117,21 @@ def configurations(threads: int, hugetlbfs_dir: str, shm_dir: str = "/dev/shm",
     pool_h = StartConfig("kvmaccel-pool-hugetlbfs", False, hugetlbfs_dir, None, True, False,
                          pool=True)
     pool_s = StartConfig("kvmaccel-pool-shm", False, shm_dir, None, True, False, pool=True)
+    h = hugetlbfs_dir
     base = [
-        StartConfig("qemu-hugepages", True, None, None, False, False),
-        StartConfig(f"qemu-hugepages-{threads}", True, None, threads, False, False),
+        StartConfig("qemu-hugepages", True, None, None, False, False, hugetlbfs_mount=h),
+        StartConfig(f"qemu-hugepages-{threads}", True, None, threads, False, False,
+                    hugetlbfs_mount=h),
         StartConfig(f"qemu-shm-{threads}", False, shm_dir, threads, False, False),
         StartConfig("kvmaccel-hugetlbfs", False, hugetlbfs_dir, None, True, False),
         StartConfig("kvmaccel-shm", False, shm_dir, None, True, False),
         pool_h, pool_s,
         replace(pool_h, name="kvmaccel-restart-hugetlbfs", restart=True),
         replace(pool_s, name="kvmaccel-restart-shm", restart=True),
+        StartConfig("kvmaccel-front", True, None, None, True, False, hugetlbfs_mount=h,
+                    front=True),
+        StartConfig("kvmaccel-front-pool", True, None, None, True, False, pool=True,
+                    hugetlbfs_mount=h, front=True),
     ]
     sized = [replace(c, name=f"{c.name}@{format_size(size)}", size_bytes=size)
              for size in pool_sizes for c in (pool_h, pool_s)]
@@ -138,7 +156,7 @@ def domain_xml(cfg: StartConfig, name: str, size_bytes: int) -> str:
   <memoryBacking>{''.join(backing)}</memoryBacking>
   <vcpu placement='static'>2</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
+  <devices><emulator>{FRONT if cfg.front else QEMU}</emulator><memballoon model='none'/></devices>
   {cmdline}
 </domain>
 """
@@ -191,12 +209,13 @@ class _Bench:
             hook_install.install(virsh.LIBVIRT_DIR, config_path=path)
 
     def pool(self, cfg: StartConfig) -> Pool:
-        assert cfg.backing_dir is not None
-        return Pool(os.path.join(cfg.backing_dir, POOL_DIRNAME),
+        directory = cfg.backing_dir or cfg.hugetlbfs_mount
+        assert directory is not None
+        return Pool(os.path.join(directory, POOL_DIRNAME),
                     state_root=os.path.join(self.run_dir, "pool"))
 
     def key(self, cfg: StartConfig, size_bytes: int) -> PoolKey:
-        page_kib = 2048 if cfg.backing_dir == self.hugetlbfs_dir else 4
+        page_kib = 2048 if self.hugetlbfs_dir in (cfg.backing_dir, cfg.hugetlbfs_mount) else 4
         return key_for(cfg.guest_bytes(size_bytes), page_kib)
 
 
@@ -300,8 +319,15 @@ def run(size_bytes: int, *, runs: int, threads: int, only: Sequence[str] | None,
                        if not only or c.name in only]
             _check_room(size_bytes, configs, huge)
             virsh.daemon_ready(timeout_s=5)
-            results = _run_locked(configs, size_bytes, runs, threads, keep_going, emit,
-                                  workdir, huge)
+            installed = any(c.front for c in configs) and not hook_front.is_front(FRONT)
+            if installed:
+                hook_front.install(QEMU)
+            try:
+                results = _run_locked(configs, size_bytes, runs, threads, keep_going, emit,
+                                      workdir, huge)
+            finally:
+                if installed:
+                    hook_front.uninstall(FRONT)
             failed = any(r.error for r in results)
             return results
     finally:

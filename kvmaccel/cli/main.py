@@ -176,4 +176,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "tune": "kvmaccel.cli.tune:tune",
     "doctor": "kvmaccel.cli.ops:doctor",
     "metrics": "kvmaccel.cli.ops:metrics",
+    "front": "kvmaccel.cli.front:front",
+    "enable": "kvmaccel.cli.front:enable",
+    "disable": "kvmaccel.cli.front:disable",
 }

@@ -15,7 +15,9 @@ import os
 
 import click
 
-from ..errors import UsageError
+from ..errors import KvmaccelError, UsageError
+from ..hook.front import SUFFIX as FRONT_SUFFIX
+from ..hook.front import is_front
 from ..host.facts import read_host
 from ..model.domain import parse_domain
 from ..model.qemuconf import read_qemu_conf
@@ -23,8 +25,10 @@ from ..model.units import format_cpu_spec, format_size
 from ..plan.config import read_config
 from ..plan.energy import MODES
 from ..plan.limits import Limits
-from ..plan.planner import DomainPlan, plan_domain, plan_to_json
+from ..plan.planjson import plan_to_json
+from ..plan.planner import BackendPlan, DomainPlan, plan_domain
 from ..plan.policy import host_policy
+from ..pool.manage import Pool, PoolEntry, key_for, pool_dir_for, reserved_first
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,53 @@ def _node(node: int | None) -> str:
     return "any node" if node is None else f"node {node}"
 
 
-def format_plan(plan: DomainPlan) -> str:
-    """The human-readable table ``kvmaccel plan`` prints."""
+def emulator_is_front(emulator: str | None) -> tuple[bool, str | None]:
+    """(plan through the front, a note) for a domain's ``<emulator>``: a front kvmaccel wrote,
+    or a front's name (``...-kvmaccel``) not installed on this machine (planned as if it
+    were, with a note saying to install it)."""
+    if emulator and is_front(emulator):
+        return True, None
+    if emulator and emulator.endswith(FRONT_SUFFIX) and not os.path.lexists(emulator):
+        return True, (f"the emulator {emulator} is kvmaccel's front, which is not installed "
+                      "here: kvmaccel front install")
+    return False, None
+
+
+def pool_sources(plan: DomainPlan) -> dict[str, str]:
+    """``pool`` or ``fresh`` per populated backend: whether a clean pool file on its
+    filesystem would serve it now (best effort: a pool this user cannot read counts as
+    none)."""
+    host = read_host()
+    left: dict[str, list[PoolEntry]] = {}
+    out = {}
+    for b in plan.populated:
+        assert b.file_path is not None
+        out[b.backend_id] = "fresh"
+        try:
+            directory = pool_dir_for(b.file_path, host.mounts)
+            entries = left.setdefault(directory, Pool(directory).entries())
+        except (KvmaccelError, OSError):
+            continue
+        key = key_for(b.file_size_bytes, b.page_size_kib, b.host_nodes or (), b.policy)
+        match = next((e for e in reserved_first(entries)
+                      if e.state == "clean" and e.key.serves(key, plan.uuid)), None)
+        if match is not None:
+            entries.remove(match)
+            out[b.backend_id] = "pool"
+    return out
+
+
+def _where(b: BackendPlan) -> str:
+    if b.front:
+        libvirt = f"{b.mem_path}/" if b.mem_path else "a memfd"
+        return f"{b.file_path} (the front's; libvirt passes {libvirt})"
+    return (b.mem_path or "(none)") + ("/ (directory)" if b.mem_path_is_dir else "")
+
+
+def format_plan(plan: DomainPlan, sources: dict[str, str] | None = None) -> str:
+    """The human-readable table ``kvmaccel plan`` prints; ``sources``: pool or fresh per
+    populated backend."""
+    sources = sources or {}
     lines = [
         f"domain {plan.name} (id {plan.domain_id}, shortname {plan.shortname})",
         f"memory_backing_dir {plan.memory_backing_dir}; files owned by "
@@ -50,8 +99,9 @@ def format_plan(plan: DomainPlan) -> str:
         rows.append((
             b.backend_id, format_size(b.size_bytes), _page(b.page_size_kib),
             format_cpu_spec(set(b.host_nodes)) if b.host_nodes else "-", b.policy or "-",
-            "yes" if b.populate else "no",
-            (b.mem_path or "(none)") + ("/ (directory)" if b.mem_path_is_dir else ""),
+            f"yes, {sources[b.backend_id]}" if b.backend_id in sources
+            else "yes" if b.populate else "no",
+            _where(b),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
@@ -110,14 +160,17 @@ def plan(domain_xml: str, qemu_conf: str | None, domain_id: int | None, root: st
     if not os.path.isdir(root):
         raise UsageError(f"--root {root} is not a directory")
     domain = parse_domain(data)
+    front, front_note = emulator_is_front(domain.emulator)
     settings = read_config(config_path).energy
     if energy is not None:
         settings = dataclasses.replace(settings, mode=energy)
     host = read_host(root)
     tuned, decision = host_policy(settings, host, root)
     result = plan_domain(domain, host, read_qemu_conf(qemu_conf, root), Limits(),
-                         domain_id=domain_id, tuned=tuned, energy=decision)
+                         domain_id=domain_id, tuned=tuned, energy=decision, front=front)
+    if front_note:
+        result = dataclasses.replace(result, notes=(*result.notes, front_note))
     if as_json:
         click.echo(json.dumps(plan_to_json(result), indent=2))
     else:
-        click.echo(format_plan(result))
+        click.echo(format_plan(result, pool_sources(result) if root == "/" else None))

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from ..errors import UsageError
+from ..hook.front import is_front
 from ..host.facts import HostFacts, read_host
 from ..model.domain import parse_domain
 from ..model.qemuconf import read_qemu_conf
@@ -96,10 +97,11 @@ def fill(size: str | None, page_size: str | None, directory: str | None, nodes: 
                              "--page-size and --nodes")
         with open(domain_xml, "rb") as f:
             domain = parse_domain(f.read())
-        plan = plan_domain(domain, host, read_qemu_conf(qemu_conf), limits)
+        plan = plan_domain(domain, host, read_qemu_conf(qemu_conf), limits,
+                           front=is_front(domain.emulator))
         for b in plan.populated:
-            assert b.mem_path is not None
-            wanted.append((os.path.dirname(b.mem_path), key_for(
+            assert b.file_path is not None
+            wanted.append((os.path.dirname(b.file_path), key_for(
                 b.file_size_bytes, b.page_size_kib, b.host_nodes or (), b.policy,
                 plan.uuid if reserve else None)))
         if not wanted:

@@ -24,12 +24,13 @@ from ..plan.config import HookConfig
 from ..plan.limits import Limits
 from ..pool.files import PoolKey
 from ..safefs import write_json_atomic
+from . import memdir
 from . import pool as hook_pool
 from .state import cache_path, read_state, recipe_path, state_path, write_state
 from .warm import FILE_MODE, cached_plan, plan_inputs, write_recipe_if_clean
 
 if TYPE_CHECKING:  # prepare needs neither the engine nor the backings: not imported then
-    from ..engine.backing import BackingSpec
+    from ..engine.backing import Backing, BackingSpec
     from ..model.domain import Domain
     from ..plan.planner import DomainPlan
 
@@ -51,6 +52,7 @@ class JobBackend:
     policy: str  # bind or preferred: how the engine binds the pages
     alias: str
     key: PoolKey
+    make_dir: bool = False  # a hugetlb memfd through the front: libvirt makes no directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +70,11 @@ class StartJob:
 def job_from_plan(plan: DomainPlan, limits: Limits) -> StartJob:
     backends = []
     for b in plan.populated:
-        assert b.mem_path is not None  # populated backends always have a file
+        assert b.file_path is not None  # populated backends always have a file
         backends.append(JobBackend(
-            b.backend_id, b.mem_path, b.file_size_bytes, tuple(b.host_nodes or ()),
+            b.backend_id, b.file_path, b.file_size_bytes, tuple(b.host_nodes or ()),
             "preferred" if b.policy == "preferred" else "bind", b.alias,
-            hook_pool.backend_key(b)))
+            hook_pool.backend_key(b), b.front and b.qom_type == "memory-backend-memfd"))
     return StartJob(plan.uuid, plan.name, plan.domain_id, plan.shortname, limits,
                     tuple(backends))
 
@@ -90,7 +92,8 @@ def cached_job(xml: bytes, config: HookConfig) -> StartJob | None:
         return StartJob(uuid, cache["name"], domain_id, shortname, Limits(**limits), tuple(
             JobBackend(b["backend_id"], b["mem_path"], int(b["size_bytes"]),
                        tuple(int(n) for n in b["host_nodes"]), b["policy"], b["alias"],
-                       PoolKey.from_dict(b["key"])) for b in backends))
+                       PoolKey.from_dict(b["key"]), bool(b.get("make_dir")))
+            for b in backends))
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -136,6 +139,7 @@ def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
     from ..model.qemuconf import read_qemu_conf
     from ..plan.planner import plan_domain
     from ..plan.policy import host_policy
+    from .front import is_front
 
     domain = parse_domain(xml)
     host = read_host()
@@ -143,7 +147,7 @@ def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
     if energy.max_threads is not None:
         log.info("%s", energy.reason)
     plan = plan_domain(domain, host, read_qemu_conf(config.qemu_conf), config.limits,
-                       tuned=tuned, energy=energy)
+                       tuned=tuned, energy=energy, front=is_front(domain.emulator))
     return plan, plan.limits
 
 
@@ -167,12 +171,15 @@ def op_prepare(xml: bytes, config: HookConfig) -> None:
                 needed_bytes=check.needed_bytes, available_bytes=check.available_bytes)
     write_recipe(plan, limits, config, xml)
     log.info("plan: populate %s with %d thread(s)",
-             ", ".join(f"{b.mem_path} ({format_size(b.file_size_bytes)})"
+             ", ".join(f"{b.file_path} ({format_size(b.file_size_bytes)})"
                        for b in plan.populated), plan.helpers.threads)
 
 
-def backing_specs(job: StartJob) -> list[BackingSpec]:
-    """One spec per backend, owned like the directory libvirt made for it.
+def backing_specs(job: StartJob, config: HookConfig | None = None,
+                  made: list[str] | None = None) -> list[BackingSpec]:
+    """One spec per backend, owned like the directory libvirt made for it.  A hugetlb memfd
+    served through the front has no such directory (libvirt makes none for a memfd): it is
+    made here (:mod:`kvmaccel.hook.memdir`) and appended to ``made``.
 
     Raises :class:`BackingError` when that directory does not exist (libvirt makes it just
     before ``start begin``).
@@ -182,6 +189,14 @@ def backing_specs(job: StartJob) -> list[BackingSpec]:
     specs = []
     for b in job.backends:
         directory = os.path.dirname(b.mem_path)
+        if (b.make_dir and config is not None and made is not None
+                and not os.path.lexists(directory)
+                and memdir.is_guest_dir(directory, job.shortname)):
+            from ..model.qemuconf import read_qemu_conf
+
+            conf = read_qemu_conf(config.qemu_conf)
+            if memdir.make_guest_dir(directory, memdir.qemu_owner(conf.user, conf.group)):
+                made.append(directory)
         try:
             st = os.stat(directory)
         except OSError as e:
@@ -208,13 +223,15 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
     if not job.backends:
         log.info("nothing for kvmaccel to populate")
         return
-    specs = backing_specs(job)
+    made: list[str] = []
+    specs = backing_specs(job, config, made)
     key = job.uuid or f"name-{job.name}"
     host = read_host()
     # Record first what this start is about to create, so that a crash leaves a trail.
     state: dict[str, object] = {
         "name": job.name, "uuid": job.uuid, "id": job.domain_id, "shortname": job.shortname,
         "files": [s.path for s in specs], "pool_links": [], "start_unix": time.time(),
+        "made_dirs": made,
     }
     write_state(key, state)
     linked, fresh = hook_pool.take(
@@ -270,6 +287,13 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
         if timer is not None:
             timer.cancel()
     try:
+        check_placement(backings)
+    except BaseException:
+        for backing in backings:
+            backing.discard()
+        write_state(key, {**state, "files": []})
+        raise
+    try:
         adopted = hook_pool.adopt(job.uuid, fresh, backings, host, config)
     finally:
         for backing in backings:
@@ -287,6 +311,16 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
              "%s", format_size(result.bytes_total), result.memory_text, result.seconds,
              result.gib_per_s, result.threads,
              describe_helpers(result), ", ".join(str(s.path) for s in specs))
+
+
+def check_placement(backings: list[Backing]) -> None:
+    """Every page of each bound file on its nodes, or :class:`BackingError` (the engine binds
+    before it faults, so this only fails when something else went wrong)."""
+    from ..engine.placement import check_placement as check
+
+    for b in backings:
+        if b.spec.nodes and b.spec.policy == "bind":
+            check(b.fd, b.spec.size_bytes, b.page_size_bytes, b.spec.nodes, str(b.path))
 
 
 def op_stop(xml: bytes, config: HookConfig) -> None:
@@ -315,6 +349,10 @@ def op_stop(xml: bytes, config: HookConfig) -> None:
     links = state.get("pool_links")
     if domain.uuid and isinstance(links, list) and links:
         hook_pool.release(domain.uuid, [x for x in links if isinstance(x, dict)])
+    made = state.get("made_dirs")
+    for directory in made if isinstance(made, list) else []:
+        if isinstance(directory, str) and memdir.remove_guest_dir(directory):
+            log.info("removed %s", directory)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state_path(key))
     records.append("stop", domain=domain.name, uuid=domain.uuid, bytes=freed,

@@ -81,8 +81,8 @@ def served_by_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
     served: set[str] = set()
     clean: dict[str, list[PoolEntry]] = {}  # per pool: clean files not yet spoken for
     for backend in plan.populated:
-        assert backend.mem_path is not None
-        pool = pool_for(backend.mem_path, host, config)
+        assert backend.file_path is not None
+        pool = pool_for(backend.file_path, host, config)
         if pool is None:
             continue
         if pool.directory not in clean:

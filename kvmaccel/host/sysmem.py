@@ -20,6 +20,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 PROT_READ = 0x1
 PROT_WRITE = 0x2
 MAP_SHARED = 0x01
+MAP_POPULATE = 0x8000
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 MADV_DONTNEED = 4
@@ -41,8 +42,8 @@ TMPFS_MAGIC = 0x01021994
 PR_SET_NAME = 15
 
 _SYSCALLS = {
-    "x86_64": {"mbind": 237, "set_mempolicy": 238},
-    "aarch64": {"mbind": 235, "set_mempolicy": 237},
+    "x86_64": {"mbind": 237, "set_mempolicy": 238, "move_pages": 279},
+    "aarch64": {"mbind": 235, "set_mempolicy": 237, "move_pages": 239},
 }
 
 _libc.mmap.restype = ctypes.c_void_p
@@ -113,6 +114,29 @@ def mmap_shared(fd: int, length: int, offset: int = 0) -> int:
     if addr is None or addr == MAP_FAILED:
         _raise("mmap")
     return int(addr)
+
+
+def mmap_read_populated(fd: int, length: int) -> int:
+    """Map ``length`` bytes of ``fd`` shared, read-only, with every page the file holds
+    mapped at once (``MAP_POPULATE``); return the address.  On hugetlbfs a hole would be
+    filled by a new page: use it only on a file whose every page exists."""
+    addr = _libc.mmap(None, length, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0)
+    if addr is None or addr == MAP_FAILED:
+        _raise("mmap")
+    return int(addr)
+
+
+def page_nodes(addresses: list[int]) -> list[int]:
+    """The NUMA node of the page at each address of this process (``move_pages`` with no
+    target nodes only reports); a negative errno for a page that is not mapped."""
+    count = len(addresses)
+    pages = (ctypes.c_void_p * count)(*addresses)
+    status = (ctypes.c_int * count)()
+    rc = _libc.syscall(ctypes.c_long(_syscall_number("move_pages")), ctypes.c_int(0),
+                       ctypes.c_ulong(count), pages, None, status, ctypes.c_int(0))
+    if rc < 0:
+        _raise("move_pages")
+    return list(status)
 
 
 def munmap(addr: int, length: int) -> None:

@@ -148,6 +148,7 @@ class Domain:
     vcpu_placement: str  # "static" | "auto"
     vcpu_cpuset: frozenset[int] | None
     emulatorpin_cpuset: frozenset[int] | None
+    emulator: str | None = None  # ``<devices><emulator>``: the program libvirt runs as QEMU
 
     @property
     def cells_bytes(self) -> int:
@@ -368,6 +369,7 @@ def parse_domain(data: bytes | str) -> Domain:
         emulatorpin_cpuset=(
             _nodes(pin_el, pin_el.get("cpuset"), "cpuset") if pin_el is not None else None
         ),
+        emulator=(root.findtext("devices/emulator") or "").strip() or None,
     )
     _check(root, domain)
     return domain

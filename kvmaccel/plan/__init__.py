@@ -1,7 +1,8 @@
 """The planning layer: model + host facts + limits -> a plan, with its reasons.
 
 Pure functions (:mod:`.planner`: which files libvirt will hand QEMU and what to do with
-each, after libvirt's own naming and path rules in :mod:`.libvirt`; :mod:`.limits`: helper
+each, after libvirt's own naming and path rules in :mod:`.libvirt`, as JSON in
+:mod:`.planjson`; :mod:`.limits`: helper
 threads per node, chunks; :mod:`.energy`, :mod:`.policy`, :mod:`.tuning`: how many threads,
 and why), and the operator's settings they take
 (:mod:`.config`, kvmaccel's TOML file, expressed in the planner's own types: :class:`Limits`,

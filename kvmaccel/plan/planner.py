@@ -27,49 +27,13 @@ libvirt rules reproduced here and, for names, sizes and paths, in :mod:`kvmaccel
 * host-nodes and policy from a device's ``<nodemask>`` or ``<numatune>`` (memnode, else memory;
   ``placement='auto'`` uses numad's nodeset); none in ``mode='restrictive'``.
 
-JSON shape (:func:`plan_to_json`, ``kvmaccel plan --json``), stable within ``schema``
-``kvmaccel.plan/1``; sizes in bytes, page sizes in KiB, ``node`` null means "not bound"::
+Through kvmaccel's emulator front (``front=True``: the domain's ``<emulator>`` is the front,
+:mod:`kvmaccel.hook.front`), a huge page backend's directory and a ``hugetlb`` memfd are
+populated too: kvmaccel prepares ``<mount>/libvirt/qemu/<shortname>/kvmaccel-<id>`` on the mount
+of the backend's page size, and the front hands QEMU that file, shared.  ``file`` is then that
+path and ``mem_path`` stays what libvirt passes (the directory, or none for a memfd).
 
-    {
-      "schema": "kvmaccel.plan/1",
-      "domain": {"name": str, "uuid": str|null, "id": int, "shortname": str},
-      "libvirt": {
-        "memory_backing_dir": str,          # qemu.conf value + "/libvirt/qemu", or the default
-        "memory_backing_domain_dir": str,   # <memory_backing_dir>/<shortname>
-        "hugepage_domain_dirs": [str],      # <mount>/libvirt/qemu/<shortname>, every mount
-        "created_dirs": [str],              # the ones libvirt creates for this guest
-        "qemu_user": str, "qemu_group": str
-      },
-      "backends": [{
-        "id": str, "alias": str,
-        "kind": "system"|"cell"|"dimm"|"nvdimm"|"virtio-mem"|"virtio-pmem"|"sgx-epc",
-        "guest_node": int|null,
-        "qom_type": "memory-backend-file"|"memory-backend-memfd"|"memory-backend-ram"|...,
-        "mem_path": str|null, "mem_path_is_dir": bool,
-        "size_bytes": int,                  # what libvirt passes as size=
-        "file_size_bytes": int,             # size_bytes rounded up to page_size_kib
-        "page_size_kib": int, "filesystem": str|null,
-        "share": bool|null,                 # null: not passed (QEMU default)
-        "prealloc": bool, "prealloc_threads": int|null,
-        "host_nodes": [int]|null, "policy": "bind"|"preferred"|"interleave"|null,
-        "populate": bool, "skip_reason": str|null
-      }],
-      "work": [{"node": int|null, "bytes": int}],
-      "helpers": {"threads": int, "per_node": [{"node": int|null, "helpers": int}],
-                  "reasons": [str]},
-      "capacity": [{"node": int|null, "page_size_kib": int, "needed_bytes": int,
-                    "available_bytes": int, "source": str, "ok": bool}],
-      "notes": [str],
-      "tuning": {"status": "none"|"used"|"ignored", "reason": str|null,   # kvmaccel tune
-                 "helpers_per_node": [{"node": int, "helpers": int}]}|null,
-      "energy": {"mode": "auto"|"performance"|"powersave", "max_threads": int|null,
-                 "deciding_signal": str|null, "reason": str,
-                 "signals": [{"name": str, "detail": str}]}|null     # docs/energy.md
-    }
-
-``tuning`` and ``energy`` are null when the caller planned without them.  A tuned per-node
-count replaces the 80% rule (see :mod:`kvmaccel.plan.tuning`); an energy cap lowers ``threads``
-like ``<allocation threads='N'/>`` (the smaller one wins); both say so in the helper reasons.
+The plan as JSON is :func:`kvmaccel.plan.planjson.plan_to_json` (its shape is documented there).
 
 Errors: :class:`~kvmaccel.errors.PlanError` for a nodeset naming nodes the host lacks, a huge
 page size no hugetlbfs mount serves, or a path that would leave its directory.
@@ -77,10 +41,11 @@ page size no hugetlbfs mount serves, or a path that would leave its directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import shlex
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import PlanError
 from ..host.facts import HostFacts
@@ -102,9 +67,9 @@ from .tuning import TunedDefault
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "kvmaccel.plan/1"
 POLICY = {"strict": "bind", "preferred": "preferred", "interleave": "interleave"}
 POPULATABLE_FS = ("hugetlbfs", "tmpfs")
+FRONT_PREFIX = "kvmaccel-"  # the front's file for backend <id>: <directory>/kvmaccel-<id>
 
 
 @dataclass(frozen=True)
@@ -129,6 +94,8 @@ class BackendPlan:
     policy: str | None
     populate: bool
     skip_reason: str | None
+    file_path: str | None = None  # the file kvmaccel populates (mem_path, or the front's)
+    front: bool = False  # the front hands QEMU ``file_path`` in place of what libvirt passes
 
 
 @dataclass(frozen=True)
@@ -177,8 +144,8 @@ class _Ctx:
 
     def __init__(self, domain: Domain, host: HostFacts, qemu_conf: QemuConf,
                  mounts: tuple[HugetlbfsMount, ...], short: str,
-                 auto_nodeset: frozenset[int] | None) -> None:
-        self.domain, self.host, self.qemu_conf = domain, host, qemu_conf
+                 auto_nodeset: frozenset[int] | None, front: bool = False) -> None:
+        self.domain, self.host, self.qemu_conf, self.front = domain, host, qemu_conf, front
         self.mounts, self.short, self.auto_nodeset = mounts, short, auto_nodeset
         self.mbd_domain_dir = _join(qemu_conf.memory_backing_dir, short)
 
@@ -281,6 +248,16 @@ def _backend(ctx: _Ctx, src: _Source) -> BackendPlan:
     elif is_dir:
         fs = "hugetlbfs"
 
+    front_file = None
+    if ctx.front and huge and (is_dir or qom == "memory-backend-memfd"):
+        # The front rewrites this backend to the prepared file, share=on (see module doc).
+        # A memfd names no mount; libvirt refuses huge pages without one (it makes the
+        # per-domain directories), and then so does the plan of a file backend.
+        with contextlib.suppress(PlanError):
+            front_file = _join(ctx.hugepage_dir(huge), FRONT_PREFIX + src.backend_id)
+            fs = "hugetlbfs"
+    enable = (f"start the guest through kvmaccel's front to populate it: kvmaccel enable "
+              f"{shlex.quote(domain.name)}")
     skip = None
     if src.kind == "virtio-mem":
         skip = ("virtio-mem: QEMU plugs blocks on demand and discards unplugged ones; "
@@ -289,15 +266,19 @@ def _backend(ctx: _Ctx, src: _Source) -> BackendPlan:
         skip = "SGX EPC memory is not ordinary RAM"
     elif nvdimm_path:
         skip = f"the {src.kind} file {nvdimm_path} holds guest data; kvmaccel never touches it"
-    elif qom == "memory-backend-memfd":
-        skip = "memfd: QEMU creates the memory itself, there is no path to populate ahead"
+    elif qom == "memory-backend-memfd" and not huge:
+        skip = ("memfd without huge pages: QEMU creates the memory itself, and libvirt grants "
+                "the guest no tmpfs directory a prepared file could be handed over in (its "
+                "memory_backing_dir directory exists only for <source type='file'/>); use "
+                "<source type='file'/> with memory_backing_dir on tmpfs")
+    elif qom == "memory-backend-memfd" and front_file is None:
+        skip = f"memfd: QEMU creates the memory itself, there is no path to populate; {enable}"
     elif qom == "memory-backend-ram":
         skip = "anonymous memory: no path, QEMU allocates it itself"
-    elif is_dir:
+    elif is_dir and front_file is None:
         skip = (f"huge pages: mem-path {mem_path} is a directory; QEMU creates and unlinks a "
-                "temporary file in it, so it cannot be populated ahead (use <source "
-                "type='file'/> with memory_backing_dir on hugetlbfs instead)")
-    elif share is not True:
+                f"temporary file in it, so it cannot be populated ahead; {enable}")
+    elif share is not True and front_file is None:  # the front shares whatever libvirt says
         why = "private access" if share is False else "no shared access (QEMU's default share=off)"
         skip = (f"{why}: QEMU maps the file MAP_PRIVATE and would copy every page it writes "
                 "or pins out of it; set <access mode='shared'/>")
@@ -320,6 +301,8 @@ def _backend(ctx: _Ctx, src: _Source) -> BackendPlan:
         host_nodes=tuple(sorted(nodes)) if bound and nodes is not None else None,
         policy=POLICY.get(mode) if bound else None,
         populate=skip is None, skip_reason=skip,
+        file_path=(front_file or mem_path) if skip is None else None,
+        front=front_file is not None and skip is None,
     )
 
 
@@ -378,6 +361,7 @@ def plan_domain(
     auto_nodeset: frozenset[int] | None = None,
     tuned: TunedDefault | None = None,
     energy: EnergyDecision | None = None,
+    front: bool = False,
 ) -> DomainPlan:
     """Plan ``domain`` on ``host``.  Pure; raises :class:`PlanError`.
 
@@ -388,12 +372,13 @@ def plan_domain(
     ``tuned`` (from :func:`kvmaccel.plan.policy.host_policy`) gives the per-node default
     helpers when used; ``energy`` (from :func:`kvmaccel.plan.energy.decide`) may lower ``threads``
     further.  The plan's ``limits`` are the result, which the engine should run with.
+    ``front``: the domain's emulator is kvmaccel's front (the caller checks the file).
     """
     did = domain_id if domain_id is not None else (
         domain.domain_id if domain.domain_id is not None else -1)
     short = shortname(domain.name, did)
     mounts = hugetlbfs if hugetlbfs is not None else libvirt_hugetlbfs(qemu_conf, host)
-    ctx = _Ctx(domain, host, qemu_conf, mounts, short, auto_nodeset)
+    ctx = _Ctx(domain, host, qemu_conf, mounts, short, auto_nodeset, front)
     backends = tuple(_backend(ctx, src) for src in _sources(domain))
 
     work: dict[int | None, int] = {}
@@ -456,40 +441,3 @@ def _notes(domain: Domain) -> tuple[str, ...]:
         notes.append("<locked/>: QEMU mlocks all guest RAM at start")
     return tuple(notes)
 
-
-def plan_to_json(plan: DomainPlan) -> dict[str, Any]:
-    """The documented JSON shape (see the module docstring)."""
-    return {
-        "schema": SCHEMA,
-        "domain": {"name": plan.name, "uuid": plan.uuid, "id": plan.domain_id,
-                   "shortname": plan.shortname},
-        "libvirt": {
-            "memory_backing_dir": plan.memory_backing_dir,
-            "memory_backing_domain_dir": plan.memory_backing_domain_dir,
-            "hugepage_domain_dirs": list(plan.hugepage_domain_dirs),
-            "created_dirs": list(plan.created_dirs),
-            "qemu_user": plan.qemu_user, "qemu_group": plan.qemu_group,
-        },
-        "backends": [{
-            "id": b.backend_id, "alias": b.alias, "kind": b.kind, "guest_node": b.guest_node,
-            "qom_type": b.qom_type, "mem_path": b.mem_path, "mem_path_is_dir": b.mem_path_is_dir,
-            "size_bytes": b.size_bytes, "file_size_bytes": b.file_size_bytes,
-            "page_size_kib": b.page_size_kib, "filesystem": b.filesystem, "share": b.share,
-            "prealloc": b.prealloc, "prealloc_threads": b.prealloc_threads,
-            "host_nodes": list(b.host_nodes) if b.host_nodes is not None else None,
-            "policy": b.policy, "populate": b.populate, "skip_reason": b.skip_reason,
-        } for b in plan.backends],
-        "work": [{"node": n, "bytes": size} for n, size in plan.work_bytes],
-        "helpers": {
-            "threads": plan.helpers.threads,
-            "per_node": [{"node": n, "helpers": h} for n, h in sorted(
-                plan.helpers.helpers_per_node.items(), key=lambda kv: _node_key(kv[0]))],
-            "reasons": list(plan.helpers.reasons),
-        },
-        "capacity": [{"node": c.node, "page_size_kib": c.page_size_kib,
-                      "needed_bytes": c.needed_bytes, "available_bytes": c.available_bytes,
-                      "source": c.source, "ok": c.ok} for c in plan.capacity],
-        "notes": list(plan.notes),
-        "tuning": plan.tuning.as_dict() if plan.tuning else None,
-        "energy": plan.energy.as_dict() if plan.energy else None,
-    }

@@ -5,19 +5,14 @@ A warm start runs this module twice, in the two hook calls that precede QEMU (se
 what ``json`` already loads; :mod:`kvmaccel.pool.manage` builds filling, scrubbing and draining on
 top (:class:`kvmaccel.pool.manage.Pool` is a :class:`PoolFiles`).
 
-The pool directory, ``<mount>/.kvmaccel-pool``, is kvmaccel's own: a directory of root with
-mode 0700, opened ``O_NOFOLLOW`` and checked at every use; anything else (a directory some
-user made first on a world-writable tmpfs, a symlink) is refused with
-:class:`~kvmaccel.errors.UnsafePathError`.  All file work here follows
-:mod:`kvmaccel.safefs`: relative to directory descriptors, owner and mode set on descriptors,
-links made from descriptors.
+The pool directory, ``<mount>/.kvmaccel-pool``, is root's, 0700, opened ``O_NOFOLLOW`` and
+checked at every use; anything else (one a user made first on a world-writable tmpfs, a
+symlink) is refused (:class:`~kvmaccel.errors.UnsafePathError`).  File work here follows
+:mod:`kvmaccel.safefs`.  Each file has a state, kept crash-safe under
+``<run dir>/pool/<pool id>/``, apart from the file (hugetlbfs files cannot be ``write()``-n):
 
-Each file has a state, kept crash-safe (written to a temporary file, then renamed) under
-``<run dir>/pool/<pool id>/``, apart from the file itself (hugetlbfs files cannot be
-written with ``write()``):
-
-* ``filling``: being populated (a live process holds the file's lock; fills now populate an
-  unnamed file and link it into the pool only when it is clean, so this is rare);
+* ``filling``: being populated (a live process holds the file's lock; rare: fills populate
+  unnamed files and link them in clean);
 * ``clean``: every page is zero, nobody else links it, it is root's and of its named size;
 * ``in_use``: linked into a guest's path (``domain_uuid``, ``backend_id``, ``link_path``);
 * ``dirty``: a guest used it; must be scrubbed;
@@ -386,6 +381,8 @@ class PoolFiles:
         if fd is None:
             return None
         try:
+            if not self._placed_right(dfd, entry, fd, st):
+                return None
             if not safefs.nobody_else_holds(fd):
                 self._write_state(pool_name, "dirty", st)
                 log_warning(f"pool: {entry.path} is still open or mapped by "
@@ -412,6 +409,29 @@ class PoolFiles:
         return entry._replace(state="in_use", domain_uuid=fields["domain_uuid"],
                               backend_id=fields["backend_id"], link_path=fields["link_path"],
                               nlink=2)
+
+    def _placed_right(self, dfd: int, entry: PoolEntry, fd: int, st: os.stat_result) -> bool:
+        """A bound file's pages must all be on its nodes: QEMU's mbind would not move them.
+        A file that is wrong is removed from the pool (scrubbing would not move them either).
+        Checked on the descriptor, with no mapping left when it returns (the lease of
+        :meth:`_hand_over` comes next)."""
+        key = entry.key
+        if not key.host_nodes or key.policy not in ("bind", "interleave"):
+            return True  # unbound, or preferred: pages may be anywhere
+        from ..engine.placement import placement  # only for bound files: the warm path stays light
+
+        try:
+            found = placement(fd, key.size_bytes, key.page_size_kib * 1024, key.host_nodes)
+            if not found.misplaced:
+                return True
+            why = (f"has {found.misplaced} page(s) off node(s) "
+                   f"{','.join(map(str, key.host_nodes))} ({found.describe()})")
+        except BackingError as e:  # not complete: a clean file always is
+            why = str(e)
+        log_warning(f"pool: {entry.path} {why}; removed from the pool, not handed out")
+        safefs.unlink_if_same(dfd, os.path.basename(entry.path), st)
+        self._forget_state(os.path.basename(entry.path))
+        return False
 
     def give_back(self, entry: PoolEntry, target: str) -> None:
         """Undo :meth:`take` before any guest ran on the file: unlink ``target`` (if it is

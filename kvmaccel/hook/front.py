@@ -1,0 +1,370 @@
+"""The emulator front: a ``/bin/sh`` script libvirt runs as a guest's ``<emulator>``.
+
+For ``<hugepages/>`` guests libvirt hands QEMU a *directory* (``<mount>/libvirt/qemu/
+<shortname>``) and QEMU fills a temporary file it unlinks at once; for ``<source
+type='memfd'/>`` QEMU makes the memory itself.  No qemu.conf key, ``<qemu:override>`` or
+``-set`` changes a JSON ``-object``; a domain's ``<emulator>`` may be any executable, which
+libvirt runs for capability probing and for the start, as the qemu user, inside the guest's
+cgroups.  So the front rewrites only the memory backends kvmaccel's hook prepared a file
+for (``kvmaccel-<backend id>`` in the guest's per-domain hugepage directory) and execs the
+real QEMU; everything else, and every backend without such a file, passes byte for byte, so
+an absent or failed hook leaves QEMU starting exactly as it would without kvmaccel.
+
+Why shell: AppArmor's guest profile (Debian, Ubuntu) may execute only ``/usr/bin/qemu-system-*``,
+``kvm``, ``qemu-kvm`` and a few shells, not python3; so the front is installed under a name
+that profile already allows (``/usr/bin/qemu-system-x86_64-kvmaccel``).  Why a path and not a
+descriptor: QEMU opens ``mem-path`` with ``open()``, and ``/proc/self/fd/N`` of an unlinked file
+is refused by AppArmor, so the file has a name in a directory the guest is granted.
+
+The script's second line (``# kvmaccel-front: {json}``) says which QEMU it execs and what the
+install did, so that uninstall removes only what install wrote.
+
+Errors: :class:`~kvmaccel.errors.HookError` with what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import os
+import re
+import shlex
+import stat
+from dataclasses import dataclass
+
+from .. import __version__
+from ..errors import HookError
+
+MARKER = "# kvmaccel-front: "
+SUFFIX = "-kvmaccel"
+DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
+FILE_PREFIX = "kvmaccel-"  # the hook's file for backend <id> is <dir>/kvmaccel-<id>
+
+# libvirt 9.0 writes every memory backend as one JSON object with its members in a fixed
+# order, no spaces ("qom-type" first, then "id").  The script relies only on that: it reads a
+# string member by its first '"key":"', refuses any value with a backslash (an escape: such a
+# backend passes through untouched), and edits members it finds.  Key=value -object syntax
+# (libvirt before 7.x) passes through untouched.
+SCRIPT = r'''#!/bin/sh
+@MARKER@
+# kvmaccel's emulator front (`kvmaccel front --help`).  libvirt runs it as a guest's
+# <emulator>; it execs the real QEMU with the same arguments, except memory backends for which
+# kvmaccel's hook put a populated file kvmaccel-<id> in the guest's hugepage directory:
+#  * memory-backend-file with mem-path a directory D holding kvmaccel-<id>:
+#    mem-path D/kvmaccel-<id>, share true (QEMU would map a private copy otherwise);
+#  * memory-backend-memfd with hugetlb true, and kvmaccel-<id> in the guest's directory of the
+#    hugetlbfs mount of that page size: a memory-backend-file of the same members on it.
+# Everything else passes byte for byte; so does every backend without a prepared file.
+QEMU=@QEMU@
+case "$*" in
+    *memory-backend-*) ;;
+    *) exec "$QEMU" "$@" ;;
+esac
+
+# v = the string value of member $2 in JSON object $1; fails when absent or escaped.
+val() {
+    case $1 in *"\"$2\":\""*) ;; *) return 1 ;; esac
+    v=${1#*\"$2\":\"}
+    v=${v%%\"*}
+    case $v in ''|*\\*) return 1 ;; esac
+}
+# drop member $1 (a scalar value) from $out
+drop() {
+    case $out in *",\"$1\":"*) ;; *) return 0 ;; esac
+    post=${out#*,\"$1\":}
+    case $post in *,*) post=,${post#*,} ;; *) post="}" ;; esac
+    out=${out%%,\"$1\":*}$post
+}
+# share true in $out
+share() {
+    case $out in
+        *'"share":true'*) ;;
+        *'"share":false'*) out=${out%%\"share\":false*}\"share\":true${out#*\"share\":false} ;;
+        *) out=${out%\}},\"share\":true} ;;
+    esac
+}
+# A prepared file: a regular file, not a symlink.
+ready() { [ -f "$1" ] && [ ! -h "$1" ]; }
+
+from_file() {
+    case $1 in '{"qom-type":"memory-backend-file","id":"'*) ;; *) return 1 ;; esac
+    val "$1" id && id=$v && val "$1" mem-path && [ -d "$v" ] || return 1
+    f=$v/kvmaccel-$id
+    ready "$f" || return 1
+    rest=${1#*\"mem-path\":\"}
+    out=${1%%\"mem-path\":\"*}\"mem-path\":\"$f\"${rest#*\"}
+    share
+}
+
+from_memfd() {
+    case $1 in '{"qom-type":"memory-backend-memfd","id":"'*) ;; *) return 1 ;; esac
+    case $1 in *'"hugetlb":true'*) ;; *) return 1 ;; esac
+    case $HOME in */domain-?*) short=${HOME##*/domain-} ;; *) return 1 ;; esac
+    case $short in */*|*\\*) return 1 ;; esac
+    val "$1" id && id=$v || return 1
+    want=
+    case $1 in *'"hugetlbsize":'*)
+        want=${1#*\"hugetlbsize\":}; want=${want%%,*}; want=${want%%\}*}
+        case $want in ''|*[!0-9]*) return 1 ;; esac
+        want=pagesize=$((want / 1048576))M ;;
+    esac
+    f=
+    while read -r _ mnt fs opts _; do
+        [ "$fs" = hugetlbfs ] || continue
+        case $mnt in *\\*) continue ;; esac
+        [ -z "$want" ] || case ",$opts," in *",$want,"*) ;; *) continue ;; esac
+        if ready "$mnt/libvirt/qemu/$short/kvmaccel-$id"; then
+            f=$mnt/libvirt/qemu/$short/kvmaccel-$id
+            break
+        fi
+    done < /proc/mounts
+    [ -n "$f" ] || return 1
+    rest=${1#*\"id\":\"}
+    out="{\"qom-type\":\"memory-backend-file\",\"id\":\"$id\",\"mem-path\":\"$f\"${rest#*\"}"
+    drop hugetlb; drop hugetlbsize; drop seal
+    share
+}
+
+# Rebuild the argv as a list of references ("${7}", or "$r7" for a rewritten one) for one
+# eval at the end: linear in the number of arguments, each passed as the very same bytes.
+i=0
+list=
+prev=
+for a; do
+    i=$((i + 1))
+    if [ "$prev" = -object ] && { from_file "$a" || from_memfd "$a"; }; then
+        eval "r$i=\$out"
+        list="$list \"\$r$i\""
+    else
+        list="$list \"\${$i}\""
+    fi
+    prev=$a
+done
+eval "exec \"\$QEMU\" $list"
+'''
+
+
+@dataclass(frozen=True)
+class FrontStatus:
+    """What is at a front's path: ``installed`` when kvmaccel wrote it; ``qemu`` it execs."""
+
+    path: str
+    installed: bool
+    qemu: str | None
+    version: str | None
+    diverted: bool = False
+
+
+def front_path(qemu: str) -> str:
+    """Where the front for ``qemu`` goes: beside it, with ``-kvmaccel`` appended (a name
+    the guest's AppArmor profile already lets it execute: ``/usr/bin/qemu-system-*``)."""
+    return qemu + SUFFIX
+
+
+def render(qemu: str, *, diverted: bool = False) -> str:
+    """The front's text, exec'ing ``qemu``.  Raises :class:`HookError` for a path the
+    script could not quote safely."""
+    if not os.path.isabs(qemu) or "\n" in qemu:
+        raise HookError(f"{qemu!r}: give the absolute path of the QEMU binary to wrap")
+    info = {"version": __version__, "qemu": qemu, "diverted": diverted}
+    return (SCRIPT.replace("@MARKER@", MARKER + json.dumps(info))
+            .replace("@QEMU@", shlex.quote(qemu)))
+
+
+def read_status(path: str) -> FrontStatus:
+    """Read what is at ``path`` (never raises for a missing or foreign file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return FrontStatus(path, False, None, None)
+    if len(head) < 2 or not head[1].startswith(MARKER):
+        return FrontStatus(path, False, None, None)
+    try:
+        info = json.loads(head[1][len(MARKER):])
+    except ValueError:
+        return FrontStatus(path, False, None, None)
+    return FrontStatus(path, True, str(info.get("qemu")), str(info.get("version")),
+                       bool(info.get("diverted")))
+
+
+def is_front(path: str | None) -> bool:
+    """True when ``path`` is a front kvmaccel wrote."""
+    return bool(path) and read_status(str(path)).installed
+
+
+def _check_qemu(qemu: str) -> None:
+    try:
+        st = os.stat(qemu)
+    except OSError as e:
+        raise HookError(f"{qemu}: {e.strerror}; install QEMU first or name it with --qemu") \
+            from None
+    if not stat.S_ISREG(st.st_mode) or not os.access(qemu, os.X_OK):
+        raise HookError(f"{qemu} is not an executable file; name the QEMU binary with --qemu")
+    if read_status(qemu).installed:
+        raise HookError(f"{qemu} is itself kvmaccel's front; name the real QEMU with --qemu")
+
+
+def install(qemu: str = DEFAULT_QEMU, path: str | None = None) -> FrontStatus:
+    """Write the front for ``qemu`` at ``path`` (default :func:`front_path`), mode 0755,
+    root's; atomically (a temporary name, then rename).  Replaces only a front kvmaccel
+    wrote.  Raises :class:`HookError`."""
+    path = path or front_path(qemu)
+    _check_qemu(qemu)
+    if os.path.lexists(path) and not read_status(path).installed:
+        raise HookError(f"{path} exists and kvmaccel did not write it; refusing to replace it")
+    _write_front(path, render(qemu))
+    return read_status(path)
+
+
+def _write_front(path: str, text: str, rename: bool = True) -> str:
+    """Write ``text`` beside ``path`` (0755) and, if ``rename``, rename it over ``path``;
+    return the temporary name's path."""
+    directory, name = os.path.split(path)
+    tmp = f".{name}.kvmaccel-{os.getpid()}"
+    dfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o755, dir_fd=dfd)
+        try:
+            os.fchmod(fd, 0o755)
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if rename:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise HookError(f"cannot write {path}: {e.strerror}") from e
+    finally:
+        os.close(dfd)
+    return os.path.join(directory, tmp)
+
+
+def uninstall(path: str) -> bool:
+    """Remove the front at ``path`` if kvmaccel wrote it; False when nothing was there.
+    Raises :class:`HookError` for a file kvmaccel did not write."""
+    if not os.path.lexists(path):
+        return False
+    if not read_status(path).installed:
+        raise HookError(f"{path} was not written by kvmaccel; left alone")
+    os.unlink(path)
+    return True
+
+
+# --- a domain's <emulator>: enable and disable ---------------------------------------------
+#
+# The XML is edited as text, so that everything but the two places kvmaccel changes stays
+# byte for byte and disable gives back exactly what enable got.  The emulator the domain had
+# is remembered in the domain itself (libvirt keeps namespaced <metadata> elements):
+#     <kvmaccel:front xmlns:kvmaccel="..." emulator="/usr/bin/qemu-system-x86_64"/>
+
+METADATA_NS = "https://github.com/kvmaccel/kvmaccel/front/1"
+_EMULATOR = re.compile(r"<emulator>([^<]*)</emulator>")
+_REMEMBERED = re.compile(r'<kvmaccel:front\b[^>]*?\bemulator="([^"]*)"[^>]*/>')
+
+
+@dataclass(frozen=True)
+class EmulatorChange:
+    """What enable or disable did to one domain's XML."""
+
+    xml: str
+    old: str | None  # the <emulator> before (None: the domain had none)
+    new: str | None
+    changed: bool
+
+
+def remembered_emulator(xml: str) -> str | None:
+    """The emulator enable replaced, or None when the domain is not enabled."""
+    found = _REMEMBERED.search(xml)
+    return found.group(1).replace("&quot;", '"') if found else None
+
+
+def enable_xml(xml: str, front: str | None = None) -> EmulatorChange:
+    """The domain XML with ``<emulator>`` set to the front of its QEMU (``front``, default
+    :func:`front_path` of the current one), remembering the current one.  A domain already
+    enabled, or whose emulator is a front already, is returned unchanged.  Raises
+    :class:`HookError` for XML with no ``<devices>`` or several ``<emulator>``."""
+    if remembered_emulator(xml) is not None:
+        current = _EMULATOR.search(xml)
+        return EmulatorChange(xml, current.group(1) if current else None,
+                              current.group(1) if current else None, False)
+    found = list(_EMULATOR.finditer(xml))
+    if len(found) > 1:
+        raise HookError("the domain XML has more than one <emulator>; fix it first")
+    old = found[0].group(1) if found else None
+    if old is not None and is_front(old):
+        return EmulatorChange(xml, old, old, False)
+    new = front or front_path(old or DEFAULT_QEMU)
+    if found:
+        m = found[0]
+        xml = f"{xml[:m.start(1)]}{_escape(new)}{xml[m.end(1):]}"
+    else:
+        at = xml.find("<devices>")
+        if at < 0:
+            raise HookError("the domain XML has no <devices>; cannot set its emulator")
+        at += len("<devices>")
+        xml = f"{xml[:at]}\n    <emulator>{_escape(new)}</emulator>{xml[at:]}"
+    # none="1": the domain had no <emulator>; meta="1": nor a <metadata> (both go at disable)
+    remembered = (old or "").replace('"', "&quot;")
+    flags = ("" if found else ' none="1"') + ("" if "<metadata>" in xml else ' meta="1"')
+    note = f'<kvmaccel:front xmlns:kvmaccel="{METADATA_NS}" emulator="{remembered}"{flags}/>'
+    return EmulatorChange(_add_metadata(xml, note), old, new, True)
+
+
+def disable_xml(xml: str) -> EmulatorChange:
+    """The domain XML with the emulator enable remembered put back and the note removed; a
+    domain not enabled is returned unchanged."""
+    found = _REMEMBERED.search(xml)
+    current = _EMULATOR.search(xml)
+    now = current.group(1) if current else None
+    if found is None:
+        return EmulatorChange(xml, now, now, False)
+    old = found.group(1).replace("&quot;", '"')
+    had_none = ' none="1"' in found.group(0)
+    xml = _remove_metadata(xml, found, ' meta="1"' in found.group(0))
+    if current is not None:
+        current = _EMULATOR.search(xml)
+        assert current is not None
+        if had_none:
+            start = xml.rfind("\n", 0, current.start())
+            xml = xml[:start] + xml[current.end():]
+        else:
+            xml = f"{xml[:current.start(1)]}{_escape(old)}{xml[current.end(1):]}"
+    return EmulatorChange(xml, now, None if had_none else old, True)
+
+
+def _escape(text: str) -> str:
+    return text if "<" not in text and "&" not in text else html.escape(text, quote=False)
+
+
+def _add_metadata(xml: str, note: str) -> str:
+    m = re.search(r"<metadata>", xml)
+    if m:
+        indent = _indent_after(xml, m.end()) or "    "
+        return f"{xml[:m.end()]}\n{indent}{note}{xml[m.end():]}"
+    anchor = re.search(r"</uuid>|</name>", xml)
+    if anchor is None:
+        raise HookError("the domain XML has no <name>; cannot remember its emulator")
+    line = xml.rfind("\n", 0, anchor.start())
+    indent = re.match(r"[ \t]*", xml[line + 1:]).group(0)  # type: ignore[union-attr]
+    block = f"\n{indent}<metadata>\n{indent}  {note}\n{indent}</metadata>"
+    return f"{xml[:anchor.end()]}{block}{xml[anchor.end():]}"
+
+
+def _indent_after(xml: str, at: int) -> str:
+    m = re.match(r"\n([ \t]*)", xml[at:])
+    return m.group(1) if m else ""
+
+
+def _remove_metadata(xml: str, found: re.Match[str], created: bool) -> str:
+    start = xml.rfind("\n", 0, found.start())
+    start = start if xml[start + 1:found.start()].strip() == "" else found.start()
+    xml = xml[:start] + xml[found.end():]
+    if not created:
+        return xml
+    # The <metadata> enable created goes too, once empty.
+    return re.sub(r"\n[ \t]*<metadata>\s*</metadata>", "", xml, count=1)
