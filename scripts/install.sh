@@ -21,9 +21,9 @@
 #
 # What it makes, and `--uninstall` removes: PREFIX (the venv, kvmaccel in it, PREFIX/INSTALL
 # recording what was made), BIN_DIR/kvmaccel (a symlink to PREFIX/bin/kvmaccel), and the
-# libvirt hook (LIBVIRT_DIR/hooks/qemu.d/kvmaccel, run by PREFIX/bin/python).  An installed
-# emulator front (`kvmaccel front`, when this kvmaccel has it) is pointed at the new
-# environment too.  An upgrade (running it again) replaces PREFIX's kvmaccel and rewrites the
+# libvirt hook (LIBVIRT_DIR/hooks/qemu.d/kvmaccel, run by PREFIX/bin/python).  An emulator
+# front already installed (`kvmaccel front install`, the operator's step) is rewritten by this
+# kvmaccel and removed by `--uninstall`; none is installed otherwise.  An upgrade (running it again) replaces PREFIX's kvmaccel and rewrites the
 # hook with the config it had; the config (/etc/kvmaccel) and the warm pool (files on the
 # hugetlbfs and tmpfs mounts, states in /run/kvmaccel) are never touched, by upgrade or
 # uninstall.  Empty the pool first with `kvmaccel pool drain` if you remove kvmaccel for good.
@@ -60,7 +60,9 @@ marker="$prefix/INSTALL"
 uninstall() {
   [ -e "$marker" ] || { log "nothing installed in $prefix (no $marker)"; return 0; }
   if [ -x "$kv" ]; then
-    if "$kv" front --help >/dev/null 2>&1; then "$kv" front uninstall || log "front uninstall failed"; fi
+    if [ "$(sed -n 's/^front=//p' "$marker")" = 1 ]; then
+      "$kv" front uninstall || log "front uninstall failed"
+    fi
     hook_dir=$(sed -n 's/^libvirt_dir=//p' "$marker")
     if [ -n "$hook_dir" ]; then
       "$kv" hook uninstall --libvirt-dir "$hook_dir" || log "hook uninstall failed"
@@ -152,8 +154,11 @@ print(info.get("config") or "")' "$libvirt_dir")
 else
   libvirt_dir=""
 fi
-if "$kv" front --help >/dev/null 2>&1 && "$kv" front status >/dev/null 2>&1; then
-  "$kv" front install
+# The front is the operator's to install (kvmaccel front install); one already installed is
+# rewritten by this kvmaccel, and then removed again by --uninstall.
+front=0
+if "$kv" front --help >/dev/null 2>&1 && "$kv" front status 2>/dev/null | grep -q "kvmaccel's front"; then
+  "$kv" front install && front=1
 fi
 {
   echo "version=$version"
@@ -161,6 +166,7 @@ fi
   echo "link=$link"
   echo "created_bin_dir=$created_bin_dir"
   echo "libvirt_dir=$libvirt_dir"
+  echo "front=$front"
 } > "$marker"
 log "$([ "$upgrade" = 1 ] && echo upgraded || echo installed) $version in $prefix${link:+, $link}${libvirt_dir:+, hook in $libvirt_dir/hooks/qemu.d}"
 log "next: kvmaccel doctor"

@@ -159,3 +159,27 @@ def test_pool_file_bound_to_node_1_never_backs_node_0(
         os.unlink(target)
         pool.release_domain(uuid)
         pool.drain()
+
+
+def test_the_placement_check_refuses_a_file_on_the_wrong_node(
+        kind: str, mounts: dict[str, str], host: HostFacts,
+        request: pytest.FixtureRequest) -> None:
+    """The check the hook makes before it hands a file to the front (QEMU's mbind does not
+    move pages already in a file): a file bound to node 1 passes for node 1 and is refused,
+    every page of it, for node 0."""
+    from kvmaccel.engine.placement import placement
+
+    _, _, size, page = KINDS[kind]
+    path = os.path.join(mounts[kind], "placed")
+    populate_backings([BackingSpec(path, size, nodes=(1,))], host, LIMITS)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        right = placement(fd, size, page, (1,))
+        wrong = placement(fd, size, page, (0,))
+        record(request, "placement", {"for_node_1": right.misplaced,
+                                      "for_node_0": wrong.misplaced})
+        assert right.misplaced == 0, f"pages of a node-1 file off node 1: {right}"
+        assert wrong.misplaced == sum(wrong.pages_per_node.values()) > 0, wrong
+    finally:
+        os.close(fd)
+        os.unlink(path)
