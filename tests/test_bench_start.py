@@ -9,8 +9,11 @@ from kvmaccel.model.domain import parse_domain
 
 def test_configurations_and_their_xml() -> None:
     configs = {c.name: c for c in configurations(2, "/dev/hugepages", "/dev/shm", [2 << 30])}
-    assert len(configs) == 24 and "kvmaccel-shm+locked" in configs
+    assert len(configs) == 32 and "kvmaccel-shm+locked" in configs
     assert configs["kvmaccel-restart-shm"].restart and configs["kvmaccel-restart-shm"].pool
+    gig = parse_domain(domain_xml(configs["kvmaccel-front-pool-1g"], "g", 8 << 30))
+    assert configs["kvmaccel-front-pool-1g"].front and configs["kvmaccel-front-pool-1g"].pool
+    assert [p.size_kib for p in gig.memory_backing.hugepages or ()] == [1 << 20]
     assert configs["kvmaccel-pool-shm@2G"].guest_bytes(8 << 30) == 2 << 30
     assert configs["kvmaccel-pool-hugetlbfs+locked"].pool
     locked = configs["qemu-hugepages-2+locked"]

@@ -84,6 +84,7 @@ class StartConfig:
     hugetlbfs_mount: str | None = None  # qemu.conf hugetlbfs_mount for <hugepages/>
     size_bytes: int | None = None  # another guest size than the run's
     front: bool = False  # <emulator> is kvmaccel's front (with hugepages: a directory)
+    page_kib: int | None = None  # <hugepages><page size=.../>: 1G configurations
 
     def guest_bytes(self, default: int) -> int:
         return self.size_bytes or default
@@ -112,8 +113,12 @@ class StartResult:
         return statistics.median(self.seconds) if self.seconds else None
 
 
+GIB_KIB = 1 << 20
+
+
 def configurations(threads: int, hugetlbfs_dir: str, shm_dir: str = "/dev/shm",
-                   pool_sizes: Sequence[int] = ()) -> list[StartConfig]:
+                   pool_sizes: Sequence[int] = (), gig_dir: str = "-") -> list[StartConfig]:
+    """Every configuration; ``gig_dir``, the 1G hugetlbfs mount of the ``-1g`` ones."""
     pool_h = StartConfig("kvmaccel-pool-hugetlbfs", False, hugetlbfs_dir, None, True, False,
                          pool=True)
     pool_s = StartConfig("kvmaccel-pool-shm", False, shm_dir, None, True, False, pool=True)
@@ -132,6 +137,12 @@ def configurations(threads: int, hugetlbfs_dir: str, shm_dir: str = "/dev/shm",
                     front=True),
         StartConfig("kvmaccel-front-pool", True, None, None, True, False, pool=True,
                     hugetlbfs_mount=h, front=True),
+        *(StartConfig(name, True, None, t, hook, False, pool=pool, front=hook,
+                      hugetlbfs_mount=gig_dir, page_kib=GIB_KIB)
+          for name, t, hook, pool in (("qemu-hugepages-1g", None, False, False),
+                                      (f"qemu-hugepages-1g-{threads}", threads, False, False),
+                                      ("kvmaccel-front-1g", None, True, False),
+                                      ("kvmaccel-front-pool-1g", None, True, True))),
     ]
     sized = [replace(c, name=f"{c.name}@{format_size(size)}", size_bytes=size)
              for size in pool_sizes for c in (pool_h, pool_s)]
@@ -141,7 +152,9 @@ def configurations(threads: int, hugetlbfs_dir: str, shm_dir: str = "/dev/shm",
 def domain_xml(cfg: StartConfig, name: str, size_bytes: int) -> str:
     """A diskless 2-vCPU KVM guest of ``size_bytes`` memory set up as ``cfg`` says."""
     backing = []
-    if cfg.hugepages:
+    if cfg.hugepages and cfg.page_kib:
+        backing.append(f"<hugepages><page size='{cfg.page_kib}' unit='KiB'/></hugepages>")
+    elif cfg.hugepages:
         backing.append("<hugepages/>")
     else:
         backing += ["<source type='file'/>", "<access mode='shared'/>"]
@@ -166,7 +179,16 @@ def _check_room(size_bytes: int, configs: Sequence[StartConfig], hugetlbfs_dir: 
     host = read_host()
     pool = host.hugepages.get(2048)
     needed = max((c.guest_bytes(size_bytes) for c in configs
-                  if c.hugepages or c.backing_dir == hugetlbfs_dir), default=0)
+                  if (c.hugepages and not c.page_kib) or c.backing_dir == hugetlbfs_dir),
+                 default=0)
+    gig = host.hugepages.get(GIB_KIB)
+    gig_needed = max((c.guest_bytes(size_bytes) for c in configs if c.page_kib == GIB_KIB),
+                     default=0)
+    if gig_needed and (gig.free_pages if gig else 0) < gig_needed >> 30:
+        raise CapacityError(f"a {format_size(gig_needed)} guest needs {gig_needed >> 30} free "
+                            f"1G huge pages; {gig.free_pages if gig else 0} are free; reserve "
+                            "more (/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages)",
+                            page_size_kib=GIB_KIB, needed_bytes=gig_needed)
     have = pool.free_pages * 2048 * 1024 if pool else 0
     if have < needed:
         raise CapacityError(f"a {format_size(needed)} guest needs {needed >> 21} free "
@@ -215,7 +237,8 @@ class _Bench:
                     state_root=os.path.join(self.run_dir, "pool"))
 
     def key(self, cfg: StartConfig, size_bytes: int) -> PoolKey:
-        page_kib = 2048 if self.hugetlbfs_dir in (cfg.backing_dir, cfg.hugetlbfs_mount) else 4
+        page_kib = cfg.page_kib or (
+            2048 if self.hugetlbfs_dir in (cfg.backing_dir, cfg.hugetlbfs_mount) else 4)
         return key_for(cfg.guest_bytes(size_bytes), page_kib)
 
 
@@ -303,6 +326,8 @@ def run(size_bytes: int, *, runs: int, threads: int, only: Sequence[str] | None,
     if os.geteuid() != 0:
         raise UsageError("bench-start needs root: it rewrites qemu.conf and restarts libvirtd")
     names = {c.name for c in configurations(threads, "-", "-", pool_sizes)}
+    wanted = [c for c in configurations(threads, "-", "-", pool_sizes)
+              if not only or c.name in only]
     unknown = set(only or ()) - names
     if unknown:
         raise UsageError(f"unknown configuration(s) {', '.join(sorted(unknown))}; "
@@ -314,8 +339,13 @@ def run(size_bytes: int, *, runs: int, threads: int, only: Sequence[str] | None,
         with virsh.exclusive_libvirt(), \
                 virsh.private_mount("hugetlbfs", "pagesize=2M,mode=0755", "huge-",
                                     workdir) as huge, \
-                virsh.private_mount("tmpfs", "mode=0755", "shm-", workdir) as shm:
-            configs = [c for c in configurations(threads, huge, shm, pool_sizes)
+                virsh.private_mount("tmpfs", "mode=0755", "shm-", workdir) as shm, \
+                contextlib.ExitStack() as stack:
+            gig = "-"
+            if any(c.page_kib == GIB_KIB for c in wanted):
+                gig = stack.enter_context(virsh.private_mount(
+                    "hugetlbfs", "pagesize=1G,mode=0755", "gig-", workdir))
+            configs = [c for c in configurations(threads, huge, shm, pool_sizes, gig)
                        if not only or c.name in only]
             _check_room(size_bytes, configs, huge)
             virsh.daemon_ready(timeout_s=5)
@@ -402,15 +432,16 @@ def format_table(results: Sequence[StartResult], size_bytes: int, threads: int) 
             lines.append(f"| {r.config.name} | failed: {r.error} | | | | |")
             continue
         same = "-"
+        gig = "-1g" if r.config.page_kib == GIB_KIB else ""
         if r.config.hook:
             kind = "shm" if "-shm" in r.config.name else "hugepages"
-            same = ratio(med, f"qemu-{kind}-{threads}{suffix}")
+            same = ratio(med, f"qemu-{kind}{gig}-{threads}{suffix}")
         if r.config.restart:  # against the warm pool start of the same backing
             warm = r.config.name.replace("restart", "pool")
             same = f"{ratio(med, warm)} of {warm}"
         lines.append(f"| {r.config.name} | {med:.2f} | {median(r.hook_seconds)} | "
                      f"{median(r.scrub_seconds)} | "
-                     f"{ratio(med, f'qemu-hugepages-{threads}{suffix}')} | {same} |")
+                     f"{ratio(med, f'qemu-hugepages{gig}-{threads}{suffix}')} | {same} |")
     for r in results:
         if r.config.size_bytes and r.median_s is not None:
             full = by_name.get(r.config.name.split("@")[0])
