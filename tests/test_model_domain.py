@@ -25,7 +25,7 @@ from kvmaccel.model.domxml import scale_unit
 
 TOP = Path(__file__).resolve().parents[1]
 FIXTURES = TOP / "vm-fixtures"
-CORPUS = TOP.parent / "shared" / "libvirt-cases"
+CORPUS = TOP / "tests" / "data" / "libvirt-cases"
 
 
 def dom(memory: str = "<memory unit='KiB'>1048576</memory>", extra: str = "",

@@ -169,7 +169,8 @@ def test_the_placement_check_refuses_a_file_on_the_wrong_node(
     every page of it, for node 0."""
     from kvmaccel.engine.placement import placement
 
-    _, _, size, page = KINDS[kind]
+    _, _, both_nodes, page = KINDS[kind]
+    size = both_nodes // 2  # what one node has of this kind (one page of 1G)
     path = os.path.join(mounts[kind], "placed")
     populate_backings([BackingSpec(path, size, nodes=(1,))], host, LIMITS)
     fd = os.open(path, os.O_RDONLY)
