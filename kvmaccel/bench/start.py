@@ -194,7 +194,8 @@ def _check_room(size_bytes: int, configs: Sequence[StartConfig], hugetlbfs_dir: 
         raise CapacityError(f"a {format_size(needed)} guest needs {needed >> 21} free "
                             f"2M huge pages; {have >> 21} are free; choose a smaller --size",
                             page_size_kib=2048, needed_bytes=needed, available_bytes=have)
-    if host.mem_available_kib * 1024 < size_bytes * 3 // 2:
+    on_tmpfs = any(c.backing_dir and c.backing_dir != hugetlbfs_dir for c in configs)
+    if on_tmpfs and host.mem_available_kib * 1024 < size_bytes * 3 // 2:
         raise CapacityError(f"MemAvailable {format_size(host.mem_available_kib * 1024)} is "
                             f"too little for a {format_size(size_bytes)} guest on tmpfs")
 
