@@ -29,6 +29,7 @@ from kvmaccel.bench import virsh
 from kvmaccel.hook import front
 from kvmaccel.pool.manage import Pool
 from tests.conftest import need, private_mount
+from tests.test_hook_integration import wait_for_states
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.root]
 
@@ -251,14 +252,6 @@ def state_of(env: Env, guest: Guest) -> dict[str, object]:
     with open(f"{env.run_dir}/domains/{uid}.json") as f:
         data: dict[str, object] = json.load(f)
     return data
-
-
-def wait_for_states(pool: Pool, states: list[str], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while sorted(e.state for e in pool.entries()) != sorted(states):
-        if time.monotonic() > deadline:
-            pytest.fail(f"pool states {[e.state for e in pool.entries()]}, not {states}")
-        time.sleep(0.1)
 
 
 def check_served(env: Env, guest: Guest) -> None:
