@@ -80,6 +80,7 @@ def served_by_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
     that a scrub is finishing), and per pool the clean files left over."""
     served: set[str] = set()
     clean: dict[str, list[PoolEntry]] = {}  # per pool: clean files not yet spoken for
+    own: dict[str, list[PoolEntry]] = {}  # per pool: this guest's files a scrub finishes
     for backend in plan.populated:
         assert backend.file_path is not None
         pool = pool_for(backend.file_path, host, config)
@@ -88,18 +89,18 @@ def served_by_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
         if pool.directory not in clean:
             entries = pool.entries()
             clean[pool.directory] = [e for e in entries if e.state == "clean"]
-            clean[pool.directory + "\0own"] = [
-                e for e in entries if e.domain_uuid == plan.uuid and plan.uuid is not None
-                and e.state in ("dirty", "scrubbing")]
+            own[pool.directory] = [e for e in entries if plan.uuid is not None
+                                   and e.domain_uuid == plan.uuid
+                                   and e.state in ("dirty", "scrubbing")]
         key = backend_key(backend)
-        for candidates in (clean[pool.directory], clean[pool.directory + "\0own"]):
+        for candidates in (clean[pool.directory], own[pool.directory]):
             match = next((e for e in reserved_first(candidates)
                           if e.key.serves(key, plan.uuid)), None)
             if match is not None:
                 candidates.remove(match)
                 served.add(backend.backend_id)
                 break
-    return served, {d: left for d, left in clean.items() if not d.endswith("\0own")}
+    return served, clean
 
 
 def room_for_everything(plan: DomainPlan, host: HostFacts, config: HookConfig) -> int:
