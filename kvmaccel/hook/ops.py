@@ -24,13 +24,14 @@ from ..plan.config import HookConfig
 from ..plan.limits import Limits
 from ..pool.files import PoolKey
 from ..safefs import write_json_atomic
-from . import memdir
+from . import memdir, overlap
 from . import pool as hook_pool
 from .state import cache_path, read_state, recipe_path, state_path, write_state
 from .warm import FILE_MODE, cached_plan, plan_inputs, write_recipe_if_clean
 
 if TYPE_CHECKING:  # prepare needs neither the engine nor the backings: not imported then
     from ..engine.backing import Backing, BackingSpec
+    from ..host.facts import HostFacts
     from ..model.domain import Domain
     from ..plan.planner import DomainPlan
 
@@ -53,6 +54,8 @@ class JobBackend:
     alias: str
     key: PoolKey
     make_dir: bool = False  # a hugetlb memfd through the front: libvirt makes no directory
+    prealloc: bool = False  # QEMU preallocates it itself: a fresh file can overlap that
+    prealloc_threads: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +77,8 @@ def job_from_plan(plan: DomainPlan, limits: Limits) -> StartJob:
         backends.append(JobBackend(
             b.backend_id, b.file_path, b.file_size_bytes, tuple(b.host_nodes or ()),
             "preferred" if b.policy == "preferred" else "bind", b.alias,
-            hook_pool.backend_key(b), b.front and b.qom_type == "memory-backend-memfd"))
+            hook_pool.backend_key(b), b.front and b.qom_type == "memory-backend-memfd",
+            b.prealloc, b.prealloc_threads))
     return StartJob(plan.uuid, plan.name, plan.domain_id, plan.shortname, limits,
                     tuple(backends))
 
@@ -92,10 +96,15 @@ def cached_job(xml: bytes, config: HookConfig) -> StartJob | None:
         return StartJob(uuid, cache["name"], domain_id, shortname, Limits(**limits), tuple(
             JobBackend(b["backend_id"], b["mem_path"], int(b["size_bytes"]),
                        tuple(int(n) for n in b["host_nodes"]), b["policy"], b["alias"],
-                       PoolKey.from_dict(b["key"]), bool(b.get("make_dir")))
+                       PoolKey.from_dict(b["key"]), bool(b.get("make_dir")),
+                       bool(b.get("prealloc")), _int_or_none(b.get("prealloc_threads")))
             for b in backends))
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def write_recipe(plan: DomainPlan, limits: Limits, config: HookConfig, xml: bytes) -> None:
@@ -247,6 +256,13 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
                        seconds=round(time.monotonic() - t0, 4))
         return
     specs = [spec for _, _, spec in fresh]
+    fresh_ids = {backend_id for backend_id, _, _ in fresh}
+    fresh_backends = [b for b in job.backends if b.backend_id in fresh_ids]
+    why = overlap.why_not([b.prealloc for b in fresh_backends], config)
+    if why is None:
+        start_overlapped(job, fresh, fresh_backends, linked, state, host, config, t0)
+        return
+    log.debug("populating before QEMU starts: %s", why)
     if config.cgroup:  # populate in kvmaccel's own cgroup: seen and limited in one place
         from ..engine.cgroup import enter
 
@@ -313,6 +329,47 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
              describe_helpers(result), ", ".join(str(s.path) for s in specs))
 
 
+def start_overlapped(job: StartJob, fresh: list[hook_pool.Fresh],
+                     backends: list[JobBackend], linked: list[hook_pool.Linked],
+                     state: dict[str, object], host: HostFacts, config: HookConfig,
+                     t0: float) -> None:
+    """Create and name the fresh files now and leave a detached filler populating them while
+    QEMU starts and preallocates them too (:mod:`kvmaccel.hook.overlap` says why that is
+    safe).  On any error before the filler starts, nothing this start created is left."""
+    from ..engine.backing import open_backings
+
+    key = job.uuid or f"name-{job.name}"
+    specs = [spec for _, _, spec in fresh]
+    if config.pool_enabled and hook_pool.make_room(specs, host, config):
+        host = read_host()
+    backings = open_backings(specs, host)
+    try:
+        for backing in backings:
+            backing.publish()
+        adopted = hook_pool.adopt(job.uuid, fresh, backings, host, config)
+        state["pool_links"] = [dataclasses.asdict(link) for link in [*linked, *adopted]]
+        threads = [overlap.qemu_threads(b.size_bytes, b.prealloc_threads,
+                                        len(host.online_cpus)) for b in backends]
+        filler = overlap.start_filler(backings, threads, host, job.limits, config, job.name)
+        state["filler"] = filler
+    except BaseException:
+        for backing in backings:
+            backing.discard()
+        write_state(key, {**state, "files": []})
+        raise
+    finally:
+        for backing in backings:
+            backing.close()
+    write_state(key, state)
+    size = sum(b.size_bytes for b in backends)
+    records.append("start", domain=job.name, uuid=job.uuid,
+                   source="mixed" if linked else "overlap", bytes=size,
+                   seconds=round(time.monotonic() - t0, 4))
+    log.info("created %s (%s) and left the filler (pid %s) populating them while QEMU "
+             "preallocates them too", ", ".join(str(s.path) for s in specs), format_size(size),
+             filler["pid"])
+
+
 def check_placement(backings: list[Backing]) -> None:
     """Every page of each bound file on its nodes, or :class:`BackingError` (the engine binds
     before it faults, so this only fails when something else went wrong)."""
@@ -334,6 +391,7 @@ def op_stop(xml: bytes, config: HookConfig) -> None:
     if state is None:
         log.debug("no kvmaccel state for %s", key)
         return
+    overlap.stop_filler(state.get("filler"))  # it maps the files: stopped before they go
     freed = 0
     files = state.get("files")
     for path in files if isinstance(files, list) else []:

@@ -17,6 +17,12 @@ its default::
     # time is logged as a warning; it never refuses a start, even with strict = true.
     populate_timeout_s = 0
 
+    # A fresh file (no pool file serves the backend) for a backend QEMU preallocates itself
+    # (huge pages, <allocation mode='immediate'/>) is created at once and populated by a
+    # detached filler while QEMU starts and preallocates it too; QEMU's preallocation still
+    # completes before the guest runs.  false: populate it before QEMU starts.
+    overlap = true
+
     # Log file used when there is no syslog socket (/dev/log).  When log_file is set
     # explicitly and syslog = false, only the file is used.
     syslog = true
@@ -127,6 +133,7 @@ class HookConfig:
     pool_keep_domains: bool = True
     pool_keep: tuple[KeepTarget, ...] = ()
     cgroup: str = ""
+    overlap: bool = True
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,7 @@ class KeepTarget:
 
 _TOP: dict[str, type | tuple[type, ...]] = {
     "strict": bool, "enabled": bool, "populate_timeout_s": (int, float), "syslog": bool,
+    "overlap": bool,
     "log_file": str, "log_level": str, "run_dir": str, "record_file": str, "qemu_conf": str,
     "limits": dict,
     "pool": dict, "energy": str, "energy_threads": int, "energy_signals": list,
@@ -233,7 +241,7 @@ def parse_config(text: str, path: str = "<string>") -> HookConfig:
         energy=energy,
         pool_keep_free_bytes=None if keep_free == -1 else keep_free * MIB,
         pool_keep_domains=pool.get("keep_domains", True), pool_keep=keep,
-        cgroup=_cgroup(data.get("cgroup", ""), path),
+        cgroup=_cgroup(data.get("cgroup", ""), path), overlap=data.get("overlap", True),
     )
 
 

@@ -1,0 +1,243 @@
+"""A fresh start overlapped with QEMU's own preallocation.
+
+When no pool file serves a backend, populating it before QEMU starts puts the whole populate
+on the start path, and QEMU's own preallocation (huge pages, ``<allocation
+mode='immediate'/>``) walks the file again afterwards.  For a backend QEMU preallocates
+itself, the hook instead creates the file, names it at once, and leaves a detached *filler*
+(a forked child of the hook, in its own session, stdio closed so libvirt does not wait for
+it) populating it with the engine while libvirt execs QEMU and QEMU preallocates the same
+file.  Every page the filler reaches first is a page QEMU only maps, and the other way round.
+
+Why this is safe, and what the tests check (``tests/test_hook_overlap.py``):
+
+* *The filler never writes a byte.*  It populates with ``MADV_POPULATE_WRITE`` only, which
+  faults a page in (allocating and zeroing it when absent) without touching the contents of
+  a page that is there; the engine's touch fallback, which does write, is refused here
+  (:func:`no_touch`).  So a page the guest has written is never changed, however late the
+  filler reaches it.
+* *A page is zeroed once.*  Two faults on the same page of one file, from QEMU and from the
+  filler, are serialised by the kernel (the hugetlb fault mutex, the shmem folio lock): the
+  second finds the first's page in the page cache and maps it.
+* *The guest never runs before its memory is ready*: QEMU's preallocation of the backend
+  runs while QEMU creates the object, before any vCPU exists, and a failure there stops QEMU.
+  The filler only shortens it.  A backend QEMU does not preallocate is populated before QEMU
+  starts, as before (:func:`why_not`).
+* *Placement*: the filler binds every range to the backend's nodes before it faults, as the
+  engine always does, and QEMU binds its mapping to the same host-nodes.
+* *Lifetime*: the filler's pid and start time are in the guest's state; ``stopped`` and
+  ``release`` stop it (:func:`stop_filler`) before the files are released or scrubbed, and
+  it exits by itself when done, or after ``populate_timeout_s``.
+
+Order: QEMU splits a backend into ``T`` contiguous parts, one per preallocation thread, each
+walked upwards from its start.  The filler walks each part from its end downwards, the parts
+taken in turn, so both meet inside every part and rarely fault the same page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..engine import records
+from ..errors import KvmaccelError
+from ..host import sysmem
+from ..model.units import format_size
+
+if TYPE_CHECKING:
+    from ..engine.backing import Backing
+    from ..engine.populate import WorkItem
+    from ..host.facts import HostFacts
+    from ..plan.config import HookConfig
+    from ..plan.limits import Limits
+
+log = logging.getLogger(__name__)
+
+PIECE_BYTES = 64 << 20
+"""The filler's unit of work: QEMU's own preallocation gives a thread at least 64 MiB."""
+QEMU_MAX_THREADS = 16
+STOP_WAIT_S = 5.0
+
+
+def has_populate_write() -> bool:
+    """True when this kernel has ``MADV_POPULATE_WRITE`` (Linux 5.14), tried on one page."""
+    m = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        import ctypes
+
+        c = ctypes.c_char.from_buffer(m)
+        addr = ctypes.addressof(c)
+        del c
+        sysmem.madvise(addr, mmap.PAGESIZE, sysmem.MADV_POPULATE_WRITE)
+        return True
+    except OSError:
+        return False
+    finally:
+        m.close()
+
+
+def why_not(prealloc: Sequence[bool], config: HookConfig) -> str | None:
+    """Why a fresh start of these backends (QEMU preallocates each one or not) cannot overlap
+    QEMU's start; None when it can."""
+    if not config.overlap:
+        return "overlap = false in the config"
+    if not all(prealloc):
+        return ("QEMU does not preallocate every backend (no huge pages and no <allocation "
+                "mode='immediate'/>), so nothing would make the memory ready before the guest "
+                "runs")
+    if not has_populate_write():
+        return "this kernel lacks MADV_POPULATE_WRITE (Linux 5.14)"
+    return None
+
+
+def qemu_threads(size_bytes: int, prealloc_threads: int | None, online_cpus: int) -> int:
+    """How many threads QEMU preallocates ``size_bytes`` with: its ``prealloc-threads`` (1 when
+    unset), at most the online CPUs, 16, and one per 64 MiB."""
+    wanted = max(1, prealloc_threads or 1)
+    return max(1, min(wanted, online_cpus, QEMU_MAX_THREADS, size_bytes // PIECE_BYTES or 1))
+
+
+def against_qemu(backing: Backing, threads: int) -> list[WorkItem]:
+    """The backing's work as pieces of at most :data:`PIECE_BYTES`, each within one node's
+    part, ordered so the filler meets QEMU's ``threads`` halfway: every QEMU part from its
+    end down, the parts in turn."""
+    from ..engine.populate import WorkItem
+
+    page = backing.page_size_bytes
+    size = backing.spec.size_bytes
+    pages = size // page
+    per, extra = divmod(pages, threads)
+    starts, offset = [], 0
+    for i in range(threads):  # QEMU's static split: the first parts get the extra pages
+        starts.append(offset)
+        offset += (per + (1 if i < extra else 0)) * page
+    bounds = [*starts, size]
+    node_parts = [(item.node_id, item.offset_bytes, item.offset_bytes + item.length_bytes)
+                  for item in backing.work_items()]
+    piece = max(PIECE_BYTES // page, 1) * page
+    lanes: list[list[WorkItem]] = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        lane: list[WorkItem] = []
+        for node, n_lo, n_hi in reversed(node_parts):
+            top, bottom = min(hi, n_hi), max(lo, n_lo)
+            while top > bottom:
+                start = max(bottom, top - piece)
+                lane.append(WorkItem(backing.fd, start, top - start, page, node,
+                                     backing.spec.policy, backing.spec.label))
+                top = start
+        lanes.append(lane)
+    ordered = []
+    for i in range(max((len(lane) for lane in lanes), default=0)):
+        ordered += [lane[i] for lane in lanes if i < len(lane)]
+    return ordered
+
+
+def no_touch(addr: int, length: int, page_size: int) -> None:
+    """The engine's fallback writes a byte per page: never beside a running QEMU."""
+    raise OSError(0, "MADV_POPULATE_WRITE refused; the filler never writes to guest memory")
+
+
+def start_filler(backings: Sequence[Backing], threads: Sequence[int], host: HostFacts,
+                 limits: Limits, config: HookConfig, domain: str) -> dict[str, int]:
+    """Fork the filler for ``backings`` (named, sized, owned: QEMU may open them from now on)
+    and return what :func:`stop_filler` needs to find it again: its pid and start time."""
+    items = [item for backing, t in zip(backings, threads, strict=True)
+             for item in against_qemu(backing, t)]
+    for handler in logging.getLogger("kvmaccel").handlers:
+        handler.flush()
+    pid = os.fork()
+    if pid == 0:  # the filler
+        code = 1
+        try:
+            code = _fill(backings, items, host, limits, config, domain)
+        finally:
+            os._exit(code)
+    return {"pid": pid, "start_ticks": _start_ticks(pid) or 0}
+
+
+def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, limits: Limits,
+          config: HookConfig, domain: str) -> int:
+    from ..engine.placement import check_placement
+    from ..engine.populate import EngineOps, populate
+
+    os.setsid()  # not in libvirt's process group, nor waited for through its pipes
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sysmem.set_thread_name("kvmaccel-fill")
+    if config.cgroup:
+        from ..engine.cgroup import enter
+
+        enter(config.cgroup)
+    cancel = threading.Event()
+    if config.populate_timeout_s > 0:
+        timer = threading.Timer(config.populate_timeout_s, cancel.set)
+        timer.daemon = True
+        timer.start()
+    t0 = time.monotonic()
+    try:
+        result = populate(items, host, limits, cancel=cancel, ops=EngineOps(touch=no_touch))
+    except (KvmaccelError, OSError, KeyboardInterrupt) as e:
+        # QEMU preallocates what the filler did not reach: never a failed start.
+        log.info("filler stopped after %.2f s (%s); QEMU preallocates the rest",
+                 time.monotonic() - t0, " ".join(str(e).split()) or type(e).__name__)
+        return 0
+    log.info("filler populated %s alongside QEMU in %.2f s, %d thread(s)",
+             format_size(result.bytes_total), result.seconds, result.threads)
+    for b in backings:  # QEMU has the file by now: a wrong node can only be reported
+        if b.spec.nodes and b.spec.policy == "bind":
+            try:
+                check_placement(b.fd, b.spec.size_bytes, b.page_size_bytes, b.spec.nodes,
+                                str(b.path))
+            except KvmaccelError as e:
+                log.error("%s", e)
+    records.append("fill", domain=domain, source="overlap", bytes=result.bytes_total,
+                   seconds=round(result.seconds, 4), threads=result.threads)
+    return 0
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks): a pid and this identify one
+    process, whatever reuses the pid later."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def stop_filler(filler: object) -> bool:
+    """Stop the filler recorded as ``filler`` (from :func:`start_filler`) if it still runs, and
+    wait until it is gone (it maps the guest's files: a scrub must not start before).  True
+    when it was running."""
+    if not isinstance(filler, dict):
+        return False
+    pid, ticks = filler.get("pid"), filler.get("start_ticks")
+    if not isinstance(pid, int) or pid <= 0 or _start_ticks(pid) != ticks:
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + STOP_WAIT_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # our own child when the same process stops it
+            if _start_ticks(pid) != ticks:
+                log.info("stopped the filler (pid %d)", pid)
+                return True
+            time.sleep(0.01)
+    log.warning("the filler (pid %d) did not stop; its files are released when it exits", pid)
+    return True
