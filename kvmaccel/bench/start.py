@@ -25,7 +25,14 @@ Configurations (``T`` is ``--threads``):
   guest started through kvmaccel's emulator front (installed for the run if it is not), so
   the hook populates ``kvmaccel-pc.ram`` in the guest's hugepage directory (or links a clean
   pool file there) and the front hands it to QEMU.  ``hugetlbfs_mount`` names the private
-  mount for every hugepage configuration.
+  mount for every hugepage configuration.  QEMU preallocates ``<hugepages/>`` itself, so a
+  fresh file is filled by the hook's detached filler alongside QEMU's start (``overlap``).
+* ``kvmaccel-front-T``: the same with ``<allocation mode='immediate' threads='T'/>``, the
+  same XML as ``qemu-hugepages-T``: QEMU preallocates with T threads and the filler runs T.
+* ``kvmaccel-front-before``: ``kvmaccel-front`` with ``overlap = false``: the hook
+  populates the whole file before QEMU starts (the fresh path before the filler).
+* ``kvmaccel-restart-front``: ``kvmaccel-front-pool`` started again right after it stopped.
+* ``-1g``: the same on 1G pages.
 * each also ``+locked``: all guest memory locked, which pins every page at start as VFIO
   does.  libvirt's ``<locked/>`` cannot start on the test machines (root lacks
   CAP_SYS_RESOURCE, memlock hard limit 8 MiB), so the stand-in is qemu.conf ``user`` and
@@ -85,6 +92,7 @@ class StartConfig:
     size_bytes: int | None = None  # another guest size than the run's
     front: bool = False  # <emulator> is kvmaccel's front (with hugepages: a directory)
     page_kib: int | None = None  # <hugepages><page size=.../>: 1G configurations
+    overlap: bool = True  # the hook's ``overlap``: a fresh file is filled alongside QEMU
 
     def guest_bytes(self, default: int) -> int:
         return self.size_bytes or default
@@ -135,13 +143,20 @@ def configurations(threads: int, hugetlbfs_dir: str, shm_dir: str = "/dev/shm",
         replace(pool_s, name="kvmaccel-restart-shm", restart=True),
         StartConfig("kvmaccel-front", True, None, None, True, False, hugetlbfs_mount=h,
                     front=True),
+        StartConfig(f"kvmaccel-front-{threads}", True, None, threads, True, False,
+                    hugetlbfs_mount=h, front=True),
+        StartConfig("kvmaccel-front-before", True, None, None, True, False, hugetlbfs_mount=h,
+                    front=True, overlap=False),
         StartConfig("kvmaccel-front-pool", True, None, None, True, False, pool=True,
                     hugetlbfs_mount=h, front=True),
+        StartConfig("kvmaccel-restart-front", True, None, None, True, False, pool=True,
+                    restart=True, hugetlbfs_mount=h, front=True),
         *(StartConfig(name, True, None, t, hook, False, pool=pool, front=hook,
                       hugetlbfs_mount=gig_dir, page_kib=GIB_KIB)
           for name, t, hook, pool in (("qemu-hugepages-1g", None, False, False),
                                       (f"qemu-hugepages-1g-{threads}", threads, False, False),
                                       ("kvmaccel-front-1g", None, True, False),
+                                      (f"kvmaccel-front-1g-{threads}", threads, True, False),
                                       ("kvmaccel-front-pool-1g", None, True, True))),
     ]
     sized = [replace(c, name=f"{c.name}@{format_size(size)}", size_bytes=size)
@@ -213,18 +228,19 @@ class _Bench:
     def run_dir(self) -> str:
         return os.path.join(self.workdir, "run")
 
-    def config_path(self, pool: bool) -> str:
-        return os.path.join(self.workdir, "kvmaccel-pool.toml" if pool else "kvmaccel.toml")
+    def config_path(self, pool: bool, overlap: bool = True) -> str:
+        return os.path.join(self.workdir, f"kvmaccel{'-pool' if pool else ''}"
+                                          f"{'' if overlap else '-before'}.toml")
 
-    def use_config(self, pool: bool) -> None:
-        """Point the installed hook at the config with the pool on or off.  Each config file
-        is written once and stays put, as an operator's does: the hook trusts what it
-        learned from a config only while the file is unchanged."""
-        path = self.config_path(pool)
+    def use_config(self, pool: bool, overlap: bool = True) -> None:
+        """Point the installed hook at the config with the pool on or off (and ``overlap``).
+        Each config file is written once and stays put, as an operator's does: the hook
+        trusts what it learned from a config only while the file is unchanged."""
+        path = self.config_path(pool, overlap)
         if not os.path.exists(path):
             with open(path, "w", encoding="utf-8") as f:
                 f.write(f'strict = true\nsyslog = false\nlog_file = "{self.workdir}/hook.log"\n'
-                        f'run_dir = "{self.run_dir}"\n'
+                        f'run_dir = "{self.run_dir}"\noverlap = {str(overlap).lower()}\n'
                         f'record_file = "{self.workdir}/records.jsonl"\n'
                         f'[limits]\nthreads = {self.threads}\n'
                         f'[pool]\nenabled = {"true" if pool else "false"}\n')
@@ -273,6 +289,8 @@ def _hook_seconds(bench: _Bench, cfg: StartConfig, name: str) -> float | None:
             raise VirshError(f"{cfg.name}: the start did not come from the pool; see "
                              f"{bench.workdir}/hook.log")
         return 0.0
+    if "filler" in state:  # filled alongside QEMU: the hook itself populated nothing
+        return 0.0
     try:
         return float(state["result"]["seconds"])  # type: ignore[index]
     except (KeyError, TypeError, ValueError):
@@ -299,7 +317,7 @@ def _one_start(cfg: StartConfig, size_bytes: int, bench: _Bench, result: StartRe
     virsh.remove_domain(name)
     virsh.virsh("define", xml)
     if cfg.hook:
-        bench.use_config(cfg.pool)
+        bench.use_config(cfg.pool, cfg.overlap)
     pool = bench.pool(cfg) if cfg.pool else None
     if pool is not None:  # untimed: one clean pool file for this guest
         pool.fill(bench.key(cfg, size_bytes), 1, read_host(),
