@@ -9,7 +9,7 @@ from kvmaccel.model.domain import parse_domain
 
 def test_configurations_and_their_xml() -> None:
     configs = {c.name: c for c in configurations(2, "/dev/hugepages", "/dev/shm", [2 << 30])}
-    assert len(configs) == 40 and "kvmaccel-shm+locked" in configs
+    assert len(configs) == 42 and "kvmaccel-shm+locked" in configs
     assert configs["kvmaccel-restart-shm"].restart and configs["kvmaccel-restart-shm"].pool
     gig = parse_domain(domain_xml(configs["kvmaccel-front-pool-1g"], "g", 8 << 30))
     assert configs["kvmaccel-front-pool-1g"].front and configs["kvmaccel-front-pool-1g"].pool
@@ -42,7 +42,7 @@ def test_configurations_and_their_xml() -> None:
         "/usr/bin/qemu-system-x86_64-kvmaccel", "/usr/bin/qemu-system-x86_64") == domain_xml(
         configs["qemu-hugepages-2"], "g", 1 << 30)
     assert not configs["kvmaccel-front-before"].overlap
-    assert configs["kvmaccel-restart-front"].restart and configs["kvmaccel-restart-front"].front
+    assert configs["kvmaccel-front-restart"].restart and configs["kvmaccel-front-restart"].front
 
 
 def test_qemu_conf_settings_replace_earlier_ones() -> None:

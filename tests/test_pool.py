@@ -306,3 +306,20 @@ def test_a_bound_file_missing_pages_is_removed_not_handed_over(
     target = os.path.join(guest_dir, "kvmaccel-ram-node0")
     assert pool.take(key, target, domain_uuid="u", backend_id="ram-node0") is None
     assert not os.path.exists(target) and pool.entries() == []
+
+
+def test_verify_zero_checks_both_ends_of_a_large_page_without_copying_it_whole() -> None:
+    from kvmaccel.pool.manage import VERIFY_WINDOW, verify_zero
+
+    page = 4 * VERIFY_WINDOW  # as a 1G page is to its 2 MiB windows
+    fd = os.memfd_create("kvtest-verify")
+    try:
+        os.ftruncate(fd, 2 * page)
+        verify_zero(fd, 2 * page, page)
+        for offset in (page - 1, page, 2 * page - 1):  # the end of a page, the start of one
+            os.pwrite(fd, b"\1", offset)
+            with pytest.raises(PoolError, match="is not zero after scrubbing"):
+                verify_zero(fd, 2 * page, page)
+            os.pwrite(fd, b"\0", offset)
+    finally:
+        os.close(fd)

@@ -173,6 +173,11 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
     os.close(null)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     sysmem.set_thread_name("kvmaccel-fill")
+    # Only the CPU QEMU's start leaves idle: every thread at the helpers' nice, and the new
+    # session's scheduler autogroup too (between autogroups only the group's nice counts).
+    os.setpriority(os.PRIO_PROCESS, 0, limits.nice)
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w", encoding="ascii") as f:
+        f.write(str(limits.nice))
     if config.cgroup:
         from ..engine.cgroup import enter
 
