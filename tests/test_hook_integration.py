@@ -195,14 +195,23 @@ def uuid_of(name: str) -> str:
     return virsh.virsh("domuuid", name).stdout.strip()
 
 
-def test_hook_populates_the_file_qemu_maps(libvirt: Libvirt, guest: str) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["before", "overlap"])
+def test_hook_populates_the_file_qemu_maps(libvirt: Libvirt, guest: str, overlap: bool
+                                           ) -> None:
+    """The shm guest has <allocation mode='immediate'/>: QEMU preallocates it, so with
+    ``overlap`` the filler fills it alongside QEMU; the hugetlbfs guest has no prealloc, so it
+    is populated before QEMU either way."""
+    libvirt.write_config("" if overlap else "overlap = false")
+    filled_alongside = overlap and libvirt.kind == "shm"
     free_before, used_before = free_2m(), used_bytes(libvirt.mount)
     virsh.virsh("start", guest)
     with open(f"{libvirt.run_dir}/domains/{uuid_of(guest)}.json") as f:
         state = json.load(f)
     [path] = state["files"]
     assert path == f"{libvirt.backing_root}/{state['shortname']}/{ALIASES[libvirt.kind]}"
-    assert state["result"]["bytes"] == GUEST_BYTES
+    assert ("filler" in state) == filled_alongside
+    if not filled_alongside:
+        assert state["result"]["bytes"] == GUEST_BYTES
     st = os.stat(path)
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert (st.st_uid, st.st_gid) == (os.stat(os.path.dirname(path)).st_uid,
@@ -216,11 +225,17 @@ def test_hook_populates_the_file_qemu_maps(libvirt: Libvirt, guest: str) -> None
     # held every page; on hugetlbfs those pages left the free pool then.
     [at_start] = libvirt.observed("start")
     size, allocated, ino = at_start["files"][path]  # type: ignore[index]
-    assert (size, allocated, ino) == (GUEST_BYTES, GUEST_BYTES, st.st_ino)
+    assert (size, ino) == (GUEST_BYTES, st.st_ino)
+    # With the filler, QEMU's own preallocation completes whatever the filler had not.
+    assert allocated == GUEST_BYTES or filled_alongside
+    assert st.st_blocks * 512 == GUEST_BYTES
     if libvirt.kind == "hugetlbfs":
         assert at_start["free_2m"] <= free_before - GUEST_BYTES // (2 << 20)  # type: ignore[operator]
-    summary = [line for line in libvirt.log().splitlines() if "populated 1G of" in line]
-    assert len(summary) == 1 and f"{guest} start: INFO" in summary[0]
+    lines = libvirt.log().splitlines()
+    summary = [line for line in lines if "populated 1G of" in line]
+    assert len(summary) == (0 if filled_alongside else 1)
+    assert all(f"{guest} start: INFO" in line for line in summary)
+    assert any("left the filler" in line for line in lines) == filled_alongside
 
     # The guest runs: libvirt says so and its vCPU thread uses CPU time.
     assert virsh.virsh("domstate", guest).stdout.strip() == "running"
@@ -257,7 +272,7 @@ def test_broken_config_still_starts_the_guest(libvirt: Libvirt, guest: str) -> N
 
 @pytest.mark.parametrize("libvirt", ["shm"], indirect=True)
 def test_time_budget_cancels_and_the_guest_starts(libvirt: Libvirt, guest: str) -> None:
-    libvirt.write_config("strict = true\npopulate_timeout_s = 0.01\n")
+    libvirt.write_config("strict = true\npopulate_timeout_s = 0.01\noverlap = false\n")
     virsh.virsh("start", guest)
     assert virsh.virsh("domstate", guest).stdout.strip() == "running"
     assert "populate ran past populate_timeout_s" in libvirt.log()
@@ -266,6 +281,23 @@ def test_time_budget_cancels_and_the_guest_starts(libvirt: Libvirt, guest: str) 
     path = next(p for p in virsh.mapped_files(virsh.qemu_pid(guest))
                 if p.startswith(libvirt.backing_root))
     assert os.stat(path).st_size == GUEST_BYTES  # QEMU created its own file
+
+
+@pytest.mark.parametrize("libvirt", ["shm"], indirect=True)
+def test_time_budget_stops_the_filler_and_qemu_fills_the_rest(libvirt: Libvirt, guest: str
+                                                             ) -> None:
+    libvirt.write_config("strict = true\npopulate_timeout_s = 0.01\n")
+    virsh.virsh("start", guest)
+    assert virsh.virsh("domstate", guest).stdout.strip() == "running"
+    with open(f"{libvirt.run_dir}/domains/{uuid_of(guest)}.json") as f:
+        [path] = json.load(f)["files"]
+    assert virsh.mapped_files(virsh.qemu_pid(guest)).get(path) == os.stat(path).st_ino
+    assert os.stat(path).st_blocks * 512 == GUEST_BYTES  # QEMU's preallocation did the rest
+    for _ in range(100):
+        if "the filler stopped" in libvirt.log():
+            break
+        time.sleep(0.05)
+    assert "populate ran past populate_timeout_s = 0.01 s: the filler stopped" in libvirt.log()
 
 
 @pytest.mark.parametrize("libvirt", ["hugetlbfs"], indirect=True)

@@ -11,7 +11,9 @@ an object with at least ``time`` (Unix seconds), ``event`` (``start``, ``stop``,
   the hook's own time at ``start begin``; for a start from the pool, linking only);
 * ``helpers_per_node``: helper threads per node (``{"0": 1}``; ``"any"``: not bound);
 * ``source``: ``pool`` (every backend from the warm pool), ``fresh`` (populated at start),
-  ``mixed``; ``memory``: ``hugetlbfs 2M``, ``tmpfs 4K``; ``reason``: why a result is not ok.
+  ``overlap`` (a filler fills the fresh files beside QEMU; it adds a ``fill`` record with
+  this source when done), ``mixed``; ``memory``: ``hugetlbfs 2M``, ``tmpfs 4K``;
+  ``reason``: why a result is not ok.
 
 Writing is root's business in a directory others cannot write: the directory is made 0700
 and the file 0600 (:mod:`kvmaccel.safefs`), opened ``O_APPEND|O_NOFOLLOW``, and each line is

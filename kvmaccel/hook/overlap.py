@@ -192,8 +192,15 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
         result = populate(items, host, limits, cancel=cancel, ops=EngineOps(touch=no_touch))
     except (KvmaccelError, OSError, KeyboardInterrupt) as e:
         # QEMU preallocates what the filler did not reach: never a failed start.
-        log.info("filler stopped after %.2f s (%s); QEMU preallocates the rest",
-                 time.monotonic() - t0, " ".join(str(e).split()) or type(e).__name__)
+        if cancel.is_set():
+            log.warning("populate ran past populate_timeout_s = %g s: the filler stopped; "
+                        "QEMU preallocates the rest", config.populate_timeout_s)
+        elif isinstance(e, KeyboardInterrupt):
+            log.info("filler stopped after %.2f s (SIGTERM: the guest stopped)",
+                     time.monotonic() - t0)
+        else:
+            log.warning("filler stopped after %.2f s (%s); QEMU preallocates the rest",
+                        time.monotonic() - t0, " ".join(str(e).split()))
         return 0
     log.info("filler populated %s alongside QEMU in %.2f s, %d thread(s)",
              format_size(result.bytes_total), result.seconds, result.threads)

@@ -107,7 +107,7 @@ def render(records: Iterable[dict[str, Any]], entries: Sequence[PoolEntry]) -> s
     out = _Text()
     out.family("kvmaccel_starts_total", "counter",
                "Guest starts the hook handled, by result (ok, failed_open, refused, timeout) "
-               "and source (pool, fresh, mixed).",
+               "and source (pool, fresh, overlap, mixed).",
                [("", {"result": res, "source": src}, n)
                 for (res, src), n in sorted(starts.items())])
     hist: list[tuple[str, dict[str, str], float]] = []
