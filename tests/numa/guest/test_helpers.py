@@ -34,8 +34,8 @@ def helper_threads() -> dict[int, str]:
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
                 name = f.read().strip()
-        except FileNotFoundError:
-            continue
+        except (FileNotFoundError, ProcessLookupError):  # the thread exited meanwhile (ESRCH
+            continue  # when it goes between the open and the read)
         if name.startswith("kvmaccel-"):
             found[int(tid)] = name
     return found
