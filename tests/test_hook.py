@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -464,3 +465,24 @@ def test_pool_gives_back_unused_files_to_make_room(tmp_path: object, run_dir: st
         assert os.stat(env.file_path).st_blocks * 512 == SIZE_MIB << 20
         assert "gave back" in env.log()
         assert [e.key.size_bytes for e in pool.entries()] == [SIZE_MIB << 20]  # adopted
+
+
+def test_a_front_installed_or_removed_at_the_emulators_path_is_planned_again(
+        tmp_path: Path) -> None:
+    """``front install --divert`` puts the front at QEMU's own path, and uninstall puts QEMU
+    back: the XML is the same, the emulator file is not, and neither is the plan."""
+    emulator = os.path.join(str(tmp_path), "qemu-system-x86_64")
+    with open(emulator, "w") as f:
+        f.write("#!/bin/sh\nexec true\n")
+    xml = domain_xml().replace(b"</domain>", f"<devices><emulator>{emulator}</emulator>"
+                               "</devices></domain>".encode())
+    assert b"<emulator>" in xml
+    before = warm.plan_inputs(xml, "/q", None)
+    assert before["emulator"] is not None
+    assert warm.plan_inputs(xml, "/q", None) == before
+    with open(emulator + ".new", "w") as f:  # what dpkg-divert and install do: a new file
+        f.write("#!/bin/sh\n# kvmaccel-front: {}\n")
+    os.replace(emulator + ".new", emulator)
+    assert warm.plan_inputs(xml, "/q", None) != before
+    os.unlink(emulator)
+    assert warm.plan_inputs(xml, "/q", None)["emulator"] is None

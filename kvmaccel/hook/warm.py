@@ -54,11 +54,29 @@ def domain_ids(xml: bytes) -> tuple[str | None, int | None]:
             int(m_id.group(3)) if m_id else None)
 
 
+_EMULATOR = re.compile(rb"<emulator>\s*([^<]*?)\s*</emulator>")
+
+
+def emulator_identity(xml: bytes) -> list[int] | None:
+    """The ``<emulator>`` file as it is now (inode, ctime, size), or None: whether it is
+    kvmaccel's front decides what the plan prepares, and ``front install --divert`` or
+    ``uninstall`` change that file, not the XML."""
+    found = _EMULATOR.search(xml)
+    if found is None:
+        return None
+    try:
+        st = os.stat(found.group(1).decode("utf-8", "replace"))
+    except (OSError, ValueError):
+        return None
+    return [st.st_ino, st.st_ctime_ns, st.st_size]
+
+
 def plan_inputs(xml: bytes, qemu_conf: str, config_text: str | None) -> dict[str, Any]:
     """What a plan is a function of, as far as a start goes: the domain XML without its id
-    (which changes at every start), and qemu.conf and kvmaccel's config as they are on disk
-    now.  Compared whole, so no hashing."""
+    (which changes at every start), the emulator file it names, and qemu.conf and kvmaccel's
+    config as they are on disk now.  Compared whole, so no hashing."""
     return {"xml": _DOMAIN_ID.sub(rb"\1", xml, count=1).decode("utf-8", "replace"),
+            "emulator": emulator_identity(xml),
             "qemu_conf": [qemu_conf, file_text(qemu_conf)], "config": config_text}
 
 
