@@ -3,9 +3,9 @@
 The filler (``kvmaccel.hook.overlap``) populates a guest's file while QEMU starts and
 preallocates the same file.  These tests slow the filler down to a crawl in a cpu cgroup
 with a tiny quota (the config's ``cgroup``, made beforehand by the test with
-``cpu.cfs_quota_us``), so that QEMU's preallocation does nearly all of the work and the
-filler is still running while the guest runs; then they check what the issue asks us to
-prove:
+``cpu.cfs_quota_us``) and stop it (SIGSTOP) from a test-only hook that runs after kvmaccel's
+and before QEMU, so that QEMU's preallocation does nearly all of the work and the filler is
+still there while the guest runs; then they check what the issue asks us to prove:
 
 * the guest runs on memory that is fully there although the filler did almost nothing
   (QEMU's own preallocation made it ready, before the guest ran);
@@ -24,6 +24,7 @@ import contextlib
 import mmap
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 
@@ -52,6 +53,42 @@ PATTERN = b"guest-wrote-this"
 GUEST = GUESTS[0]  # 1 GiB of 2M pages, one cell
 
 
+FREEZER = "zz-kvmaccel-test-freeze-filler"
+FREEZER_SCRIPT = '''#!{python}
+# Test-only libvirt hook: at start begin, after kvmaccel's hook and before QEMU, stop (SIGSTOP)
+# the filler kvmaccel's hook left for this guest.
+import json, os, signal, sys
+if sys.argv[2:4] != ["start", "begin"]:
+    sys.exit(0)
+sys.stdin.read()
+top = {domains!r}
+for n in os.listdir(top):
+    try:
+        with open(os.path.join(top, n)) as f:
+            state = json.load(f)
+        if state.get("name") == sys.argv[1]:
+            os.kill(state["filler"]["pid"], signal.SIGSTOP)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+'''
+
+
+@contextlib.contextmanager
+def frozen_filler(e: Env) -> Iterator[None]:
+    """A hook after kvmaccel's that stops the filler before QEMU starts, so that QEMU's own
+    preallocation does all of the work (once QEMU has, the filler would otherwise walk the
+    pages that are there in no time, and be gone before the test could look at it)."""
+    path = os.path.join(virsh.LIBVIRT_DIR, "hooks", "qemu.d", FREEZER)
+    with open(path, "w") as f:
+        f.write(FREEZER_SCRIPT.format(python=sys.executable,
+                                      domains=os.path.join(e.run_dir, "domains")))
+    os.chmod(path, 0o755)
+    try:
+        yield
+    finally:
+        os.unlink(path)
+
+
 @contextlib.contextmanager
 def crawling_cgroup() -> Iterator[str]:
     """kvmaccel's cgroup, made here first with 1 ms of CPU per 100 ms."""
@@ -75,19 +112,25 @@ def quota(directory: str, us: int) -> None:
         f.write(str(us))
 
 
-def alive(pid: int) -> bool:
+def run_state(pid: int) -> str:
+    """R, S, T (stopped), Z...; "" when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
+            return f.read().split(") ")[1][0]
     except OSError:
-        return False
+        return ""
+
+
+def alive(pid: int) -> bool:
+    return run_state(pid) not in ("", "Z")
 
 
 def filler_pid(e: Env) -> int:
+    """The guest's filler, stopped by the freezer hook before QEMU started."""
     filler = state_of(e, GUEST)["filler"]
     assert isinstance(filler, dict)
     pid = filler["pid"]
-    assert isinstance(pid, int) and alive(pid), "the filler should still be crawling"
+    assert isinstance(pid, int) and run_state(pid) == "T", (run_state(pid), e.log()[-3000:])
     with open(f"/proc/{pid}/comm") as f:
         assert f.read().strip() == "kvmaccel-fill"
     return pid
@@ -103,12 +146,11 @@ def pages(path: str, page: int) -> Iterator[tuple[mmap.mmap, int]]:
 @ON_LIBVIRT[0]
 @ON_LIBVIRT[1]
 def test_a_crawling_filler_never_changes_what_the_guest_wrote(env: Env) -> None:  # noqa: F811
-    with crawling_cgroup() as cgroup:
+    with crawling_cgroup() as cgroup, frozen_filler(env):
         env.write_config(extra=f'cgroup = "{CGROUP}"\n')
         with defined(env, GUEST):
             virsh.virsh("start", GUEST.name)
             pid = filler_pid(env)
-            os.kill(pid, signal.SIGSTOP)
             try:
                 path = f"{domain_dir(env, GUEST)}/kvmaccel-ram-node0"
                 [at_start] = env.observed(GUEST.name)
@@ -147,11 +189,11 @@ def test_a_crawling_filler_never_changes_what_the_guest_wrote(env: Env) -> None:
 @ON_LIBVIRT[1]
 def test_destroy_stops_a_filler_that_still_runs(env: Env) -> None:  # noqa: F811
     free_before = free_pages(GUEST.page_kib)
-    with crawling_cgroup():
+    with crawling_cgroup(), frozen_filler(env):
         env.write_config(extra=f'cgroup = "{CGROUP}"\n')
         with defined(env, GUEST):
             virsh.virsh("start", GUEST.name)
-            pid = filler_pid(env)
+            pid = filler_pid(env)  # stopped: SIGTERM waits, SIGKILL does not
             virsh.virsh("destroy", GUEST.name)
             assert not alive(pid)
             assert f"stopped the filler (pid {pid})" in env.log()

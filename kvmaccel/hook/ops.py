@@ -406,7 +406,7 @@ def op_stop(xml: bytes, config: HookConfig) -> None:
         forget(path)
     links = state.get("pool_links")
     if domain.uuid and isinstance(links, list) and links:
-        hook_pool.release(domain.uuid, [x for x in links if isinstance(x, dict)])
+        hook_pool.release(domain.uuid, [x for x in links if isinstance(x, dict)], config)
     made = state.get("made_dirs")
     for directory in made if isinstance(made, list) else []:
         if isinstance(directory, str) and memdir.remove_guest_dir(directory):

@@ -166,18 +166,8 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
     from ..engine.placement import check_placement
     from ..engine.populate import EngineOps, populate
 
-    os.setsid()  # not in libvirt's process group, nor waited for through its pipes
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    sysmem.set_thread_name("kvmaccel-fill")
-    # Only the CPU QEMU's start leaves idle: every thread at the helpers' nice, and the new
-    # session's scheduler autogroup too (between autogroups only the group's nice counts).
-    os.setpriority(os.PRIO_PROCESS, 0, limits.nice)
-    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w", encoding="ascii") as f:
-        f.write(str(limits.nice))
+    # Only the CPU QEMU's start leaves idle: every thread at the helpers' nice.
+    detach_child("kvmaccel-fill", limits.nice)
     if config.cgroup:
         from ..engine.cgroup import enter
 
@@ -214,6 +204,24 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
     records.append("fill", domain=domain, source="overlap", bytes=result.bytes_total,
                    seconds=round(result.seconds, 4), threads=result.threads)
     return 0
+
+
+def detach_child(name: str, nice: int) -> None:
+    """In a child forked from the hook, before it works on: a session of its own (out of
+    libvirt's process group), stdio on /dev/null (libvirt waits for the hook's pipes to
+    close, not for the hook), SIGTERM as KeyboardInterrupt (the engine then stops), the
+    name ``name``, and ``nice`` for the process and for its new scheduler autogroup
+    (between autogroups only the group's nice counts)."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sysmem.set_thread_name(name)
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w", encoding="ascii") as f:
+        f.write(str(nice))
 
 
 def _start_ticks(pid: int) -> int | None:
