@@ -323,3 +323,50 @@ def test_verify_zero_checks_both_ends_of_a_large_page_without_copying_it_whole()
             os.pwrite(fd, b"\0", offset)
     finally:
         os.close(fd)
+
+
+def test_the_hooks_forked_scrub_is_detached_and_a_restart_lends_it_its_priority(
+        huge_area: tuple[str, str]) -> None:
+    """After a stop the hook forks the scrub (no new interpreter to wait for): its own session
+    and autogroup, both at nice 19.  A start of the same guest right after lends it its own
+    priority, every thread and the autogroup (``hurry_scrub_of``, which the warm prepare
+    calls), instead of waiting for a nice-19 scrub."""
+    from kvmaccel.hook import pool as hook_pool
+    from kvmaccel.plan.config import HookConfig
+
+    from .conftest import need
+    from .test_hook_integration import cpu_hogs
+
+    need(os.path.exists("/proc/self/autogroup"), "kernel.sched_autogroup_enabled")
+    pool_dir, guest_dir = huge_area
+    pool = Pool(pool_dir)
+    key = key_for(256 * MIB, 2048)
+    need(free_hugepages_2m() >= 128, "needs 128 free 2M huge pages")
+    pool.fill(key, 1, read_host(), limits())
+    target = os.path.join(guest_dir, "ram")
+    assert pool.take(key, target, domain_uuid="u", backend_id="pc.ram") is not None
+    os.unlink(target)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    with cpu_hogs():  # a busy host: the nice-19 scrub crawls, and is caught scrubbing
+        pool.release_domain("u")
+        pid = hook_pool.fork_scrub([pool_dir], HookConfig())
+        try:
+            deadline = time.monotonic() + 60
+            while pool.entries()[0].state != "scrubbing":
+                assert time.monotonic() < deadline, pool.entries()
+                time.sleep(0.001)
+            os.kill(pid, signal.SIGSTOP)
+            assert os.getsid(pid) == pid and os.getpriority(os.PRIO_PROCESS, pid) == 19
+            with open(f"/proc/{pid}/autogroup") as f:
+                assert f.read().rstrip().endswith(" nice 19")
+            assert not Pool(pool_dir).hurry_scrub_of("another-guest")
+            assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+            assert Pool(pool_dir).hurry_scrub_of("u")
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                assert os.getpriority(os.PRIO_PROCESS, int(tid)) == mine
+            with open(f"/proc/{pid}/autogroup") as f:
+                assert f.read().rstrip().endswith(f" nice {mine}")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            os.waitpid(pid, 0)
+    assert [e.state for e in pool.entries()] == ["clean"]

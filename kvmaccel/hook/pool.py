@@ -293,9 +293,13 @@ def fork_scrub(pool_dirs: Sequence[str], config: HookConfig) -> int:
         from ..plan.limits import Limits
 
         host = read_host()
+        # Every thread of the scrub is at nice 19 in an autogroup of 19, the calling one too:
+        # a busy CPU only slows it, never holds up anyone else, so no idle-CPU check (a
+        # host busy at the stop would leave it one thread, and a restart waiting for it a
+        # second more).
         limits = Limits(threads=config.limits.threads, nice=SCRUB_NICE,
                         max_helpers_per_node=config.limits.max_helpers_per_node,
-                        max_helpers_host=config.limits.max_helpers_host)
+                        max_helpers_host=config.limits.max_helpers_host, idle_cpus_only=False)
         for directory in pool_dirs:
             Pool(directory).scrub(host, limits)
         code = 0

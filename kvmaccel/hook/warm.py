@@ -134,7 +134,27 @@ def prepare_from_cache(xml: bytes, values: dict[str, Any], say: Callable[[str], 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(recipe_path(uuid))  # one a start that never came left behind
         say(f"plan: as before; start populates {files}")
+        if with_pool:
+            hurry_own_scrub(uuid, backends, say)
     return True
+
+
+def hurry_own_scrub(uuid: str, backends: list[dict[str, Any]],
+                    say: Callable[[str], None]) -> None:
+    """A guest started again right after it stopped: its own last file is being scrubbed at
+    nice 19, and ``start`` will wait for that.  Lend the scrub this hook's priority from
+    now on, not only once ``start`` waits (the pool's manager is imported only then)."""
+    for pool_dir, state_dir in {(b["pool_dir"], b["state_dir"]) for b in backends
+                                if b.get("pool_dir")}:
+        if not any(e.domain_uuid == uuid and e.state == "scrubbing"
+                   for e in PoolFiles(pool_dir, state_dir=state_dir).entries()):
+            continue
+        from ..pool.manage import Pool
+
+        pool = Pool(pool_dir)
+        pool.state_dir = state_dir
+        if pool.hurry_scrub_of(uuid):
+            say(f"the scrub of this guest's last file in {pool_dir} runs at this priority now")
 
 
 # --- a warm start: link what prepare found ----------------------------------------------------

@@ -295,6 +295,17 @@ class Pool(PoolFiles):
                 time.sleep(0.005)
         return False
 
+    def hurry_scrub_of(self, domain_uuid: str) -> bool:
+        """Lend this thread's priority to the scrub of ``domain_uuid``'s own files now: the
+        guest is starting again, and its start will wait for that scrub.  True if lent."""
+        lent = False
+        for listed in self.entries():
+            if listed.domain_uuid == domain_uuid and listed.state == "scrubbing":
+                pid = self._scrubber(listed)
+                lend_priority(pid)
+                lent = lent or pid is not None
+        return lent
+
     def _entry_now(self, listed: PoolEntry) -> PoolEntry | None:
         with self._dir() as dfd:
             entry = None if dfd is None else self._entry(dfd, os.path.basename(listed.path),
