@@ -305,9 +305,7 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
     try:
         check_placement(backings)
     except BaseException:
-        for backing in backings:
-            backing.discard()
-        write_state(key, {**state, "files": []})
+        _discard(backings, key, state)
         raise
     try:
         adopted = hook_pool.adopt(job.uuid, fresh, backings, host, config)
@@ -327,6 +325,13 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
              "%s", format_size(result.bytes_total), result.memory_text, result.seconds,
              result.gib_per_s, result.threads,
              describe_helpers(result), ", ".join(str(s.path) for s in specs))
+
+
+def _discard(backings: list[Backing], key: str, state: dict[str, object]) -> None:
+    """Remove the files this start created and recorded; the guest's state keeps no file."""
+    for backing in backings:
+        backing.discard()
+    write_state(key, {**state, "files": []})
 
 
 def start_overlapped(job: StartJob, fresh: list[hook_pool.Fresh],
@@ -353,9 +358,7 @@ def start_overlapped(job: StartJob, fresh: list[hook_pool.Fresh],
         filler = overlap.start_filler(backings, threads, host, job.limits, config, job.name)
         state["filler"] = filler
     except BaseException:
-        for backing in backings:
-            backing.discard()
-        write_state(key, {**state, "files": []})
+        _discard(backings, key, state)
         raise
     finally:
         for backing in backings:

@@ -42,7 +42,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..engine import records
@@ -149,15 +149,9 @@ def start_filler(backings: Sequence[Backing], threads: Sequence[int], host: Host
     and return what :func:`stop_filler` needs to find it again: its pid and start time."""
     items = [item for backing, t in zip(backings, threads, strict=True)
              for item in against_qemu(backing, t)]
-    for handler in logging.getLogger("kvmaccel").handlers:
-        handler.flush()
-    pid = os.fork()
-    if pid == 0:  # the filler
-        code = 1
-        try:
-            code = _fill(backings, items, host, limits, config, domain)
-        finally:
-            os._exit(code)
+    # Only the CPU QEMU's start leaves idle: every thread at the helpers' nice.
+    pid = fork_detached("kvmaccel-fill", limits.nice,
+                        lambda: _fill(backings, items, host, limits, config, domain))
     return {"pid": pid, "start_ticks": _start_ticks(pid) or 0}
 
 
@@ -166,8 +160,6 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
     from ..engine.placement import check_placement
     from ..engine.populate import EngineOps, populate
 
-    # Only the CPU QEMU's start leaves idle: every thread at the helpers' nice.
-    detach_child("kvmaccel-fill", limits.nice)
     if config.cgroup:
         from ..engine.cgroup import enter
 
@@ -206,22 +198,34 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
     return 0
 
 
-def detach_child(name: str, nice: int) -> None:
-    """In a child forked from the hook, before it works on: a session of its own (out of
-    libvirt's process group), stdio on /dev/null (libvirt waits for the hook's pipes to
-    close, not for the hook), SIGTERM as KeyboardInterrupt (the engine then stops), the
-    name ``name``, and ``nice`` for the process and for its new scheduler autogroup
-    (between autogroups only the group's nice counts)."""
-    os.setsid()
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    sysmem.set_thread_name(name)
-    os.setpriority(os.PRIO_PROCESS, 0, nice)
-    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w", encoding="ascii") as f:
-        f.write(str(nice))
+def fork_detached(name: str, nice: int, work: Callable[[], int]) -> int:
+    """Fork a child of the hook that runs ``work`` and exits with what it returns; return
+    its pid.  The child first detaches: a session of its own (out of libvirt's process
+    group), stdio on /dev/null (libvirt waits for the hook's pipes to close, not for the
+    hook), SIGTERM as KeyboardInterrupt (the engine then stops), the name ``name``, and
+    ``nice`` for the process and for its new scheduler autogroup.  Forked, not a new
+    interpreter: it works within milliseconds.  An exception ``work`` lets through is
+    logged, never raised into the hook."""
+    for handler in logging.getLogger("kvmaccel").handlers:
+        handler.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        sysmem.set_thread_name(name)
+        sysmem.lower_priority(nice)
+        code = work()
+    except BaseException:  # noqa: BLE001 - a child: logged, never raised into the hook
+        log.exception("%s failed", name)
+    finally:
+        os._exit(code)
 
 
 def _start_ticks(pid: int) -> int | None:

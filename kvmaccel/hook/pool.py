@@ -275,40 +275,30 @@ def fork_scrub(pool_dirs: Sequence[str], config: HookConfig) -> int:
     --detach`` is (its own session and autogroup, nice 19, the config's cgroup): forked, it
     zeroes within milliseconds of the stop instead of after an interpreter's start (about
     0.3 s at nice 19), which a guest started again at once waits for.  Returns its pid."""
-    from .overlap import detach_child
+    from .overlap import fork_detached
 
-    for handler in logging.getLogger("kvmaccel").handlers:
-        handler.flush()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        detach_child("kvmaccel-scrub", SCRUB_NICE)
+    def scrub() -> int:
+        from ..host.facts import read_host
+
         if config.cgroup:
             from ..engine.cgroup import enter
 
             enter(config.cgroup)
-        from ..host.facts import read_host
-        from ..plan.limits import Limits
-
-        host = read_host()
         # Every thread of the scrub is at nice 19 in an autogroup of 19, the calling one too:
         # a busy CPU only slows it, never holds up anyone else, so no idle-CPU check (a
         # host busy at the stop would leave it one thread, and a restart waiting for it a
         # second more).
-        limits = Limits(threads=config.limits.threads, nice=SCRUB_NICE,
-                        max_helpers_per_node=config.limits.max_helpers_per_node,
-                        max_helpers_host=config.limits.max_helpers_host, idle_cpus_only=False)
-        for directory in pool_dirs:
-            Pool(directory).scrub(host, limits)
-        code = 0
-    except KeyboardInterrupt:
-        log.info("pool: scrub stopped (SIGTERM); the files stay dirty")
-    except BaseException:  # noqa: BLE001 - a child: logged, never raised into the hook
-        log.exception("pool: the scrub failed; the files stay dirty")
-    finally:
-        os._exit(code)
+        limits = replace(config.limits, nice=SCRUB_NICE, idle_cpus_only=False)
+        host = read_host()
+        try:
+            for directory in pool_dirs:
+                Pool(directory).scrub(host, limits)
+        except KeyboardInterrupt:
+            log.info("pool: scrub stopped (SIGTERM); the files stay dirty")
+            return 1
+        return 0
+
+    return fork_detached("kvmaccel-scrub", SCRUB_NICE, scrub)
 
 
 def make_room(specs: Sequence[BackingSpec], host: HostFacts, config: HookConfig) -> int:

@@ -151,9 +151,7 @@ def hurry_own_scrub(uuid: str, backends: list[dict[str, Any]],
             continue
         from ..pool.manage import Pool
 
-        pool = Pool(pool_dir)
-        pool.state_dir = state_dir
-        if pool.hurry_scrub_of(uuid):
+        if Pool(pool_dir, state_dir=state_dir).hurry_scrub_of(uuid):
             say(f"the scrub of this guest's last file in {pool_dir} runs at this priority now")
 
 

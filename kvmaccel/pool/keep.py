@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from ..errors import KvmaccelError, UsageError
+from ..host import sysmem
 from ..host.facts import HostFacts, Mount, read_host
 from ..model.units import format_size
 from ..plan.config import HookConfig, KeepTarget
@@ -252,9 +253,7 @@ def daemonize(pidfile: str) -> bool:
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
-    os.setpriority(os.PRIO_PROCESS, 0, 19)
-    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
-        f.write("19")
+    sysmem.lower_priority(19)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

@@ -79,8 +79,9 @@ class Pool(PoolFiles):
     (None: no cap) so that it never starves the guests it is meant to speed up."""
 
     def __init__(self, directory: str, *, max_bytes: int | None = None,
-                 max_node_bytes: int | None = None, state_root: str | None = None) -> None:
-        super().__init__(directory, state_root=state_root)
+                 max_node_bytes: int | None = None, state_root: str | None = None,
+                 state_dir: str | None = None) -> None:
+        super().__init__(directory, state_root=state_root, state_dir=state_dir)
         self.max_bytes = max_bytes
         self.max_node_bytes = max_node_bytes
 
@@ -368,14 +369,15 @@ def lend_priority(pid: int | None) -> None:
     must not run at nice 19 meanwhile."""
     if pid is None:
         return
+    from ..host import sysmem
+
     mine = os.getpriority(os.PRIO_PROCESS, 0)
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):
                 if os.getpriority(os.PRIO_PROCESS, int(tid)) > mine:
                     os.setpriority(os.PRIO_PROCESS, int(tid), mine)
-        with open(f"/proc/{pid}/autogroup", "w", encoding="ascii") as f:
-            f.write(str(mine))
+        sysmem.set_autogroup_nice(mine, pid)
 
 
 def _same(a: PoolEntry, b: PoolEntry) -> bool:
@@ -451,11 +453,10 @@ def spawn_scrub(directories: Sequence[str] = (), nice: int = 19) -> int:
     would take a full share of the CPU from the guests.  So the group gets ``nice`` too."""
     import subprocess
 
+    from ..host import sysmem
+
     def lower_priority() -> None:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-        # OSError: no autogroups in this kernel.
-        with contextlib.suppress(OSError), open(AUTOGROUP, "w", encoding="ascii") as f:
-            f.write(str(nice))
+        sysmem.lower_priority(nice)
 
     args = [sys.executable, "-m", "kvmaccel", "pool", "scrub", "--nice", str(nice)]
     for d in directories:
