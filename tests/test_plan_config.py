@@ -69,6 +69,7 @@ def test_zero_and_minus_one_mean_the_default_rule() -> None:
     ("stric = true", "unknown key 'stric'"),
     ("[limits]\nthread = 2", "unknown key limits.'thread'"),
     ('strict = "yes"', "strict must be a bool"),
+    ('overlap = "no"', "overlap must be a bool"),
     ("[limits]\nthreads = true", "limits.threads must be a int"),
     ("populate_timeout_s = true", "populate_timeout_s must be a number"),
     ("populate_timeout_s = -1", "populate_timeout_s must be 0"),
