@@ -130,7 +130,13 @@ def filler_pid(e: Env) -> int:
     filler = state_of(e, GUEST)["filler"]
     assert isinstance(filler, dict)
     pid = filler["pid"]
-    assert isinstance(pid, int) and run_state(pid) == "T", (run_state(pid), e.log()[-3000:])
+    assert isinstance(pid, int)
+    # A SIGSTOP takes effect when the process next runs; in its cgroup that can be one
+    # quota period (100 ms) later, and it shows as R (throttled) until then.
+    deadline = time.monotonic() + 10
+    while run_state(pid) == "R" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run_state(pid) == "T", (run_state(pid), e.log()[-3000:])
     with open(f"/proc/{pid}/comm") as f:
         assert f.read().strip() == "kvmaccel-fill"
     return pid
