@@ -3,7 +3,8 @@
 Layering rule: this module turns XML into objects and nothing else.  It applies no policy
 (no paths, no alignment, no backend choice; that is :mod:`kvmaccel.plan.planner`), and it is the
 only module in kvmaccel that parses domain XML (with :mod:`kvmaccel.model.domxml`, the
-element-level reading underneath).
+element-level reading underneath, and :mod:`kvmaccel.model.domedit`, which finds where to
+edit ``<emulator>``).
 
 Sizes are bytes, converted with libvirt's own unit rules (``virScaleInteger``):
 ``b``/``byte``/``bytes``; ``KB``/``MB``/``GB``/``TB``/``PB``/``EB`` are powers of 1000;
@@ -203,7 +204,8 @@ def _parse_backing(root: ET.Element) -> MemoryBacking:
     if hp is not None:
         pages = []
         for page in hp.findall("page"):
-            size = _size(page, value=page.get("size"))
+            # libvirt 9.0: "hugepage size can't be zero"
+            size = _size(page, value=page.get("size"), positive=True)
             nodeset = page.get("nodeset")
             pages.append(HugePageSpec(
                 size_kib=size // 1024,
@@ -287,7 +289,8 @@ def _parse_memory_device(el: ET.Element) -> MemoryDevice:
             _nodes(nodemask, nodemask.text, "nodemask") if nodemask is not None else None
         ),
         source_path=(path.text or "").strip() if path is not None else None,
-        target_size_bytes=_size(size_el),
+        # QEMU refuses a backend of size 0 ("can't create backend with size 0").
+        target_size_bytes=_size(size_el, positive=True),
         target_node=_int(node_el, node_el.text, "node") if node_el is not None else None,
         requested_bytes=_size(requested) if requested is not None else None,
         block_bytes=_size(block) if block is not None else None,
@@ -319,7 +322,8 @@ def parse_domain(data: bytes | str) -> Domain:
     """Parse domain XML (bytes or text) into a :class:`Domain`.
 
     Checks what libvirt itself refuses and what kvmaccel cannot plan around: malformed XML,
-    unknown units, a missing ``<memory>`` (without NUMA cells), NUMA cells adding up to more
+    unknown units, sizes above 8 EiB, a missing or 0 ``<memory>`` (without NUMA cells), a 0
+    huge page size or memory device, NUMA cells adding up to more
     than ``<memory>``, a ``<memnode>`` or memory device naming a missing cell, and names
     that are unsafe in a path.  Raises :class:`DomainError`.
     """
@@ -331,7 +335,10 @@ def parse_domain(data: bytes | str) -> Domain:
     mem_el = root.find("memory")
     if mem_el is None and not cells:
         raise _err(root, "missing <memory>: give the guest's size there or in NUMA cells")
-    memory_bytes = _size(mem_el) if mem_el is not None else sum(c.size_bytes for c in cells)
+    # Without NUMA cells the guest's size is <memory>; libvirt 9.0 refuses 0 there ("Memory
+    # size must be specified via <memory> or in the <numa> configuration").
+    memory_bytes = (_size(mem_el, positive=not cells) if mem_el is not None
+                    else sum(c.size_bytes for c in cells))
     cur_el = root.find("currentMemory")
     max_el = root.find("maxMemory")
     vcpu_el = root.find("vcpu")

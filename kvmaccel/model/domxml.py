@@ -110,13 +110,26 @@ def _int(el: ET.Element, text: str | None, what: str) -> int:
     return int(text)
 
 
-def _size(el: ET.Element, *, unit_attr: str = "unit", value: str | None = None) -> int:
-    """Bytes in ``el`` (its text, or ``value``), rounded up to KiB as libvirt stores it."""
+MAX_SIZE_BYTES = (1 << 63) - 1
+"""The largest size libvirt takes (``virDomainParseMemory`` caps at ``LLONG_MAX`` bytes;
+libvirt 9.0 refuses ``<memory unit='KiB'>9007199254740992</memory>``, 8 EiB, as "numerical
+overflow: value too large")."""
+
+
+def _size(el: ET.Element, *, unit_attr: str = "unit", value: str | None = None,
+          positive: bool = False) -> int:
+    """Bytes in ``el`` (its text, or ``value``), rounded up to KiB as libvirt stores it.
+    ``positive``: 0 is refused too."""
     number = _int(el, el.text if value is None else value, "the size")
     try:
         size = scale_unit(number, el.get(unit_attr))
     except ValueError as e:
         raise _err(el, str(e)) from None
+    if size > MAX_SIZE_BYTES:
+        raise _err(el, f"the size {number}{el.get(unit_attr) or ' KiB'} is too large (libvirt "
+                       "takes at most 8 EiB less one byte); give the guest's real size")
+    if positive and size == 0:
+        raise _err(el, "the size is 0; give a size greater than zero")
     return -(-size // 1024) * 1024
 
 

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from .textfile import read_regular
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +182,17 @@ def read_qemu_conf(path: str | None = None, root: str = "/") -> QemuConf:
     """
     explicit = path is not None
     target = path if path is not None else os.path.join(root, DEFAULT_PATH.lstrip("/"))
+    if explicit and not path:
+        raise ConfigError("the qemu.conf name is empty; give the path of libvirt's qemu.conf")
     try:
-        with open(target, encoding="utf-8") as f:
-            text = f.read()
+        text = read_regular(target).decode("utf-8")
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"qemu.conf {target} does not exist") from None
         log.debug("no %s: using libvirt's defaults", target)
         return QemuConf()
     except OSError as e:
-        raise ConfigError(f"cannot read {target}: {e.strerror}") from e
+        raise ConfigError(f"cannot read {target}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{target}: not UTF-8 text; give libvirt's qemu.conf") from None
     return qemu_conf_from_text(text, target)

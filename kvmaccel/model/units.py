@@ -8,6 +8,7 @@ multiples, bytes when no suffix.  ``parse_cpu_spec`` reads the kernel and libvir
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from ..errors import UsageError
 
@@ -29,12 +30,19 @@ def parse_size(text: str) -> int:
     if not m:
         raise UsageError(f"invalid size {text!r}; use a number with K, M, G or T (e.g. 8G)")
     number, unit, _ = m.groups()
-    value = float(number) * (1 << _SHIFT[unit.lower()])
-    if value != int(value):
+    value = Fraction(number) * (1 << _SHIFT[unit.lower()])  # exact, unlike a float
+    if value.denominator != 1:
         raise UsageError(f"invalid size {text!r}; it is not a whole number of bytes")
     if value <= 0:
         raise UsageError(f"invalid size {text!r}; it must be greater than zero")
+    if value > MAX_SIZE_BYTES:
+        raise UsageError(f"invalid size {_excerpt(text)!r}; it is above 8 EiB, more than any "
+                         "file or memory can hold")
     return int(value)
+
+
+MAX_SIZE_BYTES = (1 << 63) - 1
+"""The largest size (``off_t`` and libvirt's sizes are signed 64-bit)."""
 
 
 def format_size(size_bytes: int) -> str:
@@ -62,10 +70,15 @@ def parse_cpu_spec(text: str, max_id: int = MAX_CPU_ID) -> frozenset[int]:
     """
     include: set[int] = set()
     exclude: set[int] = set()
-    for raw in text.split(","):
+    parts = text.split(",")
+    for i, raw in enumerate(parts):
         part = raw.strip()
         if not part:
-            continue
+            # libvirt 9.0 (virBitmapParse) takes "0," but refuses "0,,1" and ",0".
+            if len(parts) == 1 or i == len(parts) - 1:
+                continue
+            raise UsageError(f"invalid CPU or node list {_excerpt(text)!r}: an empty item "
+                             "between commas; use a form like 0-3,8,^2")
         target = include
         if part.startswith("^"):
             target = exclude
@@ -95,6 +108,29 @@ def parse_cpu_spec(text: str, max_id: int = MAX_CPU_ID) -> frozenset[int]:
 def parse_node_spec(text: str) -> frozenset[int]:
     """:func:`parse_cpu_spec` for NUMA node lists (ids up to :data:`MAX_NODE_ID`)."""
     return parse_cpu_spec(text, MAX_NODE_ID)
+
+
+def parse_node_list(text: str, what: str = "--nodes") -> tuple[int, ...]:
+    """A node list the user gave (``what`` names where), sorted; one that names no node
+    (``""``, ``","``, ``"^0"``) is refused rather than read as "no binding"."""
+    nodes = parse_node_spec(text)
+    if not nodes:
+        raise UsageError(f"{what} {_excerpt(text)!r} names no NUMA node; give nodes such as 0 "
+                         f"or 0,1, or leave {what} out")
+    return tuple(sorted(nodes))
+
+
+MIN_PAGE_BYTES = 4096
+
+
+def parse_page_size(text: str) -> int:
+    """A page size the user gave (``4K``, ``2M``, ``1G``) in KiB: a power of two of at least
+    4 KiB (``3M`` or ``1K`` is no page size of any host).  Raises :class:`UsageError`."""
+    size = parse_size(text)
+    if size < MIN_PAGE_BYTES or size & (size - 1):
+        raise UsageError(f"invalid page size {_excerpt(text)!r}; a page size is a power of two "
+                         "of at least 4K, such as 4K, 2M or 1G")
+    return size // KIB
 
 
 def _excerpt(text: str, limit: int = 40) -> str:
