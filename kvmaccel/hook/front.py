@@ -25,16 +25,16 @@ Errors: :class:`~kvmaccel.errors.HookError` with what to do.
 from __future__ import annotations
 
 import contextlib
-import html
 import json
 import os
-import re
 import shlex
 import stat
 from dataclasses import dataclass
 
 from .. import __version__
 from ..errors import HookError
+from ..model import domedit
+from ..model.domedit import METADATA_NS as METADATA_NS  # re-exported
 
 MARKER = "# kvmaccel-front: "
 SUFFIX = "-kvmaccel"
@@ -257,14 +257,11 @@ def uninstall(path: str) -> bool:
 
 # --- a domain's <emulator>: enable and disable ---------------------------------------------
 #
-# The XML is edited as text, so that everything but the two places kvmaccel changes stays
-# byte for byte and disable gives back exactly what enable got.  The emulator the domain had
-# is remembered in the domain itself (libvirt keeps namespaced <metadata> elements):
+# The XML is edited as text (kvmaccel.model.domedit), so that everything but the places
+# kvmaccel changes stays byte for byte and disable gives back exactly what enable got.  The
+# emulator the domain had is remembered in the domain itself (libvirt keeps namespaced
+# <metadata> elements):
 #     <kvmaccel:front xmlns:kvmaccel="..." emulator="/usr/bin/qemu-system-x86_64"/>
-
-METADATA_NS = "https://github.com/kvmaccel/kvmaccel/front/1"
-_EMULATOR = re.compile(r"<emulator>([^<]*)</emulator>")
-_REMEMBERED = re.compile(r'<kvmaccel:front\b[^>]*?\bemulator="([^"]*)"[^>]*/>')
 
 
 @dataclass(frozen=True)
@@ -279,92 +276,29 @@ class EmulatorChange:
 
 def remembered_emulator(xml: str) -> str | None:
     """The emulator enable replaced, or None when the domain is not enabled."""
-    found = _REMEMBERED.search(xml)
-    return found.group(1).replace("&quot;", '"') if found else None
+    return domedit.read_emulator(xml).remembered
 
 
 def enable_xml(xml: str, front: str | None = None) -> EmulatorChange:
     """The domain XML with ``<emulator>`` set to the front of its QEMU (``front``, default
     :func:`front_path` of the current one), remembering the current one.  A domain already
     enabled, or whose emulator is a front already, is returned unchanged.  Raises
-    :class:`HookError` for XML with no ``<devices>`` or several ``<emulator>``."""
-    if remembered_emulator(xml) is not None:
-        current = _EMULATOR.search(xml)
-        return EmulatorChange(xml, current.group(1) if current else None,
-                              current.group(1) if current else None, False)
-    found = list(_EMULATOR.finditer(xml))
-    if len(found) > 1:
-        raise HookError("the domain XML has more than one <emulator>; fix it first")
-    old = found[0].group(1) if found else None
-    if old is not None and is_front(old):
+    :class:`~kvmaccel.errors.DomainError` for XML that is malformed or no domain, and
+    :class:`HookError` for one with no ``<devices>`` or several ``<emulator>``."""
+    current = domedit.read_emulator(xml)
+    old = current.value.strip() if current.value is not None else None
+    if current.remembered is not None or (old and is_front(old)):
         return EmulatorChange(xml, old, old, False)
     new = front or front_path(old or DEFAULT_QEMU)
-    if found:
-        m = found[0]
-        xml = f"{xml[:m.start(1)]}{_escape(new)}{xml[m.end(1):]}"
-    else:
-        at = xml.find("<devices>")
-        if at < 0:
-            raise HookError("the domain XML has no <devices>; cannot set its emulator")
-        at += len("<devices>")
-        xml = f"{xml[:at]}\n    <emulator>{_escape(new)}</emulator>{xml[at:]}"
-    # none="1": the domain had no <emulator>; meta="1": nor a <metadata> (both go at disable)
-    remembered = (old or "").replace('"', "&quot;")
-    flags = ("" if found else ' none="1"') + ("" if "<metadata>" in xml else ' meta="1"')
-    note = f'<kvmaccel:front xmlns:kvmaccel="{METADATA_NS}" emulator="{remembered}"{flags}/>'
-    return EmulatorChange(_add_metadata(xml, note), old, new, True)
+    return EmulatorChange(domedit.set_emulator(xml, new), old, new, True)
 
 
 def disable_xml(xml: str) -> EmulatorChange:
     """The domain XML with the emulator enable remembered put back and the note removed; a
     domain not enabled is returned unchanged."""
-    found = _REMEMBERED.search(xml)
-    current = _EMULATOR.search(xml)
-    now = current.group(1) if current else None
-    if found is None:
+    current = domedit.read_emulator(xml)
+    now = current.value.strip() if current.value is not None else None
+    if current.remembered is None:
         return EmulatorChange(xml, now, now, False)
-    old = found.group(1).replace("&quot;", '"')
-    had_none = ' none="1"' in found.group(0)
-    xml = _remove_metadata(xml, found, ' meta="1"' in found.group(0))
-    if current is not None:
-        current = _EMULATOR.search(xml)
-        assert current is not None
-        if had_none:
-            start = xml.rfind("\n", 0, current.start())
-            xml = xml[:start] + xml[current.end():]
-        else:
-            xml = f"{xml[:current.start(1)]}{_escape(old)}{xml[current.end(1):]}"
-    return EmulatorChange(xml, now, None if had_none else old, True)
-
-
-def _escape(text: str) -> str:
-    return text if "<" not in text and "&" not in text else html.escape(text, quote=False)
-
-
-def _add_metadata(xml: str, note: str) -> str:
-    m = re.search(r"<metadata>", xml)
-    if m:
-        indent = _indent_after(xml, m.end()) or "    "
-        return f"{xml[:m.end()]}\n{indent}{note}{xml[m.end():]}"
-    anchor = re.search(r"</uuid>|</name>", xml)
-    if anchor is None:
-        raise HookError("the domain XML has no <name>; cannot remember its emulator")
-    line = xml.rfind("\n", 0, anchor.start())
-    indent = re.match(r"[ \t]*", xml[line + 1:]).group(0)  # type: ignore[union-attr]
-    block = f"\n{indent}<metadata>\n{indent}  {note}\n{indent}</metadata>"
-    return f"{xml[:anchor.end()]}{block}{xml[anchor.end():]}"
-
-
-def _indent_after(xml: str, at: int) -> str:
-    m = re.match(r"\n([ \t]*)", xml[at:])
-    return m.group(1) if m else ""
-
-
-def _remove_metadata(xml: str, found: re.Match[str], created: bool) -> str:
-    start = xml.rfind("\n", 0, found.start())
-    start = start if xml[start + 1:found.start()].strip() == "" else found.start()
-    xml = xml[:start] + xml[found.end():]
-    if not created:
-        return xml
-    # The <metadata> enable created goes too, once empty.
-    return re.sub(r"\n[ \t]*<metadata>\s*</metadata>", "", xml, count=1)
+    text, old = domedit.restore_emulator(xml)
+    return EmulatorChange(text, now, old.strip() if old is not None else None, True)
