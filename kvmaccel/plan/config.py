@@ -11,10 +11,10 @@ its default::
     # false: the hook does nothing at all (every operation exits 0 at once).
     enabled = true
 
-    # Seconds a start may spend populating (0: no limit).  When the budget runs out the
-    # engine is cancelled, the partly populated file is removed and the guest starts as
-    # libvirt would have started it (QEMU allocates its memory itself).  Running out of
-    # time is logged as a warning; it never refuses a start, even with strict = true.
+    # Seconds a start may spend populating (0: no limit; at most 86400).  When the budget
+    # runs out the engine is cancelled, the partly populated file is removed and the guest
+    # starts as libvirt would have started it (QEMU allocates its memory itself).  Running
+    # out of time is logged as a warning; it never refuses a start, even with strict = true.
     populate_timeout_s = 0
 
     # A fresh file (no pool file serves the backend) for a backend QEMU preallocates itself
@@ -91,6 +91,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, UsageError
+from ..model.textfile import read_regular
 from ..paths import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_LOG_FILE,
@@ -106,6 +107,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PATH = DEFAULT_CONFIG_PATH
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIB = 1 << 20
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -199,9 +201,7 @@ def parse_config(text: str, path: str = "<string>") -> HookConfig:
     if keep_free < -1:
         raise ConfigError(f"{path}: pool.keep_free_mib must be -1 (a tenth) or 0 or more MiB")
     keep = tuple(_keep_target(entry, i, path) for i, entry in enumerate(pool.get("keep", [])))
-    timeout = float(data.get("populate_timeout_s", 0))
-    if timeout < 0:
-        raise ConfigError(f"{path}: populate_timeout_s must be 0 (no limit) or more seconds")
+    timeout = _seconds(data.get("populate_timeout_s", 0), "populate_timeout_s", path)
     level = data.get("log_level", "info")
     if level not in LOG_LEVELS:
         raise ConfigError(f"{path}: log_level must be one of {', '.join(LOG_LEVELS)}, "
@@ -266,7 +266,7 @@ def _cgroup(name: str, path: str) -> str:
 
 
 def _keep_target(entry: object, index: int, path: str) -> KeepTarget:
-    from ..model.units import parse_node_spec, parse_size
+    from ..model.units import parse_node_list, parse_page_size, parse_size
 
     where = f"pool.keep[{index}]."
     if not isinstance(entry, dict):
@@ -284,29 +284,51 @@ def _keep_target(entry: object, index: int, path: str) -> KeepTarget:
         page = entry.get("page_size")
         return KeepTarget(
             size_bytes=parse_size(entry["size"]),
-            page_size_kib=parse_size(page) // 1024 if page else None,
+            page_size_kib=parse_page_size(page) if page is not None else None,
             directory=entry.get("dir"),
-            nodes=tuple(sorted(parse_node_spec(entry.get("nodes", "")))),
+            nodes=parse_node_list(entry["nodes"], "nodes") if "nodes" in entry else (),
             policy=entry.get("policy", "bind"), count=entry.get("count", 1))
     except UsageError as e:
         raise ConfigError(f"{path}: {where[:-1]}: {e}") from None
+
+
+MAX_TIMEOUT_S = 86400.0
+"""The largest ``populate_timeout_s``: a day (a populate runs at GiB/s; and Python's timer
+threads refuse waits beyond ``threading.TIMEOUT_MAX``, so inf killed the hook's timer)."""
+
+
+def _seconds(value: float, key: str, path: str) -> float:
+    """A number of seconds from 0 (no limit) to :data:`MAX_TIMEOUT_S`; TOML's ``nan`` and
+    ``inf`` are floats too, and neither is a limit."""
+    seconds = float(value)
+    if not 0 <= seconds <= MAX_TIMEOUT_S:  # False for nan as well
+        raise ConfigError(f"{path}: {key} must be 0 (no limit) or a number of seconds up to "
+                          f"{MAX_TIMEOUT_S:.0f}, not {value!r}")
+    return seconds
 
 
 def _cap(value: int) -> int | None:
     return None if value == -1 else value
 
 
-def read_config(path: str | None = None) -> HookConfig:
+def read_config(path: str | None = None, *, required: bool = False) -> HookConfig:
     """Read ``path`` (default ``$KVMACCEL_CONFIG``, else :data:`DEFAULT_PATH`).
 
-    A missing file gives the defaults.  Raises :class:`ConfigError` for an unreadable or
-    malformed file.
+    A missing file gives the defaults, unless ``required`` (a file the user named: a typo
+    must not silently mean the defaults).  Raises :class:`ConfigError` for a missing required
+    file, an empty name, an unreadable file, one that is not a regular file (a FIFO or
+    ``/dev/zero`` would hang the read) and a malformed one.
     """
+    if required and not path:
+        raise ConfigError("the config file name is empty; give the path of a kvmaccel.toml")
     path = config_path(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_regular(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist; give an existing "
+                              "kvmaccel.toml, or leave the option out for the defaults"
+                              ) from None
         log.debug("no %s: using the defaults", path)
         return HookConfig()
     except OSError as e:

@@ -380,6 +380,12 @@ def plan_domain(
     mounts = hugetlbfs if hugetlbfs is not None else libvirt_hugetlbfs(qemu_conf, host)
     ctx = _Ctx(domain, host, qemu_conf, mounts, short, auto_nodeset, front)
     backends = tuple(_backend(ctx, src) for src in _sources(domain))
+    for b in backends:
+        # The model refuses a 0 <memory> and 0 devices; a Domain built in code may still have
+        # one, and a 0-byte populate is no plan (QEMU refuses a backend of size 0).
+        if b.size_bytes <= 0:
+            raise PlanError(f"{domain.name}: memory backend {b.backend_id} has size 0; give "
+                            "the guest's memory a size greater than zero")
 
     work: dict[int | None, int] = {}
     for b in backends:

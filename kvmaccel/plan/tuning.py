@@ -246,7 +246,7 @@ def load_tuning(path: str | None = None) -> Tuning | None:
         return None
     except OSError as e:
         raise HostError(f"cannot read {path}: {e.strerror}") from e
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # [] has no .get
         raise HostError(f"{path} is not a kvmaccel tuning file ({e}); remove it or run "
                         "kvmaccel tune again") from e
 
