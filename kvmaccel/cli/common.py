@@ -6,19 +6,25 @@ from __future__ import annotations
 import contextlib
 import grp
 import logging
+import os
 import pwd
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..engine.populate import ProgressFn
 from ..errors import UsageError
-from ..model.units import format_size, parse_node_spec, parse_size
+from ..model.textfile import MAX_TEXT_BYTES, read_regular
+from ..model.units import format_size, parse_node_list, parse_size
 from ..plan.limits import DEFAULT_MIN_CHUNK_BYTES, DEFAULT_NICE, Limits
+
+if TYPE_CHECKING:
+    from ..plan.config import HookConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +37,139 @@ MAX_ID = (1 << 32) - 2
 """The largest user or group id (``(uid_t) -1`` means "no change" to chown)."""
 
 
-def parse_nodes(text: str | None) -> tuple[int, ...]:
-    return tuple(sorted(parse_node_spec(text))) if text else ()
+def parse_nodes(text: str | None, what: str = "--nodes") -> tuple[int, ...]:
+    """``--nodes``: absent is no binding; given, it must name a node (``""`` is refused)."""
+    return () if text is None else parse_node_list(text, what)
+
+
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+def check_path(path: str, what: str = "PATH") -> str:
+    """A path the user gave for a file to create or remove: not empty, and within the
+    kernel's limits (a longer name fails with ENAMETOOLONG deep in the engine)."""
+    if not path:
+        raise UsageError(f"{what} is empty; give the path of a file")
+    raw = path.encode(errors="surrogateescape")
+    if len(raw) >= PATH_MAX or any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        raise UsageError(f"{what} {path[:40]!r}... is too long: a file name has at most "
+                         f"{NAME_MAX} bytes, a path less than {PATH_MAX}; give a shorter one")
+    return path
+
+
+def read_input(path: str, what: str = "DOMAIN.xml") -> bytes:
+    """The bytes of the file the user named (``-``: stdin), refusing a directory, FIFO or
+    device (the read would never end) and anything above 16 MiB."""
+    if path == "-":
+        return sys.stdin.buffer.read(MAX_TEXT_BYTES + 1)[:MAX_TEXT_BYTES] if sys.stdin else b""
+    if not path:
+        raise UsageError(f"{what} is empty; give a file name, or - for stdin")
+    try:
+        return read_regular(path)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}; give {what} as a file, or - "
+                         "for stdin") from None
+
+
+def read_text_input(path: str, what: str = "DOMAIN.xml") -> str:
+    """:func:`read_input` as UTF-8 text (what libvirt's XML is)."""
+    data = read_input(path, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {path}: not UTF-8 text (byte {e.start}); give a domain XML "
+                         "file as libvirt writes it") from None
+
+
+def load_config(path: str | None) -> HookConfig:
+    """The config file of ``--config FILE`` (which must exist), else the default one."""
+    from ..plan.config import read_config  # not on `kvmaccel run`'s path
+
+    return read_config(path, required=path is not None)
+
+
+def quiet_libvirt() -> None:
+    """libvirt-python prints every error on stderr itself ("libvirt: error : ...") before
+    raising it; kvmaccel says what went wrong in its own one line."""
+    try:
+        import libvirt
+    except ImportError:
+        return
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def existing_file(_ctx: click.Context, param: click.Parameter, value: str | None
+                  ) -> str | None:
+    """An option naming a file to read: it must exist and be a regular file (a directory
+    gave a traceback, a FIFO or /dev/zero a read that never ends)."""
+    if value is not None:
+        _check_kind(value, param, stat.S_ISREG, "a regular file")
+    return value
+
+
+def file_if_any(_ctx: click.Context, param: click.Parameter, value: str | None
+                ) -> str | None:
+    """An option naming a file that may not exist yet (a record file before the first
+    event), but if it does, is a regular file."""
+    if value is not None and (not value or os.path.lexists(value)):
+        _check_kind(value, param, stat.S_ISREG, "a regular file")
+    return value
+
+
+def existing_dirs(_ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """An option naming directories (``--dir``, repeatable or not): each must exist (a
+    mistyped one silently meant the filesystem it would be on)."""
+    for path in (value,) if isinstance(value, str) else value or ():
+        _check_kind(path, param, stat.S_ISDIR, "a directory")
+    return value
+
+
+def _check_kind(path: str, param: click.Parameter, is_kind: Callable[[int], bool],
+                kind: str) -> None:
+    name = param.opts[0] if param.opts else param.name
+    try:
+        st = os.stat(path) if path else None
+    except OSError as e:
+        raise click.BadParameter(f"{path}: {e.strerror}; give {kind} that exists") from None
+    if st is None or not is_kind(st.st_mode):
+        raise click.BadParameter(f"{path!r} is not {kind}; give {kind} that exists",
+                                 param_hint=f"'{name}'")
+
+
+MAX_DOMAIN_ID = (1 << 31) - 1
+
+
+def check_domain_id(_ctx: click.Context, _param: click.Parameter,
+                    value: int | None) -> int | None:
+    """``--id N``: libvirt's ids of running guests are 1 to 2^31-1; -1 is a guest not
+    running (what ``virsh domxml-to-native`` uses)."""
+    if value is not None and value != -1 and not 1 <= value <= MAX_DOMAIN_ID:
+        raise click.BadParameter(f"{value} is no libvirt domain id; give 1 to {MAX_DOMAIN_ID}, "
+                                 "or -1 for a guest that is not running")
+    return value
+
+
+class Seconds(click.ParamType[float]):
+    """A finite number of seconds from ``low`` to ``high`` (click's FloatRange lets nan
+    through: every comparison with nan is false)."""
+
+    name = "seconds"
+
+    def __init__(self, low: float, high: float, low_open: bool = False) -> None:
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        above_low = seconds > self.low if self.low_open else seconds >= self.low
+        if not (above_low and seconds <= self.high):
+            low = f"above {self.low:g}" if self.low_open else f"from {self.low:g}"
+            self.fail(f"{value!r} is not a number of seconds {low} to {self.high:g}", param, ctx)
+        return seconds
 
 
 def parse_owner(text: str | None) -> tuple[int | None, int | None]:

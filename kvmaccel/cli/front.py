@@ -16,6 +16,7 @@ import click
 from ..errors import UsageError
 from ..hook import divert as divert_mod
 from ..hook import front as hook_front
+from .common import quiet_libvirt, read_text_input
 
 
 @click.group()
@@ -96,12 +97,7 @@ def _domain_command(name: str, edit: Callable[[str], hook_front.EmulatorChange],
         if xml_file is not None:
             if domains or all_domains or not dry_run:
                 raise UsageError("--xml FILE needs --dry-run and no DOMAIN or --all")
-            try:
-                with open(xml_file, encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as e:
-                raise UsageError(f"cannot read {xml_file}: {e.strerror}") from None
-            change = edit(text)
+            change = edit(read_text_input(xml_file))
             click.echo(change.xml, nl=False)
             click.echo(_describe(xml_file, change), err=True)
             return
@@ -120,6 +116,7 @@ def _describe(what: str, change: hook_front.EmulatorChange) -> str:
 
 def _edit_defined(names: tuple[str, ...], all_domains: bool, uri: str, dry_run: bool,
                   op: str, edit: Callable[[str], hook_front.EmulatorChange]) -> None:
+    quiet_libvirt()
     try:
         import libvirt
     except ImportError:

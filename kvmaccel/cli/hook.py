@@ -18,6 +18,7 @@ from ..errors import KvmaccelError
 from ..hook import install as hook_install
 from ..plan.config import DEFAULT_PATH as DEFAULT_CONFIG
 from ..plan.config import read_config
+from .common import load_config
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def install(libvirt_dir: str, config_path: str | None, python: str | None) -> No
     """Install the hook as <DIR>/hooks/qemu.d/kvmaccel (an existing hooks/qemu is kept)."""
     if config_path is not None:
         config_path = os.path.abspath(config_path)
-        read_config(config_path)  # refuse a broken file now rather than at the next start
+        # refuse a missing or broken file now rather than at the next start
+        load_config(config_path)
     st = hook_install.install(libvirt_dir, python=python, config_path=config_path)
     click.echo(f"installed {st.path} (python {st.python})")
     if st.main_hook:

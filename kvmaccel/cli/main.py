@@ -21,10 +21,12 @@ from ..engine.backing import BackingSpec, populate_backings, release
 from ..engine.populate import describe_helpers
 from ..errors import KvmaccelError, UsageError
 from ..host.facts import read_host
-from ..model.units import format_size, parse_cpu_spec, parse_size
+from ..model.units import format_size, parse_cpu_spec, parse_page_size, parse_size
 from ..plan.limits import DEFAULT_NICE
 from .common import (
+    Seconds,
     cancel_on_signals,
+    check_path,
     limits_options,
     make_limits,
     parse_mode,
@@ -34,6 +36,9 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_THREAD_COUNTS = 32
+"""The most thread counts ``bench --threads`` compares (each is several runs)."""
 
 
 class _Group(click.Group):
@@ -52,12 +57,38 @@ class _Group(click.Group):
         assert isinstance(command, click.Command)
         return command
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            _usage_error(e, ctx)
+            raise  # not reached
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except KvmaccelError as e:
             click.echo(f"kvmaccel: error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except click.UsageError as e:
+            _usage_error(e, ctx)
+
+
+def _usage_error(e: click.UsageError, ctx: click.Context) -> None:
+    """click's own usage errors (an option that is not an integer, a file that does not
+    exist, an unknown option) as one line too, exit 2; a bare ``kvmaccel`` still prints the
+    help."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        raise e
+    names = []
+    at: click.Context | None = e.ctx or ctx
+    while at is not None and at.parent is not None:
+        names.append(at.info_name or "")
+        at = at.parent
+    where = " ".join(["kvmaccel", *reversed(names)])
+    message = " ".join(e.format_message().split()).rstrip(".")
+    click.echo(f"kvmaccel: error: {message}; see '{where} --help'", err=True)
+    ctx.exit(2)
 
 
 @click.group(cls=_Group)
@@ -93,7 +124,7 @@ def populate(path: str, size: str, nodes: str | None, policy: str, mode: str,
     """
     file_mode = parse_mode(mode)
     uid, gid = parse_owner(owner)
-    spec = BackingSpec(path=path, size_bytes=parse_size(size), nodes=parse_nodes(nodes),
+    spec = BackingSpec(path=check_path(path), size_bytes=parse_size(size), nodes=parse_nodes(nodes),
                        policy=policy, mode=file_mode, uid=uid, gid=gid)
     limits = make_limits(**limit_args)
     host = read_host()
@@ -115,7 +146,7 @@ def populate(path: str, size: str, nodes: str | None, policy: str, mode: str,
 def release_cmd(paths: tuple[str, ...]) -> None:
     """Remove files that kvmaccel created and recorded (never any other file)."""
     for path in paths:
-        freed = release(path)
+        freed = release(check_path(path))
         click.echo(f"{path}: released {format_size(freed)}")
 
 
@@ -134,7 +165,8 @@ def release_cmd(paths: tuple[str, ...]) -> None:
 @click.option("--vs-qemu", is_flag=True, help="Also time QEMU's own prealloc-threads.")
 @click.option("--competitor", "with_competitor", is_flag=True,
               help="Also measure the slowdown helpers cause a CPU-bound load.")
-@click.option("--competitor-seconds", type=float, default=10.0, show_default=True)
+@click.option("--competitor-seconds", type=Seconds(0, 3600, low_open=True), default=10.0,
+              show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
 def bench(size: str, kind: str, page_size: str | None, directory: str | None,
           threads_text: str | None, runs: int, nice: int, vs_qemu: bool,
@@ -144,13 +176,18 @@ def bench(size: str, kind: str, page_size: str | None, directory: str | None,
 
     host = read_host()
     size_bytes = parse_size(size)
-    page_kib = parse_size(page_size) // 1024 if page_size else None
+    page_kib = parse_page_size(page_size) if page_size is not None else None
     backing = b.choose_backing(kind, size_bytes, page_kib, directory, host)
+    if page_kib not in (None, host.base_page_size_kib) and backing.kind == "tmpfs":
+        raise UsageError(f"--page-size {page_size}: tmpfs has only {host.base_page_size_kib} "
+                         "KiB pages (and no hugetlbfs mount has enough free pages of that "
+                         "size); give --backing hugetlbfs or memfd, or no --page-size")
     cpus = len(os.sched_getaffinity(0))
-    if threads_text:
+    if threads_text is not None:
         threads = sorted(parse_cpu_spec(threads_text))
-        if not threads or threads[0] < 1:
-            raise UsageError(f"invalid --threads {threads_text!r}; give counts such as 1,2,4")
+        if not threads or threads[0] < 1 or len(threads) > MAX_THREAD_COUNTS:
+            raise UsageError(f"invalid --threads {threads_text[:40]!r}; give from 1 to "
+                             f"{MAX_THREAD_COUNTS} counts such as 1,2,4")
     else:
         threads = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= max(cpus, 1)]
     emit = (lambda line: click.echo(line, err=True)) if as_json else click.echo

@@ -14,6 +14,7 @@ from ..errors import UsageError
 from ..hook import doctor as doc
 from ..hook import install as hook_install
 from ..paths import DEFAULT_RECORD_FILE
+from .common import existing_dirs, existing_file, file_if_any, quiet_libvirt
 
 _MARK = {doc.OK: "ok", doc.INFO: "--", doc.WARN: "WARN", doc.FAIL: "FAIL"}
 
@@ -46,7 +47,8 @@ def _defined_domains(uri: str) -> tuple[list[tuple[str, str]] | None, str]:
               metavar="DIR", help="libvirt's configuration directory (hooks/ lives in it).")
 @click.option("--qemu-conf", "qemu_conf", metavar="FILE",
               help="libvirt's qemu.conf (default: the config's qemu_conf).")
-@click.option("--config", "config_path", metavar="FILE", help="kvmaccel's config file.")
+@click.option("--config", "config_path", metavar="FILE", callback=existing_file,
+              help="kvmaccel's config file.")
 @click.option("--uri", default="qemu:///system", show_default=True,
               help="libvirt connection for the defined guests (read-only).")
 @click.option("--no-guests", is_flag=True, help="Do not ask libvirt for the guests.")
@@ -59,6 +61,7 @@ def doctor(ctx: click.Context, libvirt_dir: str, qemu_conf: str | None,
     the hook and the emulator front, AppArmor and SELinux, and which defined guests kvmaccel
     would serve and why not the others.  Exit 1 when something is wrong (a FAIL line).
     """
+    quiet_libvirt()
     domains, note = (None, "--no-guests") if no_guests else _defined_domains(uri)
     findings = doc.run(doc.DoctorInput(libvirt_dir=libvirt_dir, qemu_conf_path=qemu_conf,
                                        config_path=config_path, domains=domains,
@@ -76,10 +79,10 @@ def doctor(ctx: click.Context, libvirt_dir: str, qemu_conf: str | None,
 @click.option("--textfile", "textfile_dir", metavar="DIR",
               help="Write DIR/kvmaccel.prom atomically (node_exporter's textfile collector) "
                    "instead of printing.")
-@click.option("--records", "record_path", metavar="FILE",
+@click.option("--records", "record_path", metavar="FILE", callback=file_if_any,
               help="The record file (default $KVMACCEL_RECORD_FILE, else the config's "
                    f"record_file, {DEFAULT_RECORD_FILE} unless set).")
-@click.option("--pool-dir", "pool_dirs", multiple=True, metavar="DIR",
+@click.option("--pool-dir", "pool_dirs", multiple=True, metavar="DIR", callback=existing_dirs,
               help="Pools to report (default: every pool on a hugetlbfs or tmpfs mount).")
 def metrics(textfile_dir: str | None, record_path: str | None,
             pool_dirs: tuple[str, ...]) -> None:

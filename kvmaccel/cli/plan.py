@@ -22,13 +22,13 @@ from ..host.facts import read_host
 from ..model.domain import parse_domain
 from ..model.qemuconf import read_qemu_conf
 from ..model.units import format_cpu_spec, format_size
-from ..plan.config import read_config
 from ..plan.energy import MODES
 from ..plan.limits import Limits
 from ..plan.planjson import plan_to_json
 from ..plan.planner import BackendPlan, DomainPlan, plan_domain
 from ..plan.policy import host_policy
 from ..pool.manage import Pool, PoolEntry, key_for, pool_dir_for, reserved_first
+from .common import check_domain_id, load_config, read_input
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,10 @@ def format_plan(plan: DomainPlan, sources: dict[str, str] | None = None) -> str:
 
 
 @click.command(name="plan")
-@click.argument("domain_xml", metavar="DOMAIN.xml")
+@click.argument("domain_xml", metavar="DOMAIN.xml")  # - reads stdin
 @click.option("--qemu-conf", "qemu_conf", metavar="FILE",
               help="qemu.conf to read (default: <root>/etc/libvirt/qemu.conf if present).")
-@click.option("--id", "domain_id", type=int, metavar="N",
+@click.option("--id", "domain_id", type=int, metavar="N", callback=check_domain_id,
               help="Domain id for the paths (default: the XML's id, else -1).")
 @click.option("--root", default="/", show_default=True, metavar="DIR",
               help="Read /sys and /proc under DIR (a fake host tree for tests).")
@@ -152,16 +152,12 @@ def format_plan(plan: DomainPlan, sources: dict[str, str] | None = None) -> str:
 def plan(domain_xml: str, qemu_conf: str | None, domain_id: int | None, root: str,
          config_path: str | None, energy: str | None, as_json: bool) -> None:
     """Show the memory backends libvirt will create for DOMAIN.xml and kvmaccel's plan."""
-    try:
-        with open(domain_xml, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UsageError(f"cannot read {domain_xml}: {e.strerror}") from None
+    data = read_input(domain_xml)
     if not os.path.isdir(root):
         raise UsageError(f"--root {root} is not a directory")
     domain = parse_domain(data)
     front, front_note = emulator_is_front(domain.emulator)
-    settings = read_config(config_path).energy
+    settings = load_config(config_path).energy
     if energy is not None:
         settings = dataclasses.replace(settings, mode=energy)
     host = read_host(root)

@@ -20,11 +20,20 @@ from ..hook.front import is_front
 from ..host.facts import HostFacts, read_host
 from ..model.domain import parse_domain
 from ..model.qemuconf import read_qemu_conf
-from ..model.units import format_size, parse_size
+from ..model.units import format_size, parse_page_size, parse_size
 from ..plan.config import read_config
 from ..plan.planner import plan_domain
 from ..pool.manage import POOL_DIRNAME, Pool, PoolKey, key_for, pool_dir_for, spawn_scrub
-from .common import cancel_on_signals, limits_options, make_limits, parse_nodes
+from .common import (
+    Seconds,
+    cancel_on_signals,
+    existing_dirs,
+    limits_options,
+    load_config,
+    make_limits,
+    parse_nodes,
+    read_input,
+)
 
 
 def _pool(directory: str, host: HostFacts, max_bytes: str | None,
@@ -32,9 +41,22 @@ def _pool(directory: str, host: HostFacts, max_bytes: str | None,
     config = read_config()
     return Pool(
         pool_dir_for(directory, host.mounts),
-        max_bytes=parse_size(max_bytes) if max_bytes else config.pool_max_bytes,
-        max_node_bytes=(parse_size(max_node_bytes) if max_node_bytes
+        max_bytes=parse_size(max_bytes) if max_bytes is not None else config.pool_max_bytes,
+        max_node_bytes=(parse_size(max_node_bytes) if max_node_bytes is not None
                         else config.pool_max_node_bytes))
+
+
+def _page_of(directory: str, host: HostFacts) -> int:
+    """The page size, in KiB, of the filesystem ``directory`` is on: its hugetlbfs mount's,
+    or the base page size on tmpfs (what a pool file there is made of, whatever was asked)."""
+    absolute = os.path.realpath(directory)
+    best = None
+    for mount in host.mounts:
+        if absolute == mount.path or absolute.startswith(mount.path.rstrip("/") + "/"):
+            best = mount if best is None or len(mount.path) >= len(best.path) else best
+    if best is not None and best.fs_type == "hugetlbfs" and best.page_size_kib:
+        return best.page_size_kib
+    return host.base_page_size_kib
 
 
 def _all_pools(host: HostFacts, directories: tuple[str, ...]) -> list[Pool]:
@@ -69,13 +91,15 @@ def pool() -> None:
 @click.option("--size", help="Size of each file, e.g. 8G (not with --for).")
 @click.option("--page-size", help="Huge page size (a hugetlbfs mount with it); default: "
               "base pages on /dev/shm.")
-@click.option("--dir", "directory", help="A directory on the filesystem the pool is for.")
+@click.option("--dir", "directory", callback=existing_dirs,
+              help="A directory on the filesystem the pool is for.")
 @click.option("--nodes", help="Host nodes the memory is bound to, e.g. 0 or 0,1.")
 @click.option("--policy", type=click.Choice(["bind", "preferred", "interleave"]),
               default="bind", show_default=True)
 @click.option("--count", type=click.IntRange(1, 1000), default=1, show_default=True)
-@click.option("--for", "domain_xml", type=click.Path(exists=True, dir_okay=False),
-              help="Fill one file per backend kvmaccel would populate for this domain.")
+@click.option("--for", "domain_xml", metavar="DOMAIN.xml",
+              help="Fill one file per backend kvmaccel would populate for this domain "
+                   "(- reads stdin).")
 @click.option("--qemu-conf", type=click.Path(dir_okay=False), help="qemu.conf for --for.")
 @click.option("--reserve", is_flag=True, help="With --for: reserve the files to that guest.")
 @click.option("--max-bytes", help="Most the pool may hold (default: the config's).")
@@ -87,16 +111,21 @@ def fill(size: str | None, page_size: str | None, directory: str | None, nodes: 
          reserve: bool, max_bytes: str | None, max_node_bytes: str | None, as_json: bool,
          **limit_args: Any) -> None:
     """Add COUNT clean files to a pool (of --size, or as a domain's plan says)."""
+    if reserve and domain_xml is None:
+        raise UsageError("--reserve reserves the files of --for DOMAIN.xml to that guest; give "
+                         "--for, or drop --reserve")
+    if domain_xml is not None and (size or page_size or nodes):
+        raise UsageError("--for takes sizes, pages and nodes from the domain; drop --size, "
+                         "--page-size and --nodes")
+    for text in (max_bytes, max_node_bytes):
+        if text is not None:
+            parse_size(text)  # now, before anything is made
     _enter_cgroup()
     host = read_host()
     limits = make_limits(**limit_args)
     wanted: list[tuple[str, PoolKey]] = []
-    if domain_xml:
-        if size or page_size or nodes:
-            raise UsageError("--for takes sizes, pages and nodes from the domain; drop --size, "
-                             "--page-size and --nodes")
-        with open(domain_xml, "rb") as f:
-            domain = parse_domain(f.read())
+    if domain_xml is not None:
+        domain = parse_domain(read_input(domain_xml))
         plan = plan_domain(domain, host, read_qemu_conf(qemu_conf), limits,
                            front=is_front(domain.emulator))
         for b in plan.populated:
@@ -108,20 +137,28 @@ def fill(size: str | None, page_size: str | None, directory: str | None, nodes: 
             raise UsageError(f"{domain_xml}: kvmaccel populates none of this domain's memory "
                              "(see 'kvmaccel plan'); nothing to fill")
     else:
-        if not size:
+        if size is None:
             raise UsageError("give --size (e.g. --size 8G) or --for DOMAIN.xml")
-        page_kib = parse_size(page_size) // 1024 if page_size else host.base_page_size_kib
+        size_bytes = parse_size(size)
+        asked = parse_page_size(page_size) if page_size is not None else None
         if directory is None:
-            if page_size:
-                mounts = [m for m in host.hugetlbfs_mounts if m.page_size_kib == page_kib]
+            if asked is not None and asked != host.base_page_size_kib:
+                mounts = [m for m in host.hugetlbfs_mounts if m.page_size_kib == asked]
                 if not mounts:
                     raise UsageError(f"no hugetlbfs mount with {page_size} pages; mount one or "
                                      "give --dir")
                 directory = mounts[0].path
             else:
                 directory = "/dev/shm"
+        # The file's pages are its filesystem's: a pool file keyed otherwise serves no guest.
+        page_kib = _page_of(directory, host)
+        if asked is not None and asked != page_kib:
+            raise UsageError(f"--page-size {page_size}: {directory} is on a filesystem of "
+                             f"{format_size(page_kib * 1024)} pages; give --page-size "
+                             f"{format_size(page_kib * 1024)}, or --dir on a hugetlbfs of "
+                             f"{page_size} pages")
         node_list = parse_nodes(nodes)
-        wanted.append((directory, key_for(parse_size(size), page_kib, node_list, policy)))
+        wanted.append((directory, key_for(size_bytes, page_kib, node_list, policy)))
     report = []
     for where, key in wanted:
         target = _pool(where, host, max_bytes, max_node_bytes)
@@ -140,7 +177,8 @@ def fill(size: str | None, page_size: str | None, directory: str | None, nodes: 
 
 
 @pool.command(name="list")
-@click.option("--dir", "directories", multiple=True, help="Only this pool's filesystem.")
+@click.option("--dir", "directories", multiple=True, callback=existing_dirs,
+              help="Only this pool's filesystem.")
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(directories: tuple[str, ...], as_json: bool) -> None:
     """Every pool file: state, size, page size, nodes, age, who uses it.
@@ -191,7 +229,8 @@ def _held_and_kept_free(entries: list[Any]) -> None:
 
 
 @pool.command()
-@click.option("--dir", "directories", multiple=True, help="Only this pool's filesystem.")
+@click.option("--dir", "directories", multiple=True, callback=existing_dirs,
+              help="Only this pool's filesystem.")
 @click.option("--detach", is_flag=True, help="Scrub in a background process at nice 19.")
 @limits_options
 def scrub(directories: tuple[str, ...], detach: bool, **limit_args: Any) -> None:
@@ -209,7 +248,8 @@ def scrub(directories: tuple[str, ...], detach: bool, **limit_args: Any) -> None
 
 
 @pool.command()
-@click.option("--dir", "directories", multiple=True, help="Only this pool's filesystem.")
+@click.option("--dir", "directories", multiple=True, callback=existing_dirs,
+              help="Only this pool's filesystem.")
 def drain(directories: tuple[str, ...]) -> None:
     """Remove every pool file not in use, giving its pages back to the system."""
     freed = sum(p.drain() for p in _all_pools(read_host(), directories))
@@ -221,11 +261,11 @@ def drain(directories: tuple[str, ...]) -> None:
 @click.option("--daemon", is_flag=True, help="Detach and keep going in the background, for "
               "hosts without systemd; the pidfile says which process.")
 @click.option("--pidfile", help="With --daemon (default: <run_dir>/pool-keep.pid).")
-@click.option("--interval", type=click.FloatRange(0.1, 86400), default=60.0, show_default=True,
+@click.option("--interval", type=Seconds(0.1, 86400), default=60.0, show_default=True,
               help="Seconds between passes.")
 @click.option("--uri", default="qemu:///system", show_default=True,
               help="libvirt, for the persistent domains' targets (keep_domains).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+@click.option("--config", "config_file", metavar="FILE",
               help="The config file (default: /etc/kvmaccel/kvmaccel.toml).")
 @click.option("--install-unit", is_flag=True, help="Write a systemd unit that runs the "
               "keeper (enable it with systemctl), and exit.")
@@ -239,7 +279,9 @@ def keep(once: bool, daemon: bool, pidfile: str | None, interval: float, uri: st
     from ..errors import KvmaccelError
     from ..pool import keep as k
 
-    config = read_config(config_file)
+    if pidfile is not None and not daemon:
+        raise UsageError("--pidfile goes with --daemon; drop it, or add --daemon")
+    config = load_config(config_file)
     os.environ["KVMACCEL_RUN_DIR"] = config.run_dir  # the hook's pool states, not another's
     if install_unit:
         click.echo(f"wrote {k.install_unit(config_file)}; run: systemctl daemon-reload && "

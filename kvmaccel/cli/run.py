@@ -31,7 +31,16 @@ from ..launch.status import BackendStatus, libvirt_qemu_pid, qemu_status
 from ..model.qemuconf import read_qemu_conf
 from ..model.units import format_cpu_spec, format_size
 from ..plan.planner import plan_domain
-from .common import cancel_on_signals, limits_options, make_limits, progress_bar
+from .common import (
+    Seconds,
+    cancel_on_signals,
+    check_domain_id,
+    limits_options,
+    make_limits,
+    progress_bar,
+    quiet_libvirt,
+    read_text_input,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +86,7 @@ def run(dry_run: bool, qemu_argv: tuple[str, ...], **limit_args: Any) -> None:
 @click.argument("domain_xml_file", metavar="[DOMAIN.xml]", required=False)
 @click.option("--domain", "domain_name", metavar="NAME", help="A domain defined in libvirt.")
 @click.option("--connect", "uri", metavar="URI", help="libvirt URI (default: libvirt's own).")
-@click.option("--id", "domain_id", type=int, metavar="N",
+@click.option("--id", "domain_id", type=int, metavar="N", callback=check_domain_id,
               help="Domain id the guest will get (default: the XML's, else -1); it is part of "
                    "the paths.")
 @click.option("--qemu-conf", metavar="FILE",
@@ -97,13 +106,10 @@ def prealloc(domain_xml_file: str | None, domain_name: str | None, uri: str | No
     if domain_name is None and uri is not None:
         raise UsageError("--connect goes with --domain NAME")
     if domain_xml_file is not None:
-        try:
-            with open(domain_xml_file, encoding="utf-8") as f:
-                xml = f.read()
-        except OSError as e:
-            raise UsageError(f"cannot read {domain_xml_file}: {e.strerror}") from None
+        xml = read_text_input(domain_xml_file)
     else:
         assert domain_name is not None
+        quiet_libvirt()
         xml, running_id = domain_xml(domain_name, uri)
         if running_id >= 0:
             raise UsageError(f"domain {domain_name!r} is running (id {running_id}): its memory "
@@ -147,6 +153,7 @@ def status(domain_name: str | None, uri: str | None, pid: int | None, as_json: b
         raise UsageError("give either --domain NAME or --pid PID")
     requested: dict[str, tuple[int, ...]] | None = None
     if domain_name is not None:
+        quiet_libvirt()
         xml, domain_id = domain_xml(domain_name, uri)
         from ..model.domain import parse_domain
         from ..plan.limits import Limits
@@ -181,9 +188,9 @@ def status(domain_name: str | None, uri: str | None, pid: int | None, as_json: b
 @click.option("--threads", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Populating threads, for QEMU (prealloc-threads) and kvmaccel alike.")
 @click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True)
-@click.option("--nice", type=int, default=0, show_default=True,
+@click.option("--nice", type=click.IntRange(-20, 19), default=0, show_default=True,
               help="Niceness of kvmaccel's helpers (QEMU's threads run at 0).")
-@click.option("--wait", "wait_s", type=float, default=0.0, show_default=True,
+@click.option("--wait", "wait_s", type=Seconds(0, 3600), default=0.0, show_default=True,
               help="Seconds to wait for free huge pages before each start (a shared pool).")
 @click.option("--qemu", default="qemu-system-x86_64", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the times as JSON.")

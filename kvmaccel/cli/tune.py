@@ -19,7 +19,7 @@ import click
 from ..bench.tune import DEFAULT_ROUNDS, ProgressFn, measure
 from ..errors import HostError
 from ..host.facts import read_host
-from ..model.units import parse_node_spec, parse_size
+from ..model.units import parse_node_list, parse_page_size, parse_size
 from ..plan.tuning import (
     Tuning,
     format_curves,
@@ -108,9 +108,11 @@ def tune(size: str | None, rounds: int, nodes: str | None, max_threads: int | No
     fingerprint = host_fingerprint(host)
     with cancel_on_signals() as cancel, _progress(not as_json) as progress:
         result = measure(
-            host, fingerprint, size_bytes=parse_size(size) if size else None, rounds=rounds,
-            nodes=sorted(parse_node_spec(nodes)) if nodes else None, max_threads=max_threads,
-            page_sizes_kib=[parse_size(p) // 1024 for p in page_sizes] or None,
+            host, fingerprint, size_bytes=parse_size(size) if size is not None else None,
+            rounds=rounds,
+            nodes=list(parse_node_list(nodes)) if nodes is not None else None,
+            max_threads=max_threads,
+            page_sizes_kib=[parse_page_size(p) for p in page_sizes] or None,
             progress=progress, cancel=cancel)
     if not no_save:
         save_tuning(result, path)

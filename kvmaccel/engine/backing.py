@@ -32,7 +32,7 @@ from .. import safefs
 from ..errors import BackingError, CapacityError, KvmaccelError, TargetError, UsageError
 from ..host import sysmem
 from ..host.facts import HostFacts
-from ..model.units import format_size
+from ..model.units import format_cpu_spec, format_size
 from ..paths import run_dir
 from ..plan.limits import Limits, split_across_nodes
 from ..safefs import write_json_atomic
@@ -313,8 +313,8 @@ def check_capacity(targets: Sequence[_Target], host: HostFacts) -> None:
         missing = sorted(set(t.spec.nodes) - set(host.nodes))
         if missing:
             raise UsageError(
-                f"NUMA node {','.join(map(str, missing))} does not exist; this host has "
-                f"node(s) {','.join(map(str, sorted(host.nodes)))}")
+                f"NUMA node {format_cpu_spec(missing)} does not exist; this host has "
+                f"node(s) {format_cpu_spec(sorted(host.nodes))}")
         need = max(0, t.spec.size_bytes - t.existing_bytes)
         if 0 <= t.fs_available_bytes < need:
             raise CapacityError(
