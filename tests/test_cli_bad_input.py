@@ -9,6 +9,8 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -175,3 +177,178 @@ def test_pool_fill_cancels_and_leaves_nothing(shm_dir: str, run_dir: str, signum
               if n.endswith(".json")]
     records = os.path.join(run_dir, "files")
     assert states == [] and (not os.path.isdir(records) or os.listdir(records) == [])
+
+
+# --- issue 20, finding 9: each bad input is one line, exit 2, and nothing is left ----------
+
+DOMAIN = ("<domain type='kvm'><name>g</name><uuid>11111111-2222-3333-4444-555555555555</uuid>"
+          "{memory}<memoryBacking><source type='file'/><access mode='shared'/>{backing}"
+          "</memoryBacking>{extra}<os><type arch='x86_64'>hvm</type></os><devices>"
+          "<emulator>/usr/bin/qemu-system-x86_64</emulator>{devices}</devices></domain>")
+
+
+def domain(memory: str = "<memory unit='MiB'>64</memory>", backing: str = "",
+           extra: str = "", devices: str = "") -> str:
+    return DOMAIN.format(memory=memory, backing=backing, extra=extra, devices=devices)
+
+
+class Dirs:
+    """Where a case makes its inputs: ``tmp`` (ext4) and ``shm`` (a private tmpfs)."""
+
+    def __init__(self, tmp: str, shm: str) -> None:
+        self.tmp, self.shm = tmp, shm
+
+    def file(self, name: str, text: str | bytes) -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
+        return path
+
+    def xml(self, text: str | bytes = "") -> str:
+        return self.file("d.xml", text or domain())
+
+    def qemu_conf(self) -> str:  # guest files on the private tmpfs
+        return self.file("qemu.conf", f'memory_backing_dir = "{self.shm}"\n')
+
+    def toml(self, text: str) -> str:
+        return self.file("k.toml", text)
+
+    def fifo(self) -> str:
+        path = os.path.join(self.tmp, "fifo")
+        os.mkfifo(path)
+        return path
+
+
+Args = Callable[[Dirs], list[str]]
+PLAN = ["plan", "--qemu-conf", "/dev/null"]
+
+
+def plan_xml(text: str) -> Args:
+    return lambda d: [*PLAN, d.xml(text)]
+
+
+def plan_config(text: str) -> Args:
+    return lambda d: [*PLAN, d.xml(), "--config", d.toml(text)]
+
+
+# (id, arguments, words in the one line; the comment says how today's main failed)
+BAD_INPUT: list[tuple[str, Args, str]] = [
+    # old: exit 0, the defaults
+    ("config-missing", lambda d: [*PLAN, d.xml(), "--config", f"{d.tmp}/kvmacel.toml"],
+     "does not exist"),
+    ("config-empty-name", lambda d: [*PLAN, d.xml(), "--config", ""], "name is empty"),
+    # old: exit 0, hooks/qemu.d/kvmaccel installed naming a file that is not there
+    ("hook-install-config-missing", lambda d: ["hook", "install", "--libvirt-dir", d.tmp,
+                                               "--config", f"{d.tmp}/none.toml"],
+     "does not exist"),
+    ("keep-config-missing", lambda d: ["pool", "keep", "--once", "--config",
+                                       f"{d.tmp}/none.toml"], "does not exist"),
+    # old: exit 0; nan meant no limit, inf killed the hook's timer thread
+    ("timeout-nan", plan_config("populate_timeout_s = nan"), "not nan"),
+    ("timeout-inf", plan_config("populate_timeout_s = inf"), "not inf"),
+    ("timeout-1e300", plan_config("populate_timeout_s = 1e300"), "up to 86400"),
+    # old: exit 0, a 3M "page size" taken
+    ("keep-page-3M", plan_config('[[pool.keep]]\nsize = "8M"\npage_size = "3M"'),
+     "a power of two"),
+    ("keep-nodes-empty", plan_config('[[pool.keep]]\nsize = "8M"\nnodes = ""'),
+     "names no NUMA node"),
+    # old: exit 0, planned as a 0-byte populate (prealloc populated it)
+    ("memory-0", plan_xml(domain("<memory>0</memory>")), "the size is 0"),
+    ("prealloc-memory-0", lambda d: ["prealloc", d.xml(domain("<memory>0</memory>")),
+                                     "--qemu-conf", d.qemu_conf()], "the size is 0"),
+    ("dimm-0", plan_xml(domain(
+        "<memory unit='MiB'>64</memory><maxMemory slots='2' unit='MiB'>512</maxMemory>",
+        extra="<cpu><numa><cell id='0' cpus='0' memory='65536'/></numa></cpu>",
+        devices="<memory model='dimm'><target><size>0</size><node>0</node></target>"
+                "</memory>")), "the size is 0"),
+    ("page-size-0", plan_xml(domain(backing="<hugepages><page size='0'/></hugepages>")),
+     "the size is 0"),
+    # old: exit 0, a plan of 104856551424T
+    ("memory-99999EiB", plan_xml(domain("<memory unit='EiB'>99999</memory>")), "too large"),
+    ("cpuset-0,,1", plan_xml(domain(extra="<vcpu cpuset='0,,1'>2</vcpu>")),
+     "an empty item between commas"),
+    # old: hang (a FIFO blocks the open)
+    ("xml-fifo", lambda d: [*PLAN[:1], d.fifo(), *PLAN[1:]], "not a regular file"),
+    ("config-fifo", lambda d: [*PLAN, d.xml(), "--config", d.fifo()], "not a regular file"),
+    ("qemu-conf-fifo", lambda d: ["plan", d.xml(), "--qemu-conf", d.fifo()],
+     "not a regular file"),
+    ("pool-for-fifo", lambda d: ["pool", "fill", "--for", d.fifo()], "not a regular file"),
+    # old: traceback
+    ("prealloc-not-utf8", lambda d: ["prealloc", d.xml(b"<domain>\xff</domain>")],
+     "not UTF-8"),
+    ("enable-not-utf8", lambda d: ["enable", "--xml", d.xml(b"<domain>\xff</domain>"),
+                                   "--dry-run"], "not UTF-8"),
+    ("populate-long-name", lambda d: ["populate", f"{d.shm}/{'a' * 300}", "--size", "4M"],
+     "is too long"),
+    ("release-long-name", lambda d: ["release", f"{d.shm}/{'a' * 300}"], "is too long"),
+    ("metrics-records-dir", lambda d: ["metrics", "--records", d.tmp], "is not a regular file"),
+    ("bench-seconds-nan", lambda d: ["bench", "--backing", "tmpfs", "--dir", d.shm, "--size",
+                                     "4M", "--runs", "1", "--threads", "1", "--competitor",
+                                     "--competitor-seconds", "nan"], "not a number of seconds"),
+    # old: exit 0, silently taken
+    ("keep-interval-nan", lambda d: ["pool", "keep", "--once", "--interval", "nan"],
+     "not a number of seconds"),
+    ("keep-pidfile-without-daemon", lambda d: ["pool", "keep", "--once", "--pidfile",
+                                               f"{d.tmp}/pid"], "--pidfile goes with --daemon"),
+    ("populate-nodes-empty", lambda d: ["populate", f"{d.shm}/g", "--size", "4M", "--nodes", ""],
+     "names no NUMA node"),
+    ("populate-nodes-^0", lambda d: ["populate", f"{d.shm}/g", "--size", "4M", "--nodes", "^0"],
+     "names no NUMA node"),
+    ("fill-tmpfs-page-2M", lambda d: ["pool", "fill", "--dir", d.shm, "--size", "4M",
+                                      "--page-size", "2M"], "a filesystem of 4K pages"),
+    ("fill-page-3M", lambda d: ["pool", "fill", "--dir", d.shm, "--size", "6M",
+                                "--page-size", "3M"], "a power of two"),
+    ("fill-dir-missing", lambda d: ["pool", "fill", "--dir", f"{d.shm}/typo", "--size", "4M"],
+     "No such file or directory"),
+    ("drain-dir-missing", lambda d: ["pool", "drain", "--dir", f"{d.shm}/typo"],
+     "No such file or directory"),
+    ("fill-reserve-without-for", lambda d: ["pool", "fill", "--dir", d.shm, "--size", "4M",
+                                            "--reserve"], "--reserve reserves"),
+    ("fill-max-bytes-empty", lambda d: ["pool", "fill", "--dir", d.shm, "--size", "4M",
+                                        "--max-bytes", ""], "invalid size ''"),
+    ("bench-tmpfs-page-2M", lambda d: ["bench", "--backing", "tmpfs", "--dir", d.shm,
+                                       "--page-size", "2M", "--size", "4M", "--runs", "1",
+                                       "--threads", "1"], "tmpfs has only 4 KiB pages"),
+    ("plan-id-minus-5", lambda d: [*PLAN, d.xml(), "--id", "-5"], "no libvirt domain id"),
+    ("prealloc-id-0", lambda d: ["prealloc", d.xml(), "--qemu-conf", d.qemu_conf(), "--id",
+                                 "0"], "no libvirt domain id"),
+    # old: click's four lines of usage
+    ("threads-not-an-integer", lambda d: ["populate", f"{d.shm}/g", "--size", "4M",
+                                          "--threads", "1.5"], "is not a valid integer"),
+    # old: a second line, libvirt's own ("libvirt: Test Driver error : Domain not found")
+    ("status-no-such-domain", lambda d: ["status", "--domain", "nosuch", "--connect",
+                                         "test:///default"], ""),
+    # old: one line of some 4000 characters
+    ("nodes-0-1023", lambda d: ["populate", f"{d.shm}/g", "--size", "4M", "--nodes", "0-1023"],
+     "NUMA node 1-1023 does not exist"),
+]
+
+
+def tree(*tops: str) -> dict[str, tuple[int, int]]:
+    found = {}
+    for top in tops:
+        for where, dirs, files in os.walk(top):
+            for name in [*dirs, *files]:
+                path = os.path.join(where, name)
+                st = os.lstat(path)
+                found[path] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+@pytest.mark.parametrize(("args", "words"), [c[1:] for c in BAD_INPUT],
+                         ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args: Args, words: str,
+                                                         tmp_path: Any, shm_dir: str) -> None:
+    dirs = Dirs(str(tmp_path), shm_dir)
+    argv = args(dirs)
+    before = tree(str(tmp_path), shm_dir)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "kvmaccel", *argv], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"kvmaccel {' '.join(argv)[:200]} hung")
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = one_line(proc)
+    assert proc.returncode == 2, (proc.returncode, line)
+    assert words in line, line
+    assert tree(str(tmp_path), shm_dir) == before, "a file was made, changed or removed"
