@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from kvmaccel.errors import KvmaccelError
 from kvmaccel.hook import front
 from tests.conftest import private_mount
 
@@ -241,3 +242,127 @@ def test_against_the_real_qemu_the_front_adds_at_most_10_ms(tmp_path: str) -> No
     print(f"front overhead on the real QEMU: {overhead:.2f} ms (direct "
           f"{statistics.median(direct):.2f} ms)")
     assert overhead <= 10
+
+
+# --- enable and disable: disable(enable(x)) == x byte for byte, and enable's XML is right ---
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOMAIN_FILES = sorted(glob.glob(os.path.join(TOP, "vm-fixtures", "*.xml"))
+                      + glob.glob(os.path.join(TOP, "tests", "data", "libvirt-cases", "*.xml")))
+QEMU = "/usr/bin/qemu-system-x86_64"
+BASE = (f"<domain type='kvm'>\n  <name>g</name>\n"
+        "  <uuid>11111111-2222-3333-4444-555555555555</uuid>\n"
+        f"  <memory unit='MiB'>64</memory>\n  <devices>\n    <emulator>{QEMU}</emulator>\n"
+        "  </devices>\n</domain>\n")
+EMULATOR = f"<emulator>{QEMU}</emulator>"
+NO_EMULATOR = BASE.replace(f"    {EMULATOR}\n", "")
+
+
+def _with(old: str, new: str, text: str = BASE) -> str:
+    assert old in text
+    return text.replace(old, new)
+
+
+# (id, XML, the emulator it has as libvirt reads it; None: none)
+ODD_XML: list[tuple[str, str, str | None]] = [
+    ("plain", BASE, QEMU),
+    ("no-trailing-newline", BASE.rstrip("\n"), QEMU),
+    ("crlf", BASE.replace("\n", "\r\n"), QEMU),
+    ("crlf-no-emulator", NO_EMULATOR.replace("\n", "\r\n"), None),
+    ("tabs", BASE.replace("  ", "\t"), QEMU),
+    ("one-line", BASE.replace("\n", "").replace("  ", ""), QEMU),
+    ("xml-declaration", "<?xml version='1.0' encoding='UTF-8'?>\n" + BASE, QEMU),
+    ("bom", "\ufeff" + BASE, QEMU),
+    ("no-uuid", _with("  <uuid>11111111-2222-3333-4444-555555555555</uuid>\n", ""), QEMU),
+    ("metadata-self-closed", _with("</uuid>\n", "</uuid>\n  <metadata/>\n"), QEMU),
+    ("metadata-self-closed-attrs",
+     _with("</uuid>\n", "</uuid>\n  <metadata xmlns:x='urn:x' />\n"), QEMU),
+    ("metadata-empty", _with("</uuid>\n", "</uuid>\n  <metadata></metadata>\n"), QEMU),
+    ("metadata-other-app",
+     _with("</uuid>\n", "</uuid>\n  <metadata>\n    <app:x xmlns:app='urn:a' b='1'/>\n"
+                        "  </metadata>\n"), QEMU),
+    ("metadata-spaced-tag", _with("</uuid>\n", "</uuid>\n  <metadata >\n  </metadata >\n"),
+     QEMU),
+    ("emulator-self-closed", _with(EMULATOR, "<emulator/>"), ""),
+    ("emulator-empty", _with(EMULATOR, "<emulator></emulator>"), ""),
+    ("emulator-attribute", _with(EMULATOR, f"<emulator type='x'>{QEMU}</emulator>"), QEMU),
+    ("emulator-spaces", _with(EMULATOR, f"<emulator> {QEMU} </emulator>"), f" {QEMU} "),
+    ("emulator-cdata", _with(EMULATOR, f"<emulator><![CDATA[{QEMU}]]></emulator>"), QEMU),
+    ("emulator-amp", _with(QEMU, "/opt/q&amp;x"), "/opt/q&x"),
+    ("emulator-apos", _with(QEMU, "/opt/q&apos;x"), "/opt/q'x"),
+    ("emulator-quot", _with(QEMU, "/opt/q&quot;x"), '/opt/q"x'),
+    ("emulator-raw-quote", _with(QEMU, '/opt/q"x'), '/opt/q"x'),
+    ("emulator-lt", _with(QEMU, "/opt/q&lt;x"), "/opt/q<x"),
+    ("emulator-charref", _with(QEMU, "/usr/bin/qemu&#45;system-x86_64"), QEMU),
+    ("emulator-in-comment", _with("<devices>\n", "<devices>\n    <!-- <emulator>/old</emulator>"
+                                                 " -->\n"), QEMU),
+    ("devices-in-comment", _with("  <devices>", "  <!-- <devices> -->\n  <devices>"), QEMU),
+    ("metadata-in-comment", _with("</uuid>\n", "</uuid>\n  <!-- <metadata> -->\n"), QEMU),
+    ("emulator-in-cdata", _with("</uuid>\n", "</uuid>\n  <title><![CDATA[<emulator>/a"
+                                             "</emulator>]]></title>\n"), QEMU),
+    ("metadata-in-cdata", _with("</uuid>\n", "</uuid>\n  <description><![CDATA[<metadata>]]>"
+                                             "</description>\n"), QEMU),
+    ("emulator-in-metadata", _with("</uuid>\n", "</uuid>\n  <metadata>\n    <a:b xmlns:a="
+                                                "'urn:a'><emulator>/x</emulator></a:b>\n"
+                                                "  </metadata>\n"), QEMU),
+    ("no-emulator", NO_EMULATOR, None),
+    ("devices-self-closed", _with("  <devices>\n  </devices>", "  <devices/>", NO_EMULATOR),
+     None),
+    ("attributes-reordered-note-of-another-ns",
+     _with("</uuid>\n", "</uuid>\n  <metadata>\n    <k:front emulator='x' xmlns:k='urn:other'/>"
+                        "\n  </metadata>\n"), QEMU),
+]
+
+
+def _check_enabled(xml: str, had: str | None) -> None:
+    """What libvirt will read: one <metadata> with one note remembering ``had``, and one
+    <emulator> that is the front."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(xml.lstrip("\ufeff").encode())
+    emulators = root.findall("devices/emulator")
+    assert len(emulators) == 1 and emulators[0].text == front.front_path(
+        (had or "").strip() or front.DEFAULT_QEMU), xml
+    metadata = root.findall("metadata")
+    assert len(metadata) == 1, xml
+    notes = metadata[0].findall(f"{{{front.METADATA_NS}}}front")
+    assert len(notes) == 1 and notes[0].get("emulator") == (had or ""), xml
+
+
+@pytest.mark.parametrize("path", DOMAIN_FILES, ids=os.path.basename)
+def test_every_domain_file_round_trips_byte_for_byte(path: str) -> None:
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    enabled = front.enable_xml(text)
+    assert enabled.changed
+    _check_enabled(enabled.xml, enabled.old)
+    assert front.disable_xml(enabled.xml).xml == text
+
+
+@pytest.mark.parametrize(("text", "had"), [c[1:] for c in ODD_XML], ids=[c[0] for c in ODD_XML])
+def test_odd_xml_round_trips_byte_for_byte(text: str, had: str | None) -> None:
+    enabled = front.enable_xml(text)
+    assert enabled.changed and enabled.old == (had.strip() if had is not None else None)
+    _check_enabled(enabled.xml, had)
+    assert front.remembered_emulator(enabled.xml) == (had or "")
+    assert not front.enable_xml(enabled.xml).changed
+    disabled = front.disable_xml(enabled.xml)
+    assert disabled.changed and disabled.xml == text
+    assert not front.disable_xml(text).changed
+
+
+def test_a_note_written_before_is_undone() -> None:
+    """enable before this change wrote only emulator, none and meta (``"`` as &quot;)."""
+    note = (f'<kvmaccel:front xmlns:kvmaccel="{front.METADATA_NS}" emulator="/opt/q&quot;x&amp;y"'
+            ' meta="1"/>')
+    enabled = _with("</uuid>\n", f"</uuid>\n  <metadata>\n    {note}\n  </metadata>\n",
+                    _with(QEMU, "/opt/q&quot;x&amp;y-kvmaccel"))
+    assert front.disable_xml(enabled).xml == _with(QEMU, '/opt/q"x&amp;y')
+
+
+@pytest.mark.parametrize("text", ["not xml", "", "<html/>", "<domain><name>g</name></domain>",
+                                  "<!DOCTYPE domain><domain/>"])
+def test_enable_refuses_what_is_no_domain_in_one_line(text: str) -> None:
+    with pytest.raises(KvmaccelError) as e:
+        front.enable_xml(text)
+    assert "\n" not in str(e.value)
