@@ -62,7 +62,11 @@ def read_input(path: str, what: str = "DOMAIN.xml") -> bytes:
     """The bytes of the file the user named (``-``: stdin), refusing a directory, FIFO or
     device (the read would never end) and anything above 16 MiB."""
     if path == "-":
-        return sys.stdin.buffer.read(MAX_TEXT_BYTES + 1)[:MAX_TEXT_BYTES] if sys.stdin else b""
+        data = sys.stdin.buffer.read(MAX_TEXT_BYTES + 1) if sys.stdin else b""
+        if len(data) > MAX_TEXT_BYTES:
+            raise UsageError(f"{what} on stdin is larger than {MAX_TEXT_BYTES >> 20} MiB; give "
+                             "a domain XML")
+        return data
     if not path:
         raise UsageError(f"{what} is empty; give a file name, or - for stdin")
     try:
@@ -150,7 +154,13 @@ def check_domain_id(_ctx: click.Context, _param: click.Parameter,
     return value
 
 
-class Seconds(click.ParamType[float]):
+if TYPE_CHECKING:  # click 8.2 made ParamType generic; Debian 12's click 8.1 is not
+    _FloatParam = click.ParamType[float]
+else:
+    _FloatParam = click.ParamType
+
+
+class Seconds(_FloatParam):
     """A finite number of seconds from ``low`` to ``high`` (click's FloatRange lets nan
     through: every comparison with nan is false)."""
 
