@@ -3,6 +3,7 @@ code README.md gives, and nothing left behind (issue: the review's smaller findi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -302,6 +303,17 @@ BAD_INPUT: list[tuple[str, Args, str]] = [
      "No such file or directory"),
     ("drain-dir-missing", lambda d: ["pool", "drain", "--dir", f"{d.shm}/typo"],
      "No such file or directory"),
+    ("scrub-detach-dir-missing", lambda d: ["pool", "scrub", "--detach", "--dir",
+                                            f"{d.shm}/typo"], "No such file or directory"),
+    ("metrics-pool-dir-missing", lambda d: ["metrics", "--pool-dir", f"{d.shm}/typo"],
+     "No such file or directory"),
+    ("doctor-config-missing", lambda d: ["doctor", "--no-guests", "--libvirt-dir", d.tmp,
+                                         "--config", f"{d.tmp}/none.toml"],
+     "No such file or directory"),
+    ("tune-nodes-empty", lambda d: ["tune", "--nodes", "", "--no-save", "--rounds", "1",
+                                    "--size", "8M", "--max-threads", "1"], "names no NUMA node"),
+    ("bench-threads-empty", lambda d: ["bench", "--backing", "tmpfs", "--dir", d.shm, "--size",
+                                       "4M", "--runs", "1", "--threads", ""], "invalid --threads"),
     ("fill-reserve-without-for", lambda d: ["pool", "fill", "--dir", d.shm, "--size", "4M",
                                             "--reserve"], "--reserve reserves"),
     ("fill-max-bytes-empty", lambda d: ["pool", "fill", "--dir", d.shm, "--size", "4M",
@@ -352,3 +364,13 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args: Args, words: str,
     assert proc.returncode == 2, (proc.returncode, line)
     assert words in line, line
     assert tree(str(tmp_path), shm_dir) == before, "a file was made, changed or removed"
+
+
+def test_a_pool_file_on_hugetlbfs_is_keyed_by_its_pages(hugetlbfs: str) -> None:
+    """Without --page-size a fill on a 2M hugetlbfs was keyed 4K pages (main): a pool file no
+    guest would ever be served from.  A page size is the filesystem's."""
+    proc = run("pool", "fill", "--dir", hugetlbfs, "--size", "4M")
+    assert proc.returncode == 0, proc.stderr
+    listed = run("pool", "list", "--json", "--dir", hugetlbfs)
+    assert [e["page_size_kib"] for e in json.loads(listed.stdout)] == [2048], listed.stdout
+    assert run("pool", "drain", "--dir", hugetlbfs).returncode == 0
