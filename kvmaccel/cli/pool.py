@@ -114,9 +114,9 @@ def fill(size: str | None, page_size: str | None, directory: str | None, nodes: 
     if reserve and domain_xml is None:
         raise UsageError("--reserve reserves the files of --for DOMAIN.xml to that guest; give "
                          "--for, or drop --reserve")
-    if domain_xml is not None and (size or page_size or nodes):
-        raise UsageError("--for takes sizes, pages and nodes from the domain; drop --size, "
-                         "--page-size and --nodes")
+    if domain_xml is not None and (size or page_size or nodes or directory):
+        raise UsageError("--for takes sizes, pages, nodes and directories from the domain; "
+                         "drop --size, --page-size, --nodes and --dir")
     for text in (max_bytes, max_node_bytes):
         if text is not None:
             parse_size(text)  # now, before anything is made
