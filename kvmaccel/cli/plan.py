@@ -136,7 +136,7 @@ def format_plan(plan: DomainPlan, sources: dict[str, str] | None = None) -> str:
 
 
 @click.command(name="plan")
-@click.argument("domain_xml", metavar="DOMAIN.xml")  # - reads stdin
+@click.argument("domain_xml", metavar="DOMAIN.xml")
 @click.option("--qemu-conf", "qemu_conf", metavar="FILE",
               help="qemu.conf to read (default: <root>/etc/libvirt/qemu.conf if present).")
 @click.option("--id", "domain_id", type=int, metavar="N", callback=check_domain_id,
@@ -151,7 +151,8 @@ def format_plan(plan: DomainPlan, sources: dict[str, str] | None = None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(domain_xml: str, qemu_conf: str | None, domain_id: int | None, root: str,
          config_path: str | None, energy: str | None, as_json: bool) -> None:
-    """Show the memory backends libvirt will create for DOMAIN.xml and kvmaccel's plan."""
+    """Show the memory backends libvirt will create for DOMAIN.xml and kvmaccel's plan
+    (DOMAIN.xml - reads it from stdin: virsh dumpxml NAME | kvmaccel plan -)."""
     data = read_input(domain_xml)
     if not os.path.isdir(root):
         raise UsageError(f"--root {root} is not a directory")

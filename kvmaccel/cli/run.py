@@ -96,7 +96,8 @@ def run(dry_run: bool, qemu_argv: tuple[str, ...], **limit_args: Any) -> None:
 def prealloc(domain_xml_file: str | None, domain_name: str | None, uri: str | None,
              domain_id: int | None, qemu_conf: str | None, as_json: bool,
              **limit_args: Any) -> None:
-    """Populate a domain's memory backing files ahead of its start, outside any hook.
+    """Populate a domain's memory backing files ahead of its start, outside any hook
+    (DOMAIN.xml - reads it from stdin).
 
     Exits 4, after populating the rest, when the plan leaves some backend out (the reasons
     are printed).  `kvmaccel release PATH` removes a file if the guest never starts.
