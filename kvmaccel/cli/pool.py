@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
-from ..errors import UsageError
+from ..errors import UnsafePathError, UsageError
 from ..hook.front import is_front
 from ..host.facts import HostFacts, read_host
 from ..model.domain import parse_domain
@@ -23,8 +25,18 @@ from ..model.qemuconf import read_qemu_conf
 from ..model.units import format_size, parse_size
 from ..plan.config import read_config
 from ..plan.planner import plan_domain
-from ..pool.manage import POOL_DIRNAME, Pool, PoolKey, key_for, pool_dir_for, spawn_scrub
+from ..pool.manage import (
+    Pool,
+    PoolKey,
+    existing_pools,
+    key_for,
+    pool_dir_for,
+    refused_line,
+    spawn_scrub,
+)
 from .common import cancel_on_signals, limits_options, make_limits, parse_nodes
+
+log = logging.getLogger(__name__)
 
 
 def _pool(directory: str, host: HostFacts, max_bytes: str | None,
@@ -41,14 +53,33 @@ def _all_pools(host: HostFacts, directories: tuple[str, ...]) -> list[Pool]:
     """The pools named, or every pool that exists on a hugetlbfs or tmpfs mount."""
     if directories:
         return [Pool(pool_dir_for(d, host.mounts)) for d in directories]
-    seen: set[str] = set()
-    pools = []
-    for mount in host.mounts:
-        path = os.path.join(mount.path, POOL_DIRNAME)
-        if mount.fs_type in ("hugetlbfs", "tmpfs") and path not in seen and os.path.isdir(path):
-            seen.add(path)
-            pools.append(Pool(path))
-    return pools
+    return [Pool(path) for path in existing_pools(host.mounts)]
+
+
+T = TypeVar("T")
+
+
+def per_pool(host: HostFacts, directories: tuple[str, ...], work: Callable[[Pool], T]
+             ) -> list[T]:
+    """``work`` done on each pool of :func:`_all_pools`.  A pool whose directory is not
+    kvmaccel's (another user made ``.kvmaccel-pool`` first on a world-writable tmpfs, a
+    symlink, a file) is skipped with one warning line and the others are done; when it was
+    named with ``--dir``, its refusal is then the command's error (exit 1)."""
+    done: list[T] = []
+    refused: list[UnsafePathError] = []
+    for p in _all_pools(host, directories):
+        try:
+            p.check()
+            done.append(work(p))
+        except UnsafePathError as e:
+            refused.append(e)
+            if not directories:
+                log.warning("%s", refused_line(e))
+    if directories and refused:
+        for earlier in refused[:-1]:
+            log.warning("%s", refused_line(earlier))
+        raise refused[-1]
+    return done
 
 
 def _enter_cgroup(name: str | None = None) -> None:
@@ -148,8 +179,9 @@ def list_cmd(directories: tuple[str, ...], as_json: bool) -> None:
     ``held``: another process still has the file open or mapped (it waits, unscrubbed and
     unserved); ``bad``: not a file the pool may scrub or serve as it is (the next scrub or
     drain removes it); the last column says why."""
-    entries = [e for p in _all_pools(read_host(), directories)
-               for e in p.entries(probe_holders=True)]
+    entries = [e for found in per_pool(read_host(), directories,
+                                       lambda p: p.entries(probe_holders=True))
+               for e in found]
     if as_json:
         click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
         return
@@ -203,16 +235,19 @@ def scrub(directories: tuple[str, ...], detach: bool, **limit_args: Any) -> None
     _enter_cgroup()
     host = read_host()
     limits = make_limits(**limit_args)
-    for p in _all_pools(host, directories):
+
+    def scrub_one(p: Pool) -> None:
         for entry in p.scrub(host, limits):
             click.echo(f"scrubbed {entry.path} ({format_size(entry.key.size_bytes)})")
+
+    per_pool(host, directories, scrub_one)
 
 
 @pool.command()
 @click.option("--dir", "directories", multiple=True, help="Only this pool's filesystem.")
 def drain(directories: tuple[str, ...]) -> None:
     """Remove every pool file not in use, giving its pages back to the system."""
-    freed = sum(p.drain() for p in _all_pools(read_host(), directories))
+    freed = sum(per_pool(read_host(), directories, lambda p: p.drain()))
     click.echo(f"drained {format_size(freed) if freed else 'nothing'}")
 
 

@@ -33,13 +33,21 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import KvmaccelError, UsageError
+from ..errors import KvmaccelError, UnsafePathError, UsageError
 from ..host import sysmem
 from ..host.facts import HostFacts, Mount, read_host
 from ..model.units import format_size
 from ..plan.config import HookConfig, KeepTarget
 from ..plan.limits import Limits
-from .manage import POOL_DIRNAME, Pool, PoolError, PoolKey, key_for, pool_dir_for
+from .manage import (
+    Pool,
+    PoolError,
+    PoolKey,
+    existing_pools,
+    key_for,
+    pool_dir_for,
+    refused_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,53 +183,61 @@ def keep_once(config: HookConfig, targets: Iterable[Target], limits: Limits | No
         wanted[(t.pool_dir, t.key)] += t.count
         sources.setdefault((t.pool_dir, t.key), t.source)
     host = read_host()
-    pool_dirs = {d for d, _ in wanted} | _existing_pools(host.mounts)
+    pool_dirs = {d for d, _ in wanted} | set(existing_pools(host.mounts))
     for pool_dir in sorted(pool_dirs):
         pool = Pool(pool_dir, max_bytes=config.pool_max_bytes,
                     max_node_bytes=config.pool_max_node_bytes)
-        for entry in pool.scrub(host, limits):
-            act(f"scrubbed {entry.path} ({format_size(entry.key.size_bytes)})")
-        have: Counter[PoolKey] = Counter()
-        for entry in pool.entries():
-            if entry.state == "bad":
-                continue
-            key = entry.key._replace(reserved_uuid=None)
-            if entry.state == "clean" and entry.key.reserved_uuid is None and \
-                    have[key] >= wanted[(pool_dir, key)]:
-                if pool.give_back_unused(entry):
-                    act(f"gave back {entry.path}: no target needs it")
-                continue
-            have[key] += 1
-        for (where, key), count in sorted(wanted.items(), key=lambda kv: kv[0][1]):
-            if where != pool_dir:
-                continue
-            for _ in range(count - have[key]):
-                host = read_host()
-                why = above_floor(key, config, host)
-                if why:
-                    act(f"not filling {_shape(key)} in {pool_dir} for {sources[(where, key)]}: "
-                        f"{why}")
-                    break
-                try:
-                    (result,) = pool.fill(key, 1, host, limits, cancel=cancel)
-                except PoolError as e:
-                    act(f"not filling {_shape(key)} in {pool_dir}: {e}")
-                    break
-                act(f"filled {_shape(key)} in {pool_dir} for {sources[(where, key)]} in "
-                    f"{result.seconds:.2f} s")
+        try:
+            _keep_pool(pool, config, host, wanted, sources, limits, cancel, act)
+        except UnsafePathError as e:  # not kvmaccel's directory: the other pools go on
+            log.warning("keep: %s", refused_line(e))
     return actions
+
+
+def _keep_pool(pool: Pool, config: HookConfig, host: HostFacts,
+               wanted: Counter[tuple[str, PoolKey]], sources: dict[tuple[str, PoolKey], str],
+               limits: Limits | None, cancel: threading.Event | None,
+               act: Callable[[str], None]) -> None:
+    """One pass on one pool (:func:`keep_once`).  Raises :class:`UnsafePathError` for a
+    pool directory that is not kvmaccel's."""
+    pool_dir = pool.directory
+    pool.check()
+    for entry in pool.scrub(host, limits):
+        act(f"scrubbed {entry.path} ({format_size(entry.key.size_bytes)})")
+    have: Counter[PoolKey] = Counter()
+    for entry in pool.entries():
+        if entry.state == "bad":
+            continue
+        key = entry.key._replace(reserved_uuid=None)
+        if entry.state == "clean" and entry.key.reserved_uuid is None and \
+                have[key] >= wanted[(pool_dir, key)]:
+            if pool.give_back_unused(entry):
+                act(f"gave back {entry.path}: no target needs it")
+            continue
+        have[key] += 1
+    for (where, key), count in sorted(wanted.items(), key=lambda kv: kv[0][1]):
+        if where != pool_dir:
+            continue
+        for _ in range(count - have[key]):
+            host = read_host()
+            why = above_floor(key, config, host)
+            if why:
+                act(f"not filling {_shape(key)} in {pool_dir} for {sources[(where, key)]}: "
+                    f"{why}")
+                break
+            try:
+                (result,) = pool.fill(key, 1, host, limits, cancel=cancel)
+            except PoolError as e:
+                act(f"not filling {_shape(key)} in {pool_dir}: {e}")
+                break
+            act(f"filled {_shape(key)} in {pool_dir} for {sources[(where, key)]} in "
+                f"{result.seconds:.2f} s")
 
 
 def _shape(key: PoolKey) -> str:
     nodes = ",".join(map(str, key.host_nodes)) or "any node"
     return f"{format_size(key.size_bytes)} of {format_size(key.page_size_kib * 1024)} pages " \
            f"({nodes})"
-
-
-def _existing_pools(mounts: Sequence[Mount]) -> set[str]:
-    return {os.path.join(m.path, POOL_DIRNAME) for m in mounts
-            if m.fs_type in ("hugetlbfs", "tmpfs")
-            and os.path.isdir(os.path.join(m.path, POOL_DIRNAME))}
 
 
 # --- running as a service -----------------------------------------------------------------

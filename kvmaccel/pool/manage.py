@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from .. import safefs
 from ..engine import records
-from ..errors import KvmaccelError, UsageError
+from ..errors import KvmaccelError, UnsafePathError, UsageError
 from ..model.units import format_size
 from ..plan.limits import Limits, split_across_nodes
 from .files import (
@@ -46,8 +46,9 @@ if TYPE_CHECKING:
     from ..engine.populate import PopulateResult
     from ..host.facts import HostFacts, Mount
 
-__all__ = ["POOL_DIRNAME", "Pool", "PoolEntry", "PoolError", "PoolKey", "key_for",
-           "pool_dir_for", "reserved_first", "spawn_scrub", "verify_zero", "zero_file"]
+__all__ = ["POOL_DIRNAME", "Pool", "PoolEntry", "PoolError", "PoolKey", "existing_pools",
+           "key_for", "pool_dir_for", "refused_line", "reserved_first", "spawn_scrub",
+           "verify_zero", "zero_file"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,24 @@ def pool_dir_for(path: str, mounts: Sequence[Mount]) -> str:
     return os.path.join(best.path, POOL_DIRNAME)
 
 
+def existing_pools(mounts: Sequence[Mount]) -> list[str]:
+    """The pool directories on the hugetlbfs and tmpfs ``mounts``: every ``.kvmaccel-pool``
+    name there, whatever it is (one another user made on a world-writable tmpfs, a symlink,
+    a file: :meth:`Pool.check` refuses it, and the callers skip it with a warning)."""
+    found: list[str] = []
+    for mount in mounts:
+        path = os.path.join(mount.path, POOL_DIRNAME)
+        if mount.fs_type in ("hugetlbfs", "tmpfs") and path not in found and \
+                os.path.lexists(path):
+            found.append(path)
+    return found
+
+
+def refused_line(e: UnsafePathError) -> str:
+    """The one warning line for a pool that is skipped."""
+    return f"{e}; this pool is skipped, the others are used"
+
+
 class Pool(PoolFiles):
     """The pool on one filesystem.  ``max_bytes`` and ``max_node_bytes`` cap what it holds
     (None: no cap) so that it never starves the guests it is meant to speed up."""
@@ -84,6 +103,14 @@ class Pool(PoolFiles):
         super().__init__(directory, state_root=state_root, state_dir=state_dir)
         self.max_bytes = max_bytes
         self.max_node_bytes = max_node_bytes
+
+    def check(self) -> None:
+        """Raise :class:`UnsafePathError` when the pool directory exists but is not
+        kvmaccel's (another user's, a symlink, a file); a missing one is fine (it is made
+        when a file first joins the pool).  Every operation checks again; this one lets a
+        caller skip such a pool before it starts."""
+        with self._dir():
+            pass
 
     def held_bytes(self) -> tuple[int, dict[int | None, int]]:
         """Bytes the pool holds in all, and per node."""
