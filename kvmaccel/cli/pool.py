@@ -7,7 +7,6 @@ the config file, or from ``--max-bytes`` / ``--max-node-bytes``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from ..pool.manage import (
     refused_line,
     spawn_scrub,
 )
+from ..safefs import private_dirs
 from .common import cancel_on_signals, limits_options, make_limits, parse_nodes
 
 log = logging.getLogger(__name__)
@@ -303,22 +303,24 @@ def keep(once: bool, daemon: bool, pidfile: str | None, interval: float, uri: st
             click.echo(line)
         return
     if daemon:
-        pidfile = pidfile or os.path.join(config.run_dir, "pool-keep.pid")
-        if not k.daemonize(pidfile):
-            click.echo(f"keeper started; its pid is in {pidfile}")
+        from ..pool.daemon import daemonize
+
+        if pidfile is None:
+            private_dirs(config.run_dir)
+            pidfile = os.path.join(config.run_dir, "pool-keep.pid")
+        started = daemonize(pidfile)  # returns when the daemon runs, or raises why not
+        if isinstance(started, int):
+            click.echo(f"keeper started (pid {started}); its pid is in {pidfile}")
             return
-        logger.setLevel(logging.INFO)
-        log_file = os.path.join(os.path.dirname(config.log_file), "pool-keep.log")
-        os.makedirs(os.path.dirname(log_file), mode=0o755, exist_ok=True)
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s kvmaccel-keep[%(process)d]: "
-                                               "%(message)s"))
-        logger.addHandler(handler)
-        try:
+        with started:  # the daemon: a failure before ready() goes back to the caller
+            logger.setLevel(logging.INFO)
+            log_file = os.path.join(os.path.dirname(config.log_file), "pool-keep.log")
+            os.makedirs(os.path.dirname(log_file), mode=0o755, exist_ok=True)
+            handler = logging.FileHandler(log_file)
+            handler.setFormatter(logging.Formatter("%(asctime)s kvmaccel-keep[%(process)d]: "
+                                                   "%(message)s"))
+            logger.addHandler(handler)
+            started.ready()
             k.run_forever(config, targets, interval, config.limits, threading.Event())
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(pidfile)
-        os._exit(0)
     logger.setLevel(logging.INFO)  # in the foreground (a service): one line per action
     k.run_forever(config, targets, interval, config.limits)

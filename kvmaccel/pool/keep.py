@@ -17,13 +17,13 @@ The keeper makes the pool what its targets say it should be, one pass at a time:
    that is not kvmaccel's (other guests, DPDK, QEMU's own allocations).
 
 Every action is one log line saying what and why.  ``--once`` does one pass (tests, cron,
-boot); ``--daemon`` detaches and repeats every ``--interval`` seconds with a pidfile, until
-SIGTERM; ``--install-unit`` writes a systemd unit that runs it in the foreground.
+boot); ``--daemon`` detaches (:mod:`kvmaccel.pool.daemon`) and repeats every ``--interval``
+seconds with a pidfile, until SIGTERM; ``--install-unit`` writes a systemd unit that runs it
+in the foreground.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from ..errors import KvmaccelError, UnsafePathError, UsageError
-from ..host import sysmem
 from ..host.facts import HostFacts, Mount, read_host
 from ..model.units import format_size
 from ..plan.config import HookConfig, KeepTarget
@@ -254,50 +253,9 @@ def run_forever(config: HookConfig, make_targets: Callable[[], list[Target]],
     while not stop.is_set():
         try:
             keep_once(config, make_targets(), limits, cancel=stop)
-        except KvmaccelError as e:
+        except (KvmaccelError, OSError) as e:
             log.warning("keep: pass failed: %s; trying again in %g s", e, interval_s)
         stop.wait(interval_s)
-
-
-def daemonize(pidfile: str) -> bool:
-    """Fork into the background (new session, nice 19, its autogroup too); True in the
-    daemon, False in the caller.  The pidfile is created exclusively: a second keeper is
-    refused with :class:`UsageError` while the first lives."""
-    _claim_pidfile(pidfile, check_only=True)
-    if os.fork() > 0:
-        return False
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    sysmem.lower_priority(19)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    _claim_pidfile(pidfile)
-    return True
-
-
-def _claim_pidfile(pidfile: str, check_only: bool = False) -> None:
-    with contextlib.suppress(FileNotFoundError, ValueError), open(pidfile) as f:
-        pid = int(f.read().strip())
-        if pid != os.getpid() and _alive(pid):
-            raise UsageError(f"a keeper already runs (pid {pid}, {pidfile}); stop it first")
-    if check_only:
-        return
-    tmp = f"{pidfile}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, pidfile)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def unit_text(python: str, config_path: str | None) -> str:
