@@ -157,10 +157,14 @@ def install(qemu: str, apt_conf_dir: str = APT_CONF_DIR) -> FrontStatus:
         _move_no_replace(tmp, qemu)
         with open(hook, "x", encoding="utf-8") as f:
             f.write(apt_hook_text(qemu))
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         _undo_install(qemu, real, hook)
+        if isinstance(e, OSError):
+            raise HookError(f"cannot put the front at {qemu} or write {hook}: {e.strerror}; "
+                            f"undone as far as {qemu} allowed (kvmaccel front status shows "
+                            "what is left)") from None
         raise
     return read_status(qemu)
 
