@@ -145,7 +145,7 @@ def test_divert_installs_and_uninstalls_cleanly(fake_qemu: str, tmp_path: Path) 
     assert not os.path.exists(real) and not front.read_status(fake_qemu).installed
     assert fake_qemu not in diversions(fake_qemu)
     assert list(apt.iterdir()) == []
-    assert divert.uninstall(fake_qemu, str(apt)) is None  # nothing of kvmaccel's left
+    assert not divert.uninstall(fake_qemu, str(apt))  # nothing of kvmaccel's left
 
 
 def test_uninstall_leaves_a_foreign_file_alone(fake_qemu: str, tmp_path: Path) -> None:
@@ -165,8 +165,6 @@ def test_install_repairs_a_leftover_diversion(throwaway: str, tmp_path: Path) ->
     real = throwaway + divert.REAL_SUFFIX
     subprocess.run(["dpkg-divert", "--local", "--no-rename", "--divert", real, "--add",
                     throwaway], capture_output=True, check=True)
-    status = kvmaccel("front", "status", "--qemu", throwaway)
-    assert "a leftover of kvmaccel's" in status.stdout, status.stdout
     apt = tmp_path / "apt"
     apt.mkdir()
     divert.install(throwaway, str(apt))
@@ -181,6 +179,8 @@ def test_install_repairs_a_leftover_diversion(throwaway: str, tmp_path: Path) ->
     # The same leftover, undone by uninstall instead: it only leaves dpkg's database.
     subprocess.run(["dpkg-divert", "--local", "--no-rename", "--divert", real, "--add",
                     throwaway], capture_output=True, check=True)
+    status = kvmaccel("front", "status", "--qemu", throwaway)
+    assert "a leftover of kvmaccel's" in status.stdout, status.stdout
     done = divert.uninstall(throwaway, str(apt))
     assert done is not None and "leftover" in done
     assert Path(throwaway).read_text() == script(1) and not os.path.lexists(real)
@@ -213,8 +213,6 @@ def test_uninstall_without_the_diversion_leaves_the_front(throwaway: str,
     real = throwaway + divert.REAL_SUFFIX
     divert.install(throwaway, str(apt))
     undivert(throwaway)  # behind kvmaccel's back
-    status = kvmaccel("front", "status", "--qemu", throwaway)
-    assert "does not divert it" in status.stdout, status.stdout
     proc = kvmaccel("front", "uninstall", "--qemu", throwaway)
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -223,6 +221,8 @@ def test_uninstall_without_the_diversion_leaves_the_front(throwaway: str,
     assert front.read_status(throwaway).installed
     assert runs(throwaway, "--version") == "real-qemu-1 --version\n"  # QEMU still runs
     assert Path(real).read_text() == script(1)
+    status = kvmaccel("front", "status", "--qemu", throwaway)
+    assert "does not divert it" in status.stdout, status.stdout
 
     # The path emptied too (an install or uninstall that died between its renames): the
     # real binary goes back, as nothing is there to lose.
