@@ -24,15 +24,8 @@ from ..model.qemuconf import read_qemu_conf
 from ..model.units import format_size, parse_size
 from ..plan.config import read_config
 from ..plan.planner import plan_domain
-from ..pool.manage import (
-    Pool,
-    PoolKey,
-    existing_pools,
-    key_for,
-    pool_dir_for,
-    refused_line,
-    spawn_scrub,
-)
+from ..pool.discovery import existing_pools, refused_line
+from ..pool.manage import Pool, PoolKey, key_for, pool_dir_for, spawn_scrub
 from ..safefs import private_dirs
 from .common import cancel_on_signals, limits_options, make_limits, parse_nodes
 

@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING
 from .. import safefs
 from ..errors import UnsafePathError, UsageError
 from ..model.units import format_size
+from ..pool.discovery import existing_pools, refused_line
 from ..pool.manage import (
     Pool,
     PoolEntry,
     PoolKey,
-    existing_pools,
     key_for,
     pool_dir_for,
-    refused_line,
     reserved_first,
     spawn_scrub,
 )

@@ -38,15 +38,8 @@ from ..host.facts import HostFacts, Mount, read_host
 from ..model.units import format_size
 from ..plan.config import HookConfig, KeepTarget
 from ..plan.limits import Limits
-from .manage import (
-    Pool,
-    PoolError,
-    PoolKey,
-    existing_pools,
-    key_for,
-    pool_dir_for,
-    refused_line,
-)
+from .discovery import existing_pools, refused_line
+from .manage import Pool, PoolError, PoolKey, key_for, pool_dir_for
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from .. import safefs
 from ..engine import records
-from ..errors import KvmaccelError, UnsafePathError, UsageError
+from ..errors import KvmaccelError, UsageError
 from ..model.units import format_size
 from ..plan.limits import Limits, split_across_nodes
 from .files import (
@@ -46,9 +46,8 @@ if TYPE_CHECKING:
     from ..engine.populate import PopulateResult
     from ..host.facts import HostFacts, Mount
 
-__all__ = ["POOL_DIRNAME", "Pool", "PoolEntry", "PoolError", "PoolKey", "existing_pools",
-           "key_for", "pool_dir_for", "refused_line", "reserved_first", "spawn_scrub",
-           "verify_zero", "zero_file"]
+__all__ = ["POOL_DIRNAME", "Pool", "PoolEntry", "PoolError", "PoolKey", "key_for",
+           "pool_dir_for", "reserved_first", "spawn_scrub", "verify_zero", "zero_file"]
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +72,6 @@ def pool_dir_for(path: str, mounts: Sequence[Mount]) -> str:
         raise UsageError(f"{path} is on {kind}, not hugetlbfs or tmpfs; a pool lives on the "
                          "filesystem of the guest's memory_backing_dir")
     return os.path.join(best.path, POOL_DIRNAME)
-
-
-def existing_pools(mounts: Sequence[Mount]) -> list[str]:
-    """The pool directories on the hugetlbfs and tmpfs ``mounts``: every ``.kvmaccel-pool``
-    name there, whatever it is (one another user made on a world-writable tmpfs, a symlink,
-    a file: :meth:`Pool.check` refuses it, and the callers skip it with a warning)."""
-    found: list[str] = []
-    for mount in mounts:
-        path = os.path.join(mount.path, POOL_DIRNAME)
-        if mount.fs_type in ("hugetlbfs", "tmpfs") and path not in found and \
-                os.path.lexists(path):
-            found.append(path)
-    return found
-
-
-def refused_line(e: UnsafePathError) -> str:
-    """The one warning line for a pool that is skipped."""
-    return f"{e}; this pool is skipped, the others are used"
 
 
 class Pool(PoolFiles):
