@@ -26,6 +26,8 @@ import pytest
 from kvmaccel.errors import HookError
 from kvmaccel.hook import divert, front
 
+from .conftest import need
+
 pytestmark = pytest.mark.root
 
 THROWAWAY = "/usr/local/libexec/kvmaccel-test-qemu"
@@ -33,8 +35,8 @@ PACKAGE = "kvmaccel-test-qemu"
 
 
 def need_dpkg() -> None:
-    if os.geteuid() != 0 or shutil.which("dpkg-divert") is None:
-        pytest.skip("needs root and dpkg-divert")
+    need(os.geteuid() == 0 and shutil.which("dpkg-divert") is not None,
+         "needs root and dpkg-divert")
 
 
 def script(version: int) -> str:
@@ -293,8 +295,8 @@ def test_a_round_trip_on_the_hosts_qemu(tmp_path: Path) -> None:
     """``front install --divert`` on the real QEMU, ``--version`` through the front, and
     ``uninstall``: the binary at QEMU's path is the very same bytes afterwards."""
     need_dpkg()
-    if not os.path.isfile(REAL_QEMU) or front.read_status(REAL_QEMU).installed:
-        pytest.skip(f"needs {REAL_QEMU} (not a front)")
+    need(os.path.isfile(REAL_QEMU) and not front.read_status(REAL_QEMU).installed,
+         f"needs {REAL_QEMU} (not a front)")
     saved = str(tmp_path / "qemu-saved")
     shutil.copy2(REAL_QEMU, saved)
     hook = os.path.join(divert.APT_CONF_DIR, divert.APT_HOOK_NAME)
