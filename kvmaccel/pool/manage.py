@@ -85,6 +85,14 @@ class Pool(PoolFiles):
         self.max_bytes = max_bytes
         self.max_node_bytes = max_node_bytes
 
+    def check(self) -> None:
+        """Raise :class:`UnsafePathError` when the pool directory exists but is not
+        kvmaccel's (another user's, a symlink, a file); a missing one is fine (it is made
+        when a file first joins the pool).  Every operation checks again; this one lets a
+        caller skip such a pool before it starts."""
+        with self._dir():
+            pass
+
     def held_bytes(self) -> tuple[int, dict[int | None, int]]:
         """Bytes the pool holds in all, and per node."""
         total = 0
