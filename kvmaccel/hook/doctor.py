@@ -138,16 +138,6 @@ def _qemu_conf(inp: DoctorInput) -> QemuConf:
     return read_qemu_conf(path, inp.root)
 
 
-def _mount_of(path: str, mounts: Sequence[Mount]) -> Mount | None:
-    best: Mount | None = None
-    for m in mounts:
-        prefix = m.path.rstrip("/") + "/"
-        if (path == m.path or path.startswith(prefix)) and (
-                best is None or len(m.path) >= len(best.path)):
-            best = m
-    return best
-
-
 def check_qemu_conf(inp: DoctorInput) -> list[Finding]:
     try:
         conf = _qemu_conf(inp)
@@ -156,7 +146,7 @@ def check_qemu_conf(inp: DoctorInput) -> list[Finding]:
     host = inp.host_facts()
     where = conf.path or "libvirt's defaults (no qemu.conf)"
     findings = []
-    mount = _mount_of(conf.memory_backing_dir, host.mounts)
+    mount = host.mount_of(conf.memory_backing_dir)
     fs = mount.fs_type if mount else "an unknown filesystem"
     if mount and mount.fs_type in POPULATABLE_FS:
         page = format_size((mount.page_size_kib or host.base_page_size_kib) * 1024)
@@ -170,7 +160,7 @@ def check_qemu_conf(inp: DoctorInput) -> list[Finding]:
                                 '"/dev/hugepages" (or "/dev/shm") in ' + where))
     if conf.hugetlbfs_mount is not None:
         for path in conf.hugetlbfs_mount:
-            m = _mount_of(path, host.mounts)
+            m = host.mount_of(path)
             if m is None or m.path != path.rstrip("/") or m.fs_type != "hugetlbfs":
                 findings.append(Finding("qemu.conf", FAIL, f"hugetlbfs_mount {path} is not a "
                                         "hugetlbfs mount: libvirt refuses <hugepages/> guests; "
