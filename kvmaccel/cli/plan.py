@@ -146,8 +146,8 @@ def plan(domain_xml: str, qemu_conf: str | None, domain_id: int | None, root: st
         raise UsageError(f"cannot read {domain_xml}: {e.strerror}") from None
     if not os.path.isdir(root):
         raise UsageError(f"--root {root} is not a directory")
-    if config_path is not None and not os.path.isfile(config_path):
-        raise UsageError(f"--config {config_path} is not a file; give an existing "
+    if config_path is not None and not os.path.exists(config_path):
+        raise UsageError(f"--config {config_path} does not exist; give an existing "
                          "kvmaccel.toml, or leave --config out for the default")
     domain = parse_domain(data)
     config = read_config(config_path)
