@@ -17,13 +17,11 @@ from typing import Any, TypeVar
 import click
 
 from ..errors import UnsafePathError, UsageError
-from ..hook.front import is_front
 from ..host.facts import HostFacts, read_host
 from ..model.domain import parse_domain
-from ..model.qemuconf import read_qemu_conf
 from ..model.units import format_size, parse_size
 from ..plan.config import read_config
-from ..plan.planner import plan_domain
+from ..plan.forhost import for_host
 from ..pool.discovery import existing_pools, refused_line
 from ..pool.manage import Pool, PoolKey, key_for, pool_dir_for, spawn_scrub
 from ..safefs import private_dirs
@@ -121,8 +119,8 @@ def fill(size: str | None, page_size: str | None, directory: str | None, nodes: 
                              "--page-size and --nodes")
         with open(domain_xml, "rb") as f:
             domain = parse_domain(f.read())
-        plan = plan_domain(domain, host, read_qemu_conf(qemu_conf), limits,
-                           front=is_front(domain.emulator))
+        plan = for_host(read_config(), host=host, qemu_conf=qemu_conf,
+                        limits=limits).plan(domain)
         for b in plan.populated:
             assert b.file_path is not None
             wanted.append((os.path.dirname(b.file_path), key_for(

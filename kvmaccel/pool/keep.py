@@ -87,8 +87,7 @@ def domain_targets(config: HookConfig, host: HostFacts, uri: str) -> list[Target
     import libvirt  # only here: the keeper without domains needs no libvirt
 
     from ..model.domain import parse_domain
-    from ..model.qemuconf import read_qemu_conf
-    from ..plan.planner import plan_domain
+    from ..plan.forhost import for_host
 
     try:
         conn = libvirt.openReadOnly(uri)
@@ -98,19 +97,19 @@ def domain_targets(config: HookConfig, host: HostFacts, uri: str) -> list[Target
     try:
         domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
         domains.sort(key=lambda d: (not d.autostart(), d.name()))
-        qemu_conf = read_qemu_conf(config.qemu_conf)
+        planning = for_host(config, host=host)  # as the hook plans: the front, tuning, energy
         targets = []
         for dom in domains:
             try:
                 xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()
-                plan = plan_domain(parse_domain(xml), host, qemu_conf, config.limits)
+                plan = planning.plan(parse_domain(xml))
             except (KvmaccelError, libvirt.libvirtError) as e:
                 log.info("keep: domain %s: not planned (%s)", dom.name(), e)
                 continue
             for backend in plan.populated:
-                assert backend.mem_path is not None
+                assert backend.file_path is not None  # a memfd through the front: no mem_path
                 try:
-                    pool_dir = pool_dir_for(backend.mem_path, host.mounts)
+                    pool_dir = pool_dir_for(backend.file_path, host.mounts)
                 except UsageError:
                     continue
                 key = key_for(backend.file_size_bytes, backend.page_size_kib,
