@@ -273,9 +273,10 @@ def keep(once: bool, daemon: bool, pidfile: str | None, interval: float, uri: st
             click.echo(f"keeper started; its pid is in {pidfile}")
             return
         logger.setLevel(logging.INFO)
-        log_file = os.path.join(os.path.dirname(config.log_file), "pool-keep.log")
-        os.makedirs(os.path.dirname(log_file), mode=0o755, exist_ok=True)
-        handler = logging.FileHandler(log_file)
+        from ..hook.full import LogFileHandler  # opened as the records are: never a symlink
+
+        handler = LogFileHandler(os.path.join(os.path.dirname(config.log_file),
+                                              "pool-keep.log"))
         handler.setFormatter(logging.Formatter("%(asctime)s kvmaccel-keep[%(process)d]: "
                                                "%(message)s"))
         logger.addHandler(handler)
