@@ -126,15 +126,17 @@ def _trusted_level(st: os.stat_result, path: str, uids: frozenset[int]) -> None:
 
 
 def open_checked_dir(path: str, top: str | None = None, *, uids: tuple[int, ...] = (),
-                     make_mode: int | None = None) -> int:
+                     make_mode: int | None = None, own: bool = True) -> int:
     """Open directory ``path`` from ``/``, one level at a time, and return its descriptor.
 
     ``top`` (default ``path``) and every level below it must be a real directory of this
     user that group and others cannot write (:func:`check_own_dir`).  A level above ``top``
     must be root's, this user's or one of ``uids``', writable by nobody else unless sticky,
     and may be a symlink only if root made it in a directory only root can write (the
-    kernel then resolves it).  With ``make_mode``, missing levels are made (``mkdirat``,
-    this user's, that mode whatever the umask) as the walk reaches them.
+    kernel then resolves it).  With ``own`` False, every level is checked as one above
+    ``top`` is (a directory another of ``uids`` may own).  With ``make_mode``, missing levels
+    are made (``mkdirat``, this user's, that mode whatever the umask) as the walk reaches
+    them.
 
     Raises :class:`FileNotFoundError` when a level is missing, :class:`UnsafePathError` for
     a level that fails its check, :class:`OSError` otherwise."""
@@ -143,6 +145,8 @@ def open_checked_dir(path: str, top: str | None = None, *, uids: tuple[int, ...]
     if path != top and not path.startswith(top.rstrip("/") + "/"):
         raise ValueError(f"{path} is not under {top}")
     strict_from = len(top.strip("/").split("/")) if top != "/" else 0
+    if not own:
+        strict_from = len(path.split("/")) + 1  # no level is kvmaccel's own
     trusted = frozenset({0, os.geteuid(), *uids})
     fd = os.open("/", O_DIR)
     here = "/"
@@ -277,6 +281,44 @@ def private_dirs(path: str, mode: int = 0o700) -> None:
         check_own_dir(fd, path)
     finally:
         os.close(fd)
+
+
+def make_owned_dir(path: str, owner: tuple[int, int], *, make_parents: bool = False,
+                   mode: int = 0o700) -> bool:
+    """Make directory ``path`` for ``owner`` (uid, gid) with ``mode`` if it is missing; True
+    when this call made it.  Its parent is reached by :func:`open_checked_dir` (no level an
+    untrusted symlink; each root's or ``owner``'s and writable by nobody else unless sticky;
+    with ``make_parents``, missing ones made root's, 0755); the directory is made with
+    ``mkdirat``, opened ``O_NOFOLLOW`` and given its owner and mode on that descriptor, so a
+    name swapped meanwhile is never chowned.  An existing entry must be a real directory of
+    root or ``owner``.  Raises :class:`UnsafePathError`, :class:`FileNotFoundError` (a parent
+    missing), :class:`OSError`."""
+    parent, name = os.path.split(os.path.abspath(path))
+    pfd = open_checked_dir(parent, uids=(owner[0],), own=False,
+                           make_mode=0o755 if make_parents else None)
+    try:
+        made = False
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=pfd)
+            made = True
+        try:
+            fd = os.open(name, O_DIR_NOFOLLOW, dir_fd=pfd)
+        except OSError as e:
+            raise UnsafePathError(f"{path} is not a directory ({e.strerror}); refusing to "
+                                  "use it", path=path) from None
+        try:
+            st = os.fstat(fd)
+            if made:
+                os.fchown(fd, *owner)
+                os.fchmod(fd, mode)
+            elif st.st_uid not in (0, owner[0]):
+                raise UnsafePathError(f"{path} belongs to uid {st.st_uid}, not uid {owner[0]} "
+                                      "or root; refusing to use it", path=path)
+        finally:
+            os.close(fd)
+        return made
+    finally:
+        os.close(pfd)
 
 
 def link_fd(fd: int, dir_fd: int, name: str) -> None:

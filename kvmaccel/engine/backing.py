@@ -173,16 +173,14 @@ def forget(path: str) -> None:
 
 
 def _recorded(path: str, st: os.stat_result) -> bool:
-    """True when kvmaccel's creation record of ``path`` names the inode ``st``.  The record
-    lets root remove or reuse the file, so only kvmaccel's own record counts, in its own
-    directories from the run dir down (:func:`kvmaccel.safefs.read_own_json`): raises
-    :class:`~kvmaccel.errors.UnsafePathError` for one another user could have written."""
+    """True when kvmaccel's own creation record (:func:`kvmaccel.safefs.read_own_json`: it
+    lets root remove the file) names the inode ``st``.  Raises UnsafePathError."""
     try:
         record = safefs.read_own_json(_record_path(path), top=run_dir())
     except (OSError, ValueError):
         return False
-    return bool(isinstance(record, dict) and record.get("dev") == st.st_dev
-                and record.get("ino") == st.st_ino)
+    return isinstance(record, dict) and (record.get("dev"), record.get("ino")) == (
+        st.st_dev, st.st_ino)
 
 
 def created_by_us(path: str) -> bool:
