@@ -118,11 +118,12 @@ def _trusted_level(st: os.stat_result, path: str, uids: frozenset[int]) -> None:
     nobody else unless sticky (then nobody else can rename or remove what is in it)."""
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid not in uids or (mode & 0o022 and not mode & stat.S_ISVTX):
+        why = "others can write it" if st.st_uid in uids else f"uid {st.st_uid} owns it"
         raise UnsafePathError(
-            f"{path} is owned by uid {st.st_uid} with mode {mode:04o}: another user could "
-            "change what is below it; kvmaccel works only under directories of root (or of "
-            f"uid {', '.join(map(str, sorted(uids - {0}))) or '0'}) that nobody else can "
-            "write (or sticky ones, as /tmp)", path=path)
+            f"{path} (uid {st.st_uid}, mode {mode:04o}): {why}, so another user could change "
+            "what is below it; kvmaccel works only under directories of root (or uid "
+            f"{', '.join(map(str, sorted(uids - {0}))) or '0'}) that nobody else can write "
+            "(or sticky ones, as /tmp)", path=path)
 
 
 def open_checked_dir(path: str, top: str | None = None, *, uids: tuple[int, ...] = (),
@@ -284,17 +285,18 @@ def private_dirs(path: str, mode: int = 0o700) -> None:
 
 
 def make_owned_dir(path: str, owner: tuple[int, int], *, make_parents: bool = False,
-                   mode: int = 0o700) -> bool:
+                   owner_parents: bool = True, mode: int = 0o700) -> bool:
     """Make directory ``path`` for ``owner`` (uid, gid) with ``mode`` if it is missing; True
     when this call made it.  Its parent is reached by :func:`open_checked_dir` (no level an
-    untrusted symlink; each root's or ``owner``'s and writable by nobody else unless sticky;
-    with ``make_parents``, missing ones made root's, 0755); the directory is made with
+    untrusted symlink; each root's, or ``owner``'s if ``owner_parents``, and writable by
+    nobody else unless sticky; with ``make_parents``, missing ones made root's, 0755); the
+    directory is made with
     ``mkdirat``, opened ``O_NOFOLLOW`` and given its owner and mode on that descriptor, so a
     name swapped meanwhile is never chowned.  An existing entry must be a real directory of
     root or ``owner``.  Raises :class:`UnsafePathError`, :class:`FileNotFoundError` (a parent
     missing), :class:`OSError`."""
     parent, name = os.path.split(os.path.abspath(path))
-    pfd = open_checked_dir(parent, uids=(owner[0],), own=False,
+    pfd = open_checked_dir(parent, uids=(owner[0],) if owner_parents else (), own=False,
                            make_mode=0o755 if make_parents else None)
     try:
         made = False
@@ -312,8 +314,9 @@ def make_owned_dir(path: str, owner: tuple[int, int], *, make_parents: bool = Fa
                 os.fchown(fd, *owner)
                 os.fchmod(fd, mode)
             elif st.st_uid not in (0, owner[0]):
-                raise UnsafePathError(f"{path} belongs to uid {st.st_uid}, not uid {owner[0]} "
-                                      "or root; refusing to use it", path=path)
+                raise UnsafePathError(f"{path} belongs to uid {st.st_uid}, not the qemu "
+                                      f"user (uid {owner[0]}) or root; refusing to use it",
+                                      path=path)
         finally:
             os.close(fd)
         return made
