@@ -22,6 +22,16 @@ the backings, the hook) uses these helpers to follow it:
   exists is used only when it is a real directory owned by us and writable by nobody else.
 * **State files** (:func:`write_json_atomic`) are crash-safe: written 0600 beside the target,
   then renamed over it, so a reader sees the old content or the new, never a torn one.
+* **What root reads, it checks as it would before writing** (:func:`open_own_file`,
+  :func:`read_own_json`, :func:`open_append`): a state file, a record or a log line names
+  files to remove, processes to stop, where to append; one planted by another user would make
+  root do that for them.  The directory is reached from ``/`` one level at a time
+  (:func:`open_checked_dir`): from the top of kvmaccel's own tree (the run dir; a log's
+  directory) down, every level a real directory of this user that group and others cannot
+  write; above it, no level a symlink (but one root made in a directory only root writes, as
+  ``/var/run``) and none writable by another user unless sticky (``/tmp``).  The file is
+  opened ``O_NOFOLLOW`` relative to that descriptor and must be a regular file of this user
+  that group and others cannot write.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import os
 import stat
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from .errors import UnsafePathError
 
@@ -74,6 +85,167 @@ def check_private_dir(fd: int, path: str, *, what: str = "directory") -> os.stat
     return st
 
 
+def check_own_dir(fd: int, path: str, *, what: str = "directory") -> os.stat_result:
+    """Raise :class:`UnsafePathError` unless ``fd`` is a directory of this user that group
+    and others cannot write (what :func:`private_dirs` accepts)."""
+    st = os.fstat(fd)
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or mode & 0o022:
+        raise UnsafePathError(
+            f"{what} {path} is owned by uid {st.st_uid} with mode {mode:04o}; kvmaccel keeps "
+            f"its files only in directories of its own user (uid {os.geteuid()}) that nobody "
+            "else can write: remove it (look at what is in it first) or chmod go-w it, and "
+            "run again", path=path)
+    return st
+
+
+def check_own_file(fd: int, path: str, *, what: str = "file") -> os.stat_result:
+    """Raise :class:`UnsafePathError` unless ``fd`` is a regular file of this user that group
+    and others cannot write."""
+    st = os.fstat(fd)
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or mode & 0o022:
+        kind = "a regular file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise UnsafePathError(
+            f"{what} {path} is {kind} of uid {st.st_uid} with mode {mode:04o}, not one "
+            f"kvmaccel (uid {os.geteuid()}) wrote: refusing to use it; remove it (look at "
+            "it first) and run again", path=path)
+    return st
+
+
+def _trusted_level(st: os.stat_result, path: str, uids: frozenset[int]) -> None:
+    """A level above kvmaccel's own tree: root's (or one of ``uids``'), and writable by
+    nobody else unless sticky (then nobody else can rename or remove what is in it)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in uids or (mode & 0o022 and not mode & stat.S_ISVTX):
+        why = "others can write it" if st.st_uid in uids else f"uid {st.st_uid} owns it"
+        raise UnsafePathError(
+            f"{path} (uid {st.st_uid}, mode {mode:04o}): {why}, so another user could change "
+            "what is below it; kvmaccel works only under directories of root (or uid "
+            f"{', '.join(map(str, sorted(uids - {0}))) or '0'}) that nobody else can write "
+            "(or sticky ones, as /tmp)", path=path)
+
+
+def open_checked_dir(path: str, top: str | None = None, *, uids: tuple[int, ...] = (),
+                     make_mode: int | None = None, own: bool = True) -> int:
+    """Open directory ``path`` from ``/``, one level at a time, and return its descriptor.
+
+    ``top`` (default ``path``) and every level below it must be a real directory of this
+    user that group and others cannot write (:func:`check_own_dir`).  A level above ``top``
+    must be root's, this user's or one of ``uids``', writable by nobody else unless sticky,
+    and may be a symlink only if root made it in a directory only root can write (the
+    kernel then resolves it).  With ``own`` False, every level is checked as one above
+    ``top`` is (a directory another of ``uids`` may own).  With ``make_mode``, missing levels
+    are made (``mkdirat``, this user's, that mode whatever the umask) as the walk reaches
+    them.
+
+    Raises :class:`FileNotFoundError` when a level is missing, :class:`UnsafePathError` for
+    a level that fails its check, :class:`OSError` otherwise."""
+    path = os.path.abspath(path)
+    top = os.path.abspath(top or path)
+    if path != top and not path.startswith(top.rstrip("/") + "/"):
+        raise ValueError(f"{path} is not under {top}")
+    strict_from = len(top.strip("/").split("/")) if top != "/" else 0
+    if not own:
+        strict_from = len(path.split("/")) + 1  # no level is kvmaccel's own
+    trusted = frozenset({0, os.geteuid(), *uids})
+    fd = os.open("/", O_DIR)
+    here = "/"
+    try:
+        st = os.fstat(fd)
+        if strict_from == 0:
+            check_own_dir(fd, here)
+        else:
+            _trusted_level(st, here, trusted)
+        for depth, part in enumerate([p for p in path.split("/") if p], 1):
+            here = os.path.join(here, part)
+            if make_mode is not None:
+                try:
+                    os.mkdir(part, make_mode, dir_fd=fd)
+                    made = os.open(part, O_DIR_NOFOLLOW, dir_fd=fd)
+                    try:
+                        os.fchmod(made, make_mode)
+                    finally:
+                        os.close(made)
+                except FileExistsError:
+                    pass
+            try:
+                nfd = os.open(part, O_DIR_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                link = os.stat(part, dir_fd=fd, follow_symlinks=False)
+                if (depth >= strict_from or not stat.S_ISLNK(link.st_mode) or link.st_uid
+                        or st.st_uid or stat.S_IMODE(st.st_mode) & 0o022):
+                    what = "a symlink" if stat.S_ISLNK(link.st_mode) else "not a directory"
+                    raise UnsafePathError(
+                        f"{here} is {what}; kvmaccel follows only symlinks root made in "
+                        "directories only root can write, and none in its own directories: "
+                        "use the real path, or remove it", path=here) from None
+                nfd = os.open(part, O_DIR, dir_fd=fd)  # root's own link: followed
+            os.close(fd)
+            fd = nfd
+            st = os.fstat(fd)
+            if depth >= strict_from:
+                check_own_dir(fd, here)
+            else:
+                _trusted_level(st, here, trusted)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_own_file(path: str, flags: int = os.O_RDONLY, *, top: str | None = None,
+                  mode: int = 0o600) -> int:
+    """Open ``path``, a file of kvmaccel's own, and return its descriptor: its directory
+    reached by :func:`open_checked_dir` (from ``top``, default that directory, down), the
+    file opened ``O_NOFOLLOW`` relative to it (``O_NONBLOCK`` too: a FIFO never blocks) and
+    checked (:func:`check_own_file`).  ``flags`` may hold ``O_CREAT`` (then ``mode``).
+
+    Raises :class:`FileNotFoundError` when it (or a directory above it) does not exist,
+    :class:`UnsafePathError` when it is not kvmaccel's, :class:`OSError` otherwise."""
+    directory, name = os.path.split(os.path.abspath(path))
+    dfd = open_checked_dir(directory, top)
+    try:
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+                         | os.O_NOCTTY, mode, dir_fd=dfd)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise
+            what = "a symlink" if e.errno == errno.ELOOP else f"not a file ({e.strerror})"
+            raise UnsafePathError(f"{path} is {what}; kvmaccel did not make it: remove it "
+                                  "and run again", path=path) from None
+    finally:
+        os.close(dfd)
+    try:
+        check_own_file(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_own_json(path: str, *, top: str | None = None) -> Any:
+    """The JSON in ``path``, a file kvmaccel wrote (:func:`open_own_file`); None when it does
+    not exist.  Raises :class:`UnsafePathError`, :class:`ValueError` for a file that is not
+    JSON, :class:`OSError`."""
+    try:
+        fd = open_own_file(path, top=top)
+    except FileNotFoundError:
+        return None
+    with open(fd, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def open_append(path: str, *, top: str | None = None) -> int:
+    """Open kvmaccel's record or log file ``path`` to append to it (made 0600 if missing, its
+    directory 0700 as :func:`private_dirs` makes it); as :func:`open_own_file` checks it."""
+    private_dirs(os.path.dirname(os.path.abspath(path)))
+    return open_own_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, top=top)
+
+
 def private_dirs(path: str, mode: int = 0o700) -> None:
     """Create ``path`` and every missing parent one level at a time with ``mode`` (set
     explicitly, whatever the umask).  The leaf, when it exists already, must be a directory
@@ -107,15 +279,49 @@ def private_dirs(path: str, mode: int = 0o700) -> None:
         raise UnsafePathError(f"{path}: {e.strerror}; kvmaccel's directories must be real "
                               "directories (not symlinks)", path=path) from None
     try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o022:
-            raise UnsafePathError(
-                f"{path} is owned by uid {st.st_uid} with mode "
-                f"{stat.S_IMODE(st.st_mode):04o}; kvmaccel keeps its state only in a "
-                f"directory of its own user that nobody else can write: remove it or "
-                f"chmod go-w it", path=path)
+        check_own_dir(fd, path)
     finally:
         os.close(fd)
+
+
+def make_owned_dir(path: str, owner: tuple[int, int], *, make_parents: bool = False,
+                   owner_parents: bool = True, mode: int = 0o700) -> bool:
+    """Make directory ``path`` for ``owner`` (uid, gid) with ``mode`` if it is missing; True
+    when this call made it.  Its parent is reached by :func:`open_checked_dir` (no level an
+    untrusted symlink; each root's, or ``owner``'s if ``owner_parents``, and writable by
+    nobody else unless sticky; with ``make_parents``, missing ones made root's, 0755); the
+    directory is made with
+    ``mkdirat``, opened ``O_NOFOLLOW`` and given its owner and mode on that descriptor, so a
+    name swapped meanwhile is never chowned.  An existing entry must be a real directory of
+    root or ``owner``.  Raises :class:`UnsafePathError`, :class:`FileNotFoundError` (a parent
+    missing), :class:`OSError`."""
+    parent, name = os.path.split(os.path.abspath(path))
+    pfd = open_checked_dir(parent, uids=(owner[0],) if owner_parents else (), own=False,
+                           make_mode=0o755 if make_parents else None)
+    try:
+        made = False
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=pfd)
+            made = True
+        try:
+            fd = os.open(name, O_DIR_NOFOLLOW, dir_fd=pfd)
+        except OSError as e:
+            raise UnsafePathError(f"{path} is not a directory ({e.strerror}); refusing to "
+                                  "use it", path=path) from None
+        try:
+            st = os.fstat(fd)
+            if made:
+                os.fchown(fd, *owner)
+                os.fchmod(fd, mode)
+            elif st.st_uid not in (0, owner[0]):
+                raise UnsafePathError(f"{path} belongs to uid {st.st_uid}, not the qemu "
+                                      f"user (uid {owner[0]}) or root; refusing to use it",
+                                      path=path)
+        finally:
+            os.close(fd)
+        return made
+    finally:
+        os.close(pfd)
 
 
 def link_fd(fd: int, dir_fd: int, name: str) -> None:
@@ -150,21 +356,31 @@ def unlink_if_same(dir_fd: int, name: str, st: os.stat_result) -> bool:
     return False
 
 
-def write_json_atomic(path: str, data: object, *, durable: bool = False) -> None:
+def write_json_atomic(path: str, data: object, *, durable: bool = False,
+                      top: str | None = None) -> None:
     """Write ``data`` as JSON to ``path`` atomically, mode 0600 (creating its directory
-    0700).  ``durable`` also fsyncs before the rename.  Raises :class:`OSError`, and
-    :class:`~kvmaccel.errors.UnsafePathError` for a directory that is not kvmaccel's."""
-    private_dirs(os.path.dirname(path))
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    with open(fd, "w", encoding="utf-8") as f:
-        os.fchmod(fd, 0o600)
-        json.dump(data, f)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    0700), in the directory :func:`open_checked_dir` checks from ``top`` (default: that
+    directory) down, by its descriptor.  ``durable`` also fsyncs before the rename.  Raises
+    :class:`OSError`, and :class:`~kvmaccel.errors.UnsafePathError` for a directory that is
+    not kvmaccel's."""
+    directory, name = os.path.split(os.path.abspath(path))
+    private_dirs(directory)
+    tmp = f"{name}.{os.getpid()}.tmp"
+    dfd = open_checked_dir(directory, top)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)  # one a crashed writer with this pid left
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dfd)
+        with open(fd, "w", encoding="utf-8") as f:
+            os.fchmod(fd, 0o600)
+            json.dump(data, f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)
 
 
 # --- who else holds an inode -------------------------------------------------------------

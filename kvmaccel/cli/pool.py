@@ -343,9 +343,10 @@ def keep(once: bool, daemon: bool, pidfile: str | None, interval: float, uri: st
             return
         with started:  # the daemon: a failure before ready() goes back to the caller
             logger.setLevel(logging.INFO)
-            log_file = os.path.join(os.path.dirname(config.log_file), "pool-keep.log")
-            os.makedirs(os.path.dirname(log_file), mode=0o755, exist_ok=True)
-            handler = logging.FileHandler(log_file)
+            from ..hook.full import LogFileHandler  # opened as the records are: no symlink
+
+            handler = LogFileHandler(os.path.join(os.path.dirname(config.log_file),
+                                                  "pool-keep.log"))
             handler.setFormatter(logging.Formatter("%(asctime)s kvmaccel-keep[%(process)d]: "
                                                    "%(message)s"))
             logger.addHandler(handler)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -165,7 +164,7 @@ def remember(path: str, fd: int, size_bytes: int) -> None:
     st = os.fstat(fd)
     record = {"path": canonical(path), "dev": st.st_dev, "ino": st.st_ino,
               "size_bytes": size_bytes, "created_unix": time.time(), "pid": os.getpid()}
-    write_json_atomic(_record_path(path), record)
+    write_json_atomic(_record_path(path), record, top=run_dir())
 
 
 def forget(path: str) -> None:
@@ -174,12 +173,14 @@ def forget(path: str) -> None:
 
 
 def _recorded(path: str, st: os.stat_result) -> bool:
+    """True when kvmaccel's own creation record (:func:`kvmaccel.safefs.read_own_json`: it
+    lets root remove the file) names the inode ``st``.  Raises UnsafePathError."""
     try:
-        with open(_record_path(path), encoding="utf-8") as f:
-            record = json.load(f)
+        record = safefs.read_own_json(_record_path(path), top=run_dir())
     except (OSError, ValueError):
         return False
-    return bool(record.get("dev") == st.st_dev and record.get("ino") == st.st_ino)
+    return isinstance(record, dict) and (record.get("dev"), record.get("ino")) == (
+        st.st_dev, st.st_ino)
 
 
 def created_by_us(path: str) -> bool:

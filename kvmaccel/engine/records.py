@@ -16,9 +16,11 @@ an object with at least ``time`` (Unix seconds), ``event`` (``start``, ``stop``,
   ``reason``: why a result is not ok.
 
 Writing is root's business in a directory others cannot write: the directory is made 0700
-and the file 0600 (:mod:`kvmaccel.safefs`), opened ``O_APPEND|O_NOFOLLOW``, and each line is
-one ``write``.  When the file passes :data:`MAX_BYTES` it is renamed to ``<file>.1`` (the
-previous ``.1`` goes) under an ``flock`` on the file, so two writers rotate once.
+and the file 0600, opened ``O_APPEND|O_NOFOLLOW`` relative to its checked directory and
+checked on its descriptor (:func:`kvmaccel.safefs.open_append`; the hook's and the keeper's
+log files are opened the same way), and each line is one ``write``.  When the file passes
+:data:`MAX_BYTES` it is renamed to ``<file>.1`` (the previous ``.1`` goes) under an ``flock``
+on the file, so two writers rotate once.
 
 A record is a report, never a reason to fail: :func:`append` says so on stderr and returns
 on any error.  Kept light (``json``, ``os``, ``fcntl``, no ``logging``): the hook's warm
@@ -73,8 +75,7 @@ def append(event: str, result: str = "ok", *, path: str | None = None,
     target = path or record_file()
     try:
         line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
-        safefs.private_dirs(os.path.dirname(target) or ".")
-        fd = _open(target)
+        fd = safefs.open_append(target)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if os.fstat(fd).st_size + len(line) > max_bytes and os.fstat(fd).st_size:
@@ -85,17 +86,6 @@ def append(event: str, result: str = "ok", *, path: str | None = None,
     except Exception as e:  # noqa: BLE001 -- a record is never a reason to fail (an unsafe
         # directory raises UnsafePathError, a KvmaccelError; a full disk OSError)
         print(f"kvmaccel: warning: cannot write a record to {target}: {e}", file=sys.stderr)
-
-
-def _open(target: str) -> int:
-    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        os.close(fd)
-        raise OSError(f"{target} is not this user's private file (uid {st.st_uid}, mode "
-                      f"{st.st_mode & 0o777:04o}); remove it")
-    return fd
 
 
 def _rotate(fd: int, target: str) -> int:
@@ -110,7 +100,7 @@ def _rotate(fd: int, target: str) -> int:
     except FileNotFoundError:
         pass
     os.close(fd)
-    fresh = _open(target)
+    fresh = safefs.open_append(target)
     fcntl.flock(fresh, fcntl.LOCK_EX)
     return fresh
 
@@ -120,14 +110,15 @@ def read(path: str | None = None) -> Iterator[dict[str, Any]]:
     not parse are skipped."""
     target = path or record_file()
     for name in (target + ".1", target):
-        try:
-            with open(name, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(record, dict):
-                        yield record
+        try:  # only kvmaccel's own file, as it is written (raises UnsafePathError)
+            fd = safefs.open_own_file(name)
         except FileNotFoundError:
             continue
+        with open(fd, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    yield record

@@ -16,7 +16,7 @@ import os
 
 from ..errors import HostError
 from ..paths import run_dir
-from ..safefs import private_dirs
+from ..safefs import open_own_file, private_dirs
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,12 @@ class HostSlots:
             if len(self._held) >= wanted:
                 break
             path = os.path.join(self.directory, f"slot-{index}")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:  # our own file in our own directory, or another user could hold the slot
+                fd = open_own_file(path, os.O_RDWR | os.O_CREAT)
+            except OSError as e:
+                raise HostError(f"cannot open {path}: {e.strerror}") from e
             try:
-                os.fchmod(fd, 0o600)
+                os.fchmod(fd, 0o600)  # a slot others could open is a slot others could hold
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)

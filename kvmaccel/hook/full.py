@@ -28,6 +28,7 @@ Nothing is written to stdout.  Logging is configured here (the hook's entry poin
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
@@ -36,7 +37,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
-from .. import paths
+from .. import paths, safefs
 from ..engine import records
 from ..errors import KvmaccelError
 from ..plan.config import HookConfig, read_config
@@ -55,6 +56,17 @@ FALLBACK_CONFIG = HookConfig()
 
 
 # --- logging --------------------------------------------------------------------------------
+
+class LogFileHandler(logging.FileHandler):
+    """A log file opened as the record file is (:func:`kvmaccel.safefs.open_append`): made
+    0600 in a directory of root's that nobody else can write, never through a symlink,
+    never another user's file.  Raises :class:`OSError` or
+    :class:`~kvmaccel.errors.UnsafePathError` when it cannot be opened so."""
+
+    def _open(self) -> io.TextIOWrapper:
+        return open(safefs.open_append(self.baseFilename), "a", encoding=self.encoding,
+                    errors=self.errors)
+
 
 class _Context(logging.Filter):
     """Puts the domain name and the operation in every record."""
@@ -85,11 +97,10 @@ def setup_logging(config: HookConfig, name: str, op: str) -> None:
             pass
     if to_file or not handlers:  # not handlers: the syslog socket refused us
         try:
-            os.makedirs(os.path.dirname(config.log_file), mode=0o755, exist_ok=True)
-            fh = logging.FileHandler(config.log_file, encoding="utf-8")
+            fh = LogFileHandler(config.log_file, encoding="utf-8")
             fh.setFormatter(logging.Formatter("%(asctime)s " + log_prefix() + LOG_BODY))
             handlers.append(fh)
-        except OSError:
+        except (OSError, KvmaccelError):
             pass
     root = logging.getLogger("kvmaccel")
     for h in list(root.handlers):

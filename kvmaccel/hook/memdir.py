@@ -20,10 +20,9 @@ import contextlib
 import grp
 import os
 import pwd
-import stat
 
 from .. import safefs
-from ..errors import BackingError
+from ..errors import BackingError, UnsafePathError
 
 PARENT_SUFFIX = "/libvirt/qemu"
 
@@ -48,43 +47,16 @@ def qemu_owner(user: str, group: str) -> tuple[int, int]:
 
 def make_guest_dir(directory: str, owner: tuple[int, int]) -> bool:
     """Make ``directory`` (mode 0700, owned by ``owner``) if it is missing; True when this
-    call made it.  Raises :class:`BackingError` when its parent is not a root-owned directory
-    others cannot write, or the name holds something else."""
-    parent, name = os.path.split(directory)
+    call made it (:func:`kvmaccel.safefs.make_owned_dir`, as ``kvmaccel prealloc`` makes
+    its directory).  Raises :class:`BackingError` when its parent is not a root-owned
+    directory others cannot write, or the name holds something else."""
     try:
-        pfd = safefs.open_dir(parent)
+        return safefs.make_owned_dir(directory, owner, owner_parents=False)
+    except UnsafePathError as e:
+        raise BackingError(f"refusing to make {directory}: {e}", path=directory) from None
     except OSError as e:
-        raise BackingError(f"{parent}: {e.strerror}; libvirt makes it for every hugetlbfs "
-                           "mount it uses", path=directory) from None
-    try:
-        pst = os.fstat(pfd)
-        if pst.st_uid != 0 or stat.S_IMODE(pst.st_mode) & 0o022:
-            raise BackingError(f"{parent} is not root's, or others can write it; refusing to "
-                               "make a guest directory in it", path=directory)
-        made = False
-        try:
-            os.mkdir(name, 0o700, dir_fd=pfd)
-            made = True
-        except FileExistsError:
-            pass
-        try:
-            fd = os.open(name, safefs.O_DIR_NOFOLLOW, dir_fd=pfd)
-        except OSError as e:
-            raise BackingError(f"{directory} is not a directory ({e.strerror}); refusing to "
-                               "use it", path=directory) from None
-        try:
-            st = os.fstat(fd)
-            if made:
-                os.fchown(fd, *owner)
-                os.fchmod(fd, 0o700)
-            elif st.st_uid not in (0, owner[0]):
-                raise BackingError(f"{directory} belongs to uid {st.st_uid}, not the qemu "
-                                   "user; refusing to use it", path=directory)
-        finally:
-            os.close(fd)
-        return made
-    finally:
-        os.close(pfd)
+        raise BackingError(f"{os.path.dirname(directory)}: {e.strerror}; libvirt makes it "
+                           "for every hugetlbfs mount it uses", path=directory) from None
 
 
 def remove_guest_dir(directory: str) -> bool:

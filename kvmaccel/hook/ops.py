@@ -17,16 +17,15 @@ import time
 from typing import TYPE_CHECKING
 
 from ..engine import records
-from ..errors import BackingError, CancelledError, CapacityError
+from ..errors import BackingError, CancelledError, CapacityError, KvmaccelError
 from ..host.facts import read_host
 from ..model.units import format_size
 from ..plan.config import HookConfig
 from ..plan.limits import Limits
 from ..pool.files import PoolKey
-from ..safefs import write_json_atomic
 from . import memdir, overlap
 from . import pool as hook_pool
-from .state import cache_path, read_state, recipe_path, state_path, write_state
+from .state import cache_path, read_state, recipe_path, state_path, write_json, write_state
 from .warm import FILE_MODE, cached_plan, plan_inputs, write_recipe_if_clean
 
 if TYPE_CHECKING:  # prepare needs neither the engine nor the backings: not imported then
@@ -131,7 +130,7 @@ def write_recipe(plan: DomainPlan, limits: Limits, config: HookConfig, xml: byte
                          "pool_dir": pool.directory if pool else None,
                          "state_dir": pool.state_dir if pool else None})
     id_text = str(plan.domain_id)
-    write_json_atomic(cache_path(plan.uuid), {
+    write_json(cache_path(plan.uuid), {
         "inputs": plan_inputs(xml, config.qemu_conf, config.source),
         "name": plan.name, "limits": dataclasses.asdict(limits),
         "shortname_tail": plan.shortname[len(id_text) + 1:], "backends": backends})
@@ -395,7 +394,12 @@ def op_stop(xml: bytes, config: HookConfig) -> None:
     for path in files if isinstance(files, list) else []:
         if not isinstance(path, str):
             continue
-        if created_by_us(path):
+        try:
+            ours = created_by_us(path)
+        except KvmaccelError as e:  # a creation record another user could have written
+            log.warning("%s; %s left alone", e, path)
+            continue
+        if ours:
             with contextlib.suppress(BackingError):
                 freed += release(path)  # by its directory's descriptor, if still that file
                 log.info("removed %s", path)

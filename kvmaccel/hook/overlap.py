@@ -228,19 +228,7 @@ def fork_detached(name: str, nice: int, work: Callable[[], int]) -> int:
         os._exit(code)
 
 
-def _start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks): a pid and this identify one
-    process, whatever reuses the pid later."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2:].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
+_start_ticks = sysmem.start_ticks  # a pid and its start time identify one process
 
 
 def stop_filler(filler: object) -> bool:

@@ -7,14 +7,12 @@ cannot afford it).  It imports only what ``json`` already loads.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import paths
-from ..errors import BackingError, UsageError
-from ..safefs import write_json_atomic
+from .. import paths, safefs
+from ..errors import BackingError, UnsafePathError, UsageError
 
 if TYPE_CHECKING:
     from ..plan.config import HookConfig
@@ -50,7 +48,7 @@ def save_config_snapshot(config: HookConfig, path: str) -> None:
               "values": {f: getattr(config, f) for f in SNAPSHOT_FIELDS}}
     target = snapshot_path(path)
     if read_json(target) != record:
-        write_json_atomic(target, record)
+        write_json(target, record)
 
 
 def snapshot_path(config_path: str, run_dir: str | None = None) -> str:
@@ -74,12 +72,29 @@ def read_config_snapshot(path: str) -> dict[str, Any] | None:
     return {**values, "config_text": record["text"]}
 
 
+def _top(path: str) -> str | None:
+    """Where the checked chain of ``path`` starts: the run dir, when it is under it."""
+    top = os.path.abspath(paths.run_dir())
+    return top if os.path.abspath(path).startswith(top.rstrip("/") + "/") else None
+
+
 def read_json(path: str) -> Any:
+    """The JSON kvmaccel left at ``path`` in its run dir; None when it is missing or not
+    JSON.  Root acts on what it reads there (files to remove, processes to stop), so the
+    file and every directory from the run dir down must be kvmaccel's own
+    (:func:`kvmaccel.safefs.read_own_json`): raises :class:`UnsafePathError` otherwise."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return safefs.read_own_json(path, top=_top(path))
+    except UnsafePathError:
+        raise
     except (OSError, ValueError):
         return None
+
+
+def write_json(path: str, data: object) -> None:
+    """Write what :func:`read_json` reads (atomically, by the checked directory's
+    descriptor).  Raises :class:`OSError`, :class:`UnsafePathError`."""
+    safefs.write_json_atomic(path, data, top=_top(path))
 
 
 # --- logging without the logging module -----------------------------------------------------
@@ -105,11 +120,14 @@ def log_info(values: dict[str, Any], name: str, op: str, message: str) -> None:
     if to_file:
         now = time.time()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        try:
-            os.makedirs(os.path.dirname(values["log_file"]), mode=0o755, exist_ok=True)
-            with open(values["log_file"], "a", encoding="utf-8") as f:
-                f.write(f"{stamp},{int(now * 1000) % 1000:03d} {log_prefix()}{body}\n")
-        except OSError:
+        line = f"{stamp},{int(now * 1000) % 1000:03d} {log_prefix()}{body}\n"
+        try:  # opened as the record file is: never through a symlink, never another's file
+            fd = safefs.open_append(values["log_file"])
+            try:
+                os.write(fd, line.encode("utf-8", "replace"))
+            finally:
+                os.close(fd)
+        except (OSError, UnsafePathError):
             pass
 
 
@@ -123,17 +141,21 @@ def state_path(key: str) -> str:
 
 
 def write_state(key: str, state: dict[str, object]) -> None:
-    write_json_atomic(state_path(key), state)
+    write_json(state_path(key), state)
 
 
 def read_state(key: str) -> dict[str, object] | None:
+    """The guest's state as ``start`` left it; None when there is none.  The stop acts on it
+    as root (the filler's pid, the files to remove), so it is read only from kvmaccel's own
+    file in kvmaccel's own directories: raises :class:`UnsafePathError` for anything else,
+    :class:`BackingError` for a file that cannot be read."""
+    path = state_path(key)
     try:
-        with open(state_path(key), encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None
+        data = safefs.read_own_json(path, top=paths.run_dir())
+    except UnsafePathError:
+        raise
     except (OSError, ValueError) as e:
-        raise BackingError(f"cannot read kvmaccel's state {state_path(key)}: {e}") from None
+        raise BackingError(f"cannot read kvmaccel's state {path}: {e}") from None
     return data if isinstance(data, dict) else None
 
 

@@ -33,8 +33,7 @@ from typing import Any
 
 from ..engine import records
 from ..pool.files import PoolEntry, PoolFiles, PoolKey
-from ..safefs import write_json_atomic
-from .state import cache_path, file_text, read_json, recipe_path, write_state
+from .state import cache_path, file_text, read_json, recipe_path, write_json, write_state
 
 FILE_MODE = 0o600
 RECIPE_MAX_AGE_S = 600
@@ -92,7 +91,7 @@ def write_recipe_if_clean(domain_uuid: str, domain_id: int, name: str, shortname
     for (pool_dir, state_dir, key), count in wanted.items():
         if len(PoolFiles(pool_dir, state_dir=state_dir).clean_for(key, domain_uuid)) < count:
             return False
-    write_json_atomic(recipe_path(domain_uuid), {
+    write_json(recipe_path(domain_uuid), {
         "uuid": domain_uuid, "id": domain_id, "name": name, "shortname": shortname,
         "written_unix": time.time(), "backends": backends})
     return True

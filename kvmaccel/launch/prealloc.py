@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import grp
 import logging
-import os
 import pwd
 import threading
 from dataclasses import dataclass
 
+from .. import safefs
 from ..engine.backing import Backing, BackingSpec, populate_backings
 from ..engine.populate import PopulateResult, ProgressFn
-from ..errors import HostError, NotPopulatedError, UsageError
+from ..errors import HostError, NotPopulatedError, UnsafePathError, UsageError
 from ..model.domain import parse_domain
 from ..model.qemuconf import QemuConf
 from ..plan.forhost import HostPlanning
@@ -101,13 +101,16 @@ def _owner(conf: QemuConf) -> tuple[int, int]:
 
 
 def _make_domain_dir(plan: DomainPlan, uid: int, gid: int) -> None:
-    """Create ``<memory_backing_dir>/<shortname>`` as libvirt would (0700, the qemu user's)."""
+    """Create ``<memory_backing_dir>/<shortname>`` as libvirt would (0700, the qemu user's),
+    by descriptor (:func:`kvmaccel.safefs.make_owned_dir`): the qemu user owns
+    ``memory_backing_dir`` on Debian and could swap a path component for a symlink between
+    a ``mkdir`` and a ``chown`` by path, having root make its directory anywhere or chown
+    any file to it.  An existing directory is used if it is root's or the qemu user's."""
     path = plan.memory_backing_domain_dir
-    if os.path.isdir(path):
-        return
     try:
-        os.makedirs(path, mode=0o700)
-        os.chown(path, uid, gid)
+        safefs.make_owned_dir(path, (uid, gid), make_parents=True)
+    except UnsafePathError as e:
+        raise HostError(f"cannot create {path}: {e}") from None
     except OSError as e:
         raise HostError(f"cannot create {path}: {e.strerror}; run as root") from e
 

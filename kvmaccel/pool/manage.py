@@ -248,7 +248,7 @@ class Pool(PoolFiles):
                     return False
                 own(fd)  # back from the guest: ours again, before anything else
                 self._write_state(name, "scrubbing", st, domain_uuid=entry.domain_uuid,
-                                  pid=os.getpid())
+                                  pid=os.getpid(), start_ticks=_own_start_ticks())
             finally:
                 os.close(fd)
             # Nobody else has it open, and nobody else can reach its name: this is the
@@ -296,7 +296,7 @@ class Pool(PoolFiles):
                         if now is not None and now.state == "clean":
                             return True
                         return now is not None and self._scrub_one(listed, host, limits)
-                lend_priority(self._scrubber(listed))
+                lend_priority(*self._scrubber(listed))
                 time.sleep(0.005)
         return False
 
@@ -306,9 +306,7 @@ class Pool(PoolFiles):
         lent = False
         for listed in self.entries():
             if listed.domain_uuid == domain_uuid and listed.state == "scrubbing":
-                pid = self._scrubber(listed)
-                lend_priority(pid)
-                lent = lent or pid is not None
+                lent = lend_priority(*self._scrubber(listed)) or lent
         return lent
 
     def _entry_now(self, listed: PoolEntry) -> PoolEntry | None:
@@ -317,12 +315,15 @@ class Pool(PoolFiles):
                                                          listed.key, we_hold_its_lock=True)
         return entry if entry is not None and _same(entry, listed) else None
 
-    def _scrubber(self, listed: PoolEntry) -> int | None:
+    def _scrubber(self, listed: PoolEntry) -> tuple[int | None, int | None]:
+        """(pid, start ticks) of the process the file's state says scrubs it."""
         with self._dir() as dfd:
             st = None if dfd is None else safefs.lstat_at(dfd, os.path.basename(listed.path))
         record = self._read_state(os.path.basename(listed.path), st) if st else {}
-        pid = record.get("pid")
-        return pid if isinstance(pid, int) and record.get("state") == "scrubbing" else None
+        pid, ticks = record.get("pid"), record.get("start_ticks")
+        if record.get("state") != "scrubbing" or not isinstance(pid, int) or pid <= 0:
+            return None, None
+        return pid, ticks if isinstance(ticks, int) else None
 
     def give_back_unused(self, listed: PoolEntry) -> bool:
         """Remove a clean file nobody uses (re-checked under the lock); True when removed."""
@@ -367,14 +368,24 @@ class Pool(PoolFiles):
         return freed
 
 
-def lend_priority(pid: int | None) -> None:
-    """Give every thread of process ``pid`` this thread's priority, when theirs is lower (a
-    higher nice), and its scheduler autogroup too: a nice-19 scrub that a start waits for
-    must not run at nice 19 meanwhile."""
-    if pid is None:
-        return
+def _own_start_ticks() -> int | None:
     from ..host import sysmem
 
+    return sysmem.start_ticks(os.getpid())
+
+
+def lend_priority(pid: int | None, start_ticks: int | None) -> bool:
+    """Give every thread of process ``pid`` this thread's priority, when theirs is lower (a
+    higher nice), and its scheduler autogroup too: a nice-19 scrub that a start waits for
+    must not run at nice 19 meanwhile.  Only to the process that started at ``start_ticks``
+    (:func:`kvmaccel.host.sysmem.start_ticks`, recorded by the scrub): a scrub that died
+    left its pid to whatever process gets it next.  True when lent."""
+    if pid is None or start_ticks is None:
+        return False
+    from ..host import sysmem
+
+    if sysmem.start_ticks(pid) != start_ticks:
+        return False
     mine = os.getpriority(os.PRIO_PROCESS, 0)
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -382,6 +393,7 @@ def lend_priority(pid: int | None) -> None:
                 if os.getpriority(os.PRIO_PROCESS, int(tid)) > mine:
                     os.setpriority(os.PRIO_PROCESS, int(tid), mine)
         sysmem.set_autogroup_nice(mine, pid)
+    return True
 
 
 def _same(a: PoolEntry, b: PoolEntry) -> bool:
