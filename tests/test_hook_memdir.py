@@ -311,3 +311,29 @@ def test_a_memfd_guests_directory_left_by_a_crash_is_never_reused(
     assert os.path.isfile(f"{d}/kvmaccel-pc.ram")  # what kvmaccel did not make: left alone
     assert not os.path.lexists(f"{d}/.kvmaccel")  # what it made: gone
     assert hook(memfd_env, "stopped", "end", None) == 0
+
+
+def test_the_hook_populates_nothing_in_a_proof_dir_swapped_in(shm_dir: str) -> None:
+    """The engine opens a file's directory by path; the qemu user may have put a directory
+    of its own at ``D/.kvmaccel`` since the hook made it.  Such a file is refused before it
+    is populated or named, and nothing is left."""
+    from kvmaccel.engine.backing import BackingSpec, open_backings
+    from kvmaccel.hook.ops import check_in_proof_dirs
+    from kvmaccel.host.facts import read_host
+
+    os.makedirs(f"{shm_dir}/libvirt/qemu", 0o755)
+    d = f"{shm_dir}/libvirt/qemu/5-g"
+    memdir.make_guest_dir(d, NOBODY)
+    proof = memdir.make_proof_dir(d)
+    as_nobody("import os, sys; d = sys.argv[1]; os.rename(d + '/.kvmaccel', d + '/.old'); "
+              "os.mkdir(d + '/.kvmaccel', 0o777)", d)
+    spec = BackingSpec(path=f"{proof.path}/kvmaccel-pc.ram", size_bytes=1 << 20,
+                       uid=NOBODY[0], gid=NOBODY[1])
+    backings = open_backings([spec], read_host())
+    try:
+        with pytest.raises(BackingError, match="no longer the directory kvmaccel made"):
+            check_in_proof_dirs(backings, [proof])
+    finally:
+        for backing in backings:
+            backing.discard()
+    assert os.listdir(f"{d}/.kvmaccel") == []
