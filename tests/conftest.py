@@ -16,6 +16,30 @@ import pytest
 from kvmaccel.bench.virsh import private_mount as virsh_private_mount
 from kvmaccel.host import facts as host_mod
 
+SKIPPED: list[str] = []  # node ids of every test (or module) skipped in this run
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        SKIPPED.append(report.nodeid)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:
+        SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under the test command a skip of any kind (``pytest.skip``, ``importorskip``,
+    ``skipif``, not only :func:`need`) fails the run: a green CI run means every test ran."""
+    if os.environ.get("KVMACCEL_REQUIRE_ENV") != "1" or not SKIPPED:
+        return
+    shown = ", ".join(SKIPPED[:5]) + (f" and {len(SKIPPED) - 5} more" if len(SKIPPED) > 5 else "")
+    print(f"\nconftest: {len(SKIPPED)} skipped under KVMACCEL_REQUIRE_ENV=1 ({shown}); "
+          "the test command must run every test: install what they need")
+    if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 def need(condition: bool, why: str) -> None:
     """Skip by hand, fail under the test command."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,8 @@ import time
 
 from kvmaccel.host import sysmem
 from kvmaccel.pool.manage import POOL_DIRNAME, Pool
+
+from .test_pool_squat import isolated
 
 MIB = 1 << 20
 
@@ -29,8 +32,13 @@ def config(tmp_path: str, shm_dir: str, run_dir: str, count: int = 2,
 
 
 def keep(path: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kvmaccel", "pool", "keep", "--config", path,
-                           *args], capture_output=True, text=True, timeout=120)
+    """``pool keep`` in a mount namespace that sees only the config's pool filesystems: a
+    pass scrubs every pool it finds, and the other tests' pools (and theirs, ours) are none
+    of its business (another test's dirty file scrubbed here was one action too many)."""
+    with open(path) as f:
+        mounts = re.findall(r'^dir = "(.*)"$', f.read(), re.MULTILINE)
+    return isolated([sys.executable, "-m", "kvmaccel", "pool", "keep", "--config", path,
+                     *args], mounts)
 
 
 def test_once_fills_to_the_target_then_holds_still_then_gives_back(

@@ -111,9 +111,8 @@ def bench_run(qemu: str, directory: str, size_bytes: int, threads: int, runs: in
     ``wait_s`` seconds (checked before every start: the pool is shared), HostError when QEMU
     fails.
     """
-    mount = next((m for m in read_host().hugetlbfs_mounts
-                  if os.path.realpath(directory).startswith(m.path)), None)
-    if mount is None or not mount.page_size_kib:
+    mount = read_host().mount_of(directory)
+    if mount is None or mount.fs_type != "hugetlbfs" or not mount.page_size_kib:
         raise HostError(f"{directory} is not on a hugetlbfs mount; give --dir of one")
     page_kib = mount.page_size_kib
     pages = size_bytes // (page_kib * 1024)

@@ -9,11 +9,12 @@ guest keeps its QEMU; the change applies at its next start.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import click
 
-from ..errors import UsageError
+from ..errors import HookError, UsageError
 from ..hook import divert as divert_mod
 from ..hook import front as hook_front
 
@@ -54,9 +55,9 @@ def install(qemu: str, divert: bool) -> None:
 @qemu_option
 def uninstall(qemu: str) -> None:
     """Remove the front `install` wrote (with --divert: undo the diversion), and nothing else."""
-    if hook_front.read_status(qemu).diverted and divert_mod.uninstall(qemu):
-        click.echo(f"removed the front at {qemu}, the apt hook and the diversion: {qemu} is "
-                   "the real QEMU again")
+    done = divert_mod.uninstall(qemu)  # HookError (exit 1) when it cannot put QEMU back
+    if done is not None:
+        click.echo(done)
         return
     path = hook_front.front_path(qemu)
     if hook_front.uninstall(path):
@@ -73,6 +74,15 @@ def status(qemu: str) -> None:
     here = hook_front.read_status(qemu)
     if here.diverted:
         click.echo(f"{qemu}: kvmaccel's front {here.version} (diverted), execs {here.qemu}")
+    with contextlib.suppress(HookError):  # no dpkg: no diversion
+        found = divert_mod.diversion(qemu)
+        if here.diverted and not found.is_kvmaccels():
+            click.echo(f"{qemu}: but dpkg does not divert it to {qemu}{divert_mod.REAL_SUFFIX}"
+                       " (changed outside kvmaccel): 'kvmaccel front uninstall' says what to do")
+        elif not here.diverted and found.divert_to is not None:
+            click.echo(found.describe() + ("; a leftover of kvmaccel's: 'kvmaccel front "
+                                           "uninstall' removes it"
+                                           if found.is_kvmaccels() else ""))
     st = hook_front.read_status(hook_front.front_path(qemu))
     if st.installed:
         click.echo(f"{st.path}: kvmaccel's front {st.version}, execs {st.qemu}")

@@ -91,9 +91,10 @@ def metrics(textfile_dir: str | None, record_path: str | None,
     """
     from ..host.facts import read_host
     from ..pool.metrics import render, write_textfile
-    from .pool import _all_pools
+    from .pool import per_pool
 
-    entries = [e for p in _all_pools(read_host(), pool_dirs) for e in p.entries()]
+    entries = [e for found in per_pool(read_host(), pool_dirs, lambda p: p.entries())
+               for e in found]
     text = render(records.read(record_path), entries)
     if textfile_dir is None:
         click.echo(text, nl=False)

@@ -1,7 +1,8 @@
 """``kvmaccel plan DOMAIN.xml``: show what libvirt will hand QEMU and what kvmaccel would do.
 
-A thin layer: it reads the XML file, the host facts and qemu.conf, calls
-:func:`kvmaccel.plan.planner.plan_domain` and prints a table or the JSON documented in
+A thin layer: it reads the XML file, plans it as the hook would
+(:func:`kvmaccel.plan.forhost.for_host`: the config's qemu.conf and ``[limits]``, tuning,
+energy, the front) and prints a table or the JSON documented in
 :mod:`kvmaccel.plan.planner`.  Errors are raised as :class:`~kvmaccel.errors.KvmaccelError`; the
 ``kvmaccel`` group maps them to one line and an exit code.
 """
@@ -16,18 +17,14 @@ import os
 import click
 
 from ..errors import KvmaccelError, UsageError
-from ..hook.front import SUFFIX as FRONT_SUFFIX
-from ..hook.front import is_front
 from ..host.facts import read_host
 from ..model.domain import parse_domain
-from ..model.qemuconf import read_qemu_conf
 from ..model.units import format_cpu_spec, format_size
 from ..plan.config import read_config
 from ..plan.energy import MODES
-from ..plan.limits import Limits
+from ..plan.forhost import for_host
 from ..plan.planjson import plan_to_json
-from ..plan.planner import BackendPlan, DomainPlan, plan_domain
-from ..plan.policy import host_policy
+from ..plan.planner import BackendPlan, DomainPlan
 from ..pool.manage import Pool, PoolEntry, key_for, pool_dir_for, reserved_first
 
 log = logging.getLogger(__name__)
@@ -39,18 +36,6 @@ def _page(kib: int) -> str:
 
 def _node(node: int | None) -> str:
     return "any node" if node is None else f"node {node}"
-
-
-def emulator_is_front(emulator: str | None) -> tuple[bool, str | None]:
-    """(plan through the front, a note) for a domain's ``<emulator>``: a front kvmaccel wrote,
-    or a front's name (``...-kvmaccel``) not installed on this machine (planned as if it
-    were, with a note saying to install it)."""
-    if emulator and is_front(emulator):
-        return True, None
-    if emulator and emulator.endswith(FRONT_SUFFIX) and not os.path.lexists(emulator):
-        return True, (f"the emulator {emulator} is kvmaccel's front, which is not installed "
-                      "here: kvmaccel front install")
-    return False, None
 
 
 def pool_sources(plan: DomainPlan) -> dict[str, str]:
@@ -138,14 +123,16 @@ def format_plan(plan: DomainPlan, sources: dict[str, str] | None = None) -> str:
 @click.command(name="plan")
 @click.argument("domain_xml", metavar="DOMAIN.xml")
 @click.option("--qemu-conf", "qemu_conf", metavar="FILE",
-              help="qemu.conf to read (default: <root>/etc/libvirt/qemu.conf if present).")
+              help="qemu.conf to read (default: the config's qemu_conf; "
+                   "<root>/etc/libvirt/qemu.conf if present).")
 @click.option("--id", "domain_id", type=int, metavar="N",
               help="Domain id for the paths (default: the XML's id, else -1).")
 @click.option("--root", default="/", show_default=True, metavar="DIR",
               help="Read /sys and /proc under DIR (a fake host tree for tests).")
 @click.option("--config", "config_path", metavar="FILE",
-              help="kvmaccel.toml for the energy policy (default: $KVMACCEL_CONFIG, else "
-                   "/etc/kvmaccel/kvmaccel.toml; missing: the defaults).")
+              help="kvmaccel.toml for qemu_conf, [limits] and the energy policy (default: "
+                   "$KVMACCEL_CONFIG, else /etc/kvmaccel/kvmaccel.toml; missing: the "
+                   "defaults).")
 @click.option("--energy", type=click.Choice(MODES),
               help="Energy policy mode, overriding the config file's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
@@ -159,17 +146,15 @@ def plan(domain_xml: str, qemu_conf: str | None, domain_id: int | None, root: st
         raise UsageError(f"cannot read {domain_xml}: {e.strerror}") from None
     if not os.path.isdir(root):
         raise UsageError(f"--root {root} is not a directory")
+    if config_path is not None and not os.path.exists(config_path):
+        raise UsageError(f"--config {config_path} does not exist; give an existing "
+                         "kvmaccel.toml, or leave --config out for the default")
     domain = parse_domain(data)
-    front, front_note = emulator_is_front(domain.emulator)
-    settings = read_config(config_path).energy
+    config = read_config(config_path)
     if energy is not None:
-        settings = dataclasses.replace(settings, mode=energy)
-    host = read_host(root)
-    tuned, decision = host_policy(settings, host, root)
-    result = plan_domain(domain, host, read_qemu_conf(qemu_conf, root), Limits(),
-                         domain_id=domain_id, tuned=tuned, energy=decision, front=front)
-    if front_note:
-        result = dataclasses.replace(result, notes=(*result.notes, front_note))
+        config = dataclasses.replace(
+            config, energy=dataclasses.replace(config.energy, mode=energy))
+    result = for_host(config, root=root, qemu_conf=qemu_conf).plan(domain, domain_id=domain_id)
     if as_json:
         click.echo(json.dumps(plan_to_json(result), indent=2))
     else:

@@ -7,24 +7,27 @@ the config file, or from ``--max-bytes`` / ``--max-node-bytes``.
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
-from ..errors import UsageError
-from ..hook.front import is_front
+from ..errors import UnsafePathError, UsageError
 from ..host.facts import HostFacts, read_host
 from ..model.domain import parse_domain
-from ..model.qemuconf import read_qemu_conf
 from ..model.units import format_size, parse_size
 from ..plan.config import read_config
-from ..plan.planner import plan_domain
-from ..pool.manage import POOL_DIRNAME, Pool, PoolKey, key_for, pool_dir_for, spawn_scrub
+from ..plan.forhost import for_host
+from ..pool.discovery import existing_pools, refused_line
+from ..pool.manage import Pool, PoolKey, key_for, pool_dir_for, spawn_scrub
+from ..safefs import private_dirs
 from .common import cancel_on_signals, limits_options, make_limits, parse_nodes
+
+log = logging.getLogger(__name__)
 
 
 def _pool(directory: str, host: HostFacts, max_bytes: str | None,
@@ -41,14 +44,33 @@ def _all_pools(host: HostFacts, directories: tuple[str, ...]) -> list[Pool]:
     """The pools named, or every pool that exists on a hugetlbfs or tmpfs mount."""
     if directories:
         return [Pool(pool_dir_for(d, host.mounts)) for d in directories]
-    seen: set[str] = set()
-    pools = []
-    for mount in host.mounts:
-        path = os.path.join(mount.path, POOL_DIRNAME)
-        if mount.fs_type in ("hugetlbfs", "tmpfs") and path not in seen and os.path.isdir(path):
-            seen.add(path)
-            pools.append(Pool(path))
-    return pools
+    return [Pool(path) for path in existing_pools(host.mounts)]
+
+
+T = TypeVar("T")
+
+
+def per_pool(host: HostFacts, directories: tuple[str, ...], work: Callable[[Pool], T]
+             ) -> list[T]:
+    """``work`` done on each pool of :func:`_all_pools`.  A pool whose directory is not
+    kvmaccel's (another user made ``.kvmaccel-pool`` first on a world-writable tmpfs, a
+    symlink, a file) is skipped with one warning line and the others are done; when it was
+    named with ``--dir``, its refusal is then the command's error (exit 1)."""
+    done: list[T] = []
+    refused: list[UnsafePathError] = []
+    for p in _all_pools(host, directories):
+        try:
+            p.check()
+            done.append(work(p))
+        except UnsafePathError as e:
+            refused.append(e)
+            if not directories:
+                log.warning("%s", refused_line(e))
+    if directories and refused:
+        for earlier in refused[:-1]:
+            log.warning("%s", refused_line(earlier))
+        raise refused[-1]
+    return done
 
 
 def _enter_cgroup(name: str | None = None) -> None:
@@ -97,8 +119,8 @@ def fill(size: str | None, page_size: str | None, directory: str | None, nodes: 
                              "--page-size and --nodes")
         with open(domain_xml, "rb") as f:
             domain = parse_domain(f.read())
-        plan = plan_domain(domain, host, read_qemu_conf(qemu_conf), limits,
-                           front=is_front(domain.emulator))
+        plan = for_host(read_config(), host=host, qemu_conf=qemu_conf,
+                        limits=limits).plan(domain)
         for b in plan.populated:
             assert b.file_path is not None
             wanted.append((os.path.dirname(b.file_path), key_for(
@@ -148,8 +170,9 @@ def list_cmd(directories: tuple[str, ...], as_json: bool) -> None:
     ``held``: another process still has the file open or mapped (it waits, unscrubbed and
     unserved); ``bad``: not a file the pool may scrub or serve as it is (the next scrub or
     drain removes it); the last column says why."""
-    entries = [e for p in _all_pools(read_host(), directories)
-               for e in p.entries(probe_holders=True)]
+    entries = [e for found in per_pool(read_host(), directories,
+                                       lambda p: p.entries(probe_holders=True))
+               for e in found]
     if as_json:
         click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
         return
@@ -203,16 +226,19 @@ def scrub(directories: tuple[str, ...], detach: bool, **limit_args: Any) -> None
     _enter_cgroup()
     host = read_host()
     limits = make_limits(**limit_args)
-    for p in _all_pools(host, directories):
+
+    def scrub_one(p: Pool) -> None:
         for entry in p.scrub(host, limits):
             click.echo(f"scrubbed {entry.path} ({format_size(entry.key.size_bytes)})")
+
+    per_pool(host, directories, scrub_one)
 
 
 @pool.command()
 @click.option("--dir", "directories", multiple=True, help="Only this pool's filesystem.")
 def drain(directories: tuple[str, ...]) -> None:
     """Remove every pool file not in use, giving its pages back to the system."""
-    freed = sum(p.drain() for p in _all_pools(read_host(), directories))
+    freed = sum(per_pool(read_host(), directories, lambda p: p.drain()))
     click.echo(f"drained {format_size(freed) if freed else 'nothing'}")
 
 
@@ -268,22 +294,24 @@ def keep(once: bool, daemon: bool, pidfile: str | None, interval: float, uri: st
             click.echo(line)
         return
     if daemon:
-        pidfile = pidfile or os.path.join(config.run_dir, "pool-keep.pid")
-        if not k.daemonize(pidfile):
-            click.echo(f"keeper started; its pid is in {pidfile}")
+        from ..pool.daemon import daemonize
+
+        if pidfile is None:
+            private_dirs(config.run_dir)
+            pidfile = os.path.join(config.run_dir, "pool-keep.pid")
+        started = daemonize(pidfile)  # returns when the daemon runs, or raises why not
+        if isinstance(started, int):
+            click.echo(f"keeper started (pid {started}); its pid is in {pidfile}")
             return
-        logger.setLevel(logging.INFO)
-        log_file = os.path.join(os.path.dirname(config.log_file), "pool-keep.log")
-        os.makedirs(os.path.dirname(log_file), mode=0o755, exist_ok=True)
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s kvmaccel-keep[%(process)d]: "
-                                               "%(message)s"))
-        logger.addHandler(handler)
-        try:
+        with started:  # the daemon: a failure before ready() goes back to the caller
+            logger.setLevel(logging.INFO)
+            log_file = os.path.join(os.path.dirname(config.log_file), "pool-keep.log")
+            os.makedirs(os.path.dirname(log_file), mode=0o755, exist_ok=True)
+            handler = logging.FileHandler(log_file)
+            handler.setFormatter(logging.Formatter("%(asctime)s kvmaccel-keep[%(process)d]: "
+                                                   "%(message)s"))
+            logger.addHandler(handler)
+            started.ready()
             k.run_forever(config, targets, interval, config.limits, threading.Event())
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(pidfile)
-        os._exit(0)
     logger.setLevel(logging.INFO)  # in the foreground (a service): one line per action
     k.run_forever(config, targets, interval, config.limits)

@@ -28,9 +28,9 @@ from ..launch.run import (
     rewrite_argv,
 )
 from ..launch.status import BackendStatus, libvirt_qemu_pid, qemu_status
-from ..model.qemuconf import read_qemu_conf
 from ..model.units import format_cpu_spec, format_size
-from ..plan.planner import plan_domain
+from ..plan.config import read_config
+from ..plan.forhost import for_host
 from .common import cancel_on_signals, limits_options, make_limits, progress_bar
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def run(dry_run: bool, qemu_argv: tuple[str, ...], **limit_args: Any) -> None:
               help="Domain id the guest will get (default: the XML's, else -1); it is part of "
                    "the paths.")
 @click.option("--qemu-conf", metavar="FILE",
-              help="qemu.conf to read (default: /etc/libvirt/qemu.conf if present).")
+              help="qemu.conf to read (default: the config's qemu_conf; "
+                   "/etc/libvirt/qemu.conf if present).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @limits_options
 def prealloc(domain_xml_file: str | None, domain_name: str | None, uri: str | None,
@@ -110,7 +111,7 @@ def prealloc(domain_xml_file: str | None, domain_name: str | None, uri: str | No
                              "is already QEMU's; prealloc is for a guest about to start")
     limits = make_limits(**limit_args)
     with cancel_on_signals() as cancel, progress_bar("populating", not as_json) as progress:
-        done, _ = preallocate(xml, read_host(), read_qemu_conf(qemu_conf), limits,
+        done, _ = preallocate(xml, for_host(read_config(), qemu_conf=qemu_conf, limits=limits),
                               domain_id=domain_id, progress=progress, cancel=cancel)
     if as_json:
         click.echo(json.dumps(done.as_dict(), indent=2))
@@ -149,10 +150,8 @@ def status(domain_name: str | None, uri: str | None, pid: int | None, as_json: b
     if domain_name is not None:
         xml, domain_id = domain_xml(domain_name, uri)
         from ..model.domain import parse_domain
-        from ..plan.limits import Limits
 
-        plan = plan_domain(parse_domain(xml), read_host(), read_qemu_conf(None), Limits(),
-                           domain_id=domain_id)
+        plan = for_host(read_config()).plan(parse_domain(xml), domain_id=domain_id)
         requested = {b.backend_id: b.host_nodes or () for b in plan.backends}
         pid = libvirt_qemu_pid(domain_name)
     assert pid is not None

@@ -24,10 +24,11 @@ from ..engine import records
 from ..errors import KvmaccelError
 from ..host.facts import HostFacts, Mount, SecurityFacts, read_host, read_security
 from ..model.domain import parse_domain
-from ..model.qemuconf import QemuConf, parse_virconf, read_qemu_conf
+from ..model.qemuconf import QemuConf, parse_virconf
 from ..model.units import format_size
-from ..plan.config import read_config
-from ..plan.planner import POPULATABLE_FS, plan_domain
+from ..plan.config import HookConfig, read_config
+from ..plan.forhost import for_host, host_qemu_conf
+from ..plan.planner import POPULATABLE_FS
 from . import install as hook_install
 
 FRONT_PATH = "/usr/bin/qemu-system-x86_64-kvmaccel"
@@ -126,26 +127,16 @@ def check_hugetlbfs(inp: DoctorInput) -> list[Finding]:
     return findings
 
 
+def _config(inp: DoctorInput) -> HookConfig:
+    """The config, or the defaults when it cannot be read (``check_config`` says why)."""
+    try:
+        return read_config(inp.config_path)
+    except KvmaccelError:
+        return HookConfig()
+
+
 def _qemu_conf(inp: DoctorInput) -> QemuConf:
-    path = inp.qemu_conf_path
-    if path is None:
-        try:
-            configured = read_config(inp.config_path).qemu_conf
-        except KvmaccelError:
-            configured = None
-        if configured and os.path.exists(configured):
-            path = configured
-    return read_qemu_conf(path, inp.root)
-
-
-def _mount_of(path: str, mounts: Sequence[Mount]) -> Mount | None:
-    best: Mount | None = None
-    for m in mounts:
-        prefix = m.path.rstrip("/") + "/"
-        if (path == m.path or path.startswith(prefix)) and (
-                best is None or len(m.path) >= len(best.path)):
-            best = m
-    return best
+    return host_qemu_conf(_config(inp), inp.qemu_conf_path, inp.root)
 
 
 def check_qemu_conf(inp: DoctorInput) -> list[Finding]:
@@ -156,7 +147,7 @@ def check_qemu_conf(inp: DoctorInput) -> list[Finding]:
     host = inp.host_facts()
     where = conf.path or "libvirt's defaults (no qemu.conf)"
     findings = []
-    mount = _mount_of(conf.memory_backing_dir, host.mounts)
+    mount = host.mount_of(conf.memory_backing_dir)
     fs = mount.fs_type if mount else "an unknown filesystem"
     if mount and mount.fs_type in POPULATABLE_FS:
         page = format_size((mount.page_size_kib or host.base_page_size_kib) * 1024)
@@ -170,7 +161,7 @@ def check_qemu_conf(inp: DoctorInput) -> list[Finding]:
                                 '"/dev/hugepages" (or "/dev/shm") in ' + where))
     if conf.hugetlbfs_mount is not None:
         for path in conf.hugetlbfs_mount:
-            m = _mount_of(path, host.mounts)
+            m = host.mount_of(path)
             if m is None or m.path != path.rstrip("/") or m.fs_type != "hugetlbfs":
                 findings.append(Finding("qemu.conf", FAIL, f"hugetlbfs_mount {path} is not a "
                                         "hugetlbfs mount: libvirt refuses <hugepages/> guests; "
@@ -278,16 +269,15 @@ def check_guests(inp: DoctorInput) -> list[Finding]:
         return [Finding("guests", INFO, f"not checked: {inp.domains_note}")]
     if not inp.domains:
         return [Finding("guests", INFO, "no guest is defined")]
-    try:
-        host = inp.host_facts()
-        conf = _qemu_conf(inp)
-        limits = read_config(inp.config_path).limits
+    try:  # as the hook plans them: the config's qemu.conf and limits, the front, tuning, energy
+        planning = for_host(read_config(inp.config_path), root=inp.root,
+                            host=inp.host_facts(), qemu_conf=inp.qemu_conf_path)
     except KvmaccelError as e:
         return [Finding("guests", FAIL, f"cannot plan guests: {e}")]
     findings = []
     for name, xml in inp.domains:
         try:
-            plan = plan_domain(parse_domain(xml), host, conf, limits)
+            plan = planning.plan(parse_domain(xml))
         except KvmaccelError as e:
             findings.append(Finding("guests", WARN, f"{name}: not served: {e}"))
             continue

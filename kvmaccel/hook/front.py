@@ -56,8 +56,13 @@ from dataclasses import dataclass
 from .. import __version__
 from ..errors import HookError
 
-MARKER = "# kvmaccel-front: "
-SUFFIX = "-kvmaccel"
+# What reads a front lives in host/, where every planner can ask it; these names stay here too.
+from ..host.emulator import MARKER as MARKER
+from ..host.emulator import SUFFIX as SUFFIX
+from ..host.emulator import FrontStatus as FrontStatus
+from ..host.emulator import is_front as is_front
+from ..host.emulator import read_status as read_status
+
 DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
 FILE_PREFIX = "kvmaccel-"  # the hook's file for backend <id>: <dir>/.kvmaccel/kvmaccel-<id>
 PROOF_DIR = ".kvmaccel"  # made by the hook (root) in the guest's directory at each start
@@ -212,17 +217,6 @@ eval "exec \"\$QEMU\" $list"
 '''
 
 
-@dataclass(frozen=True)
-class FrontStatus:
-    """What is at a front's path: ``installed`` when kvmaccel wrote it; ``qemu`` it execs."""
-
-    path: str
-    installed: bool
-    qemu: str | None
-    version: str | None
-    diverted: bool = False
-
-
 def front_path(qemu: str) -> str:
     """Where the front for ``qemu`` goes: beside it, with ``-kvmaccel`` appended (a name
     the guest's AppArmor profile already lets it execute: ``/usr/bin/qemu-system-*``)."""
@@ -237,28 +231,6 @@ def render(qemu: str, *, diverted: bool = False) -> str:
     info = {"version": __version__, "qemu": qemu, "diverted": diverted}
     return (SCRIPT.replace("@MARKER@", MARKER + json.dumps(info))
             .replace("@QEMU@", shlex.quote(qemu)))
-
-
-def read_status(path: str) -> FrontStatus:
-    """Read what is at ``path`` (never raises for a missing or foreign file)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096).decode("utf-8", "replace").splitlines()
-    except OSError:
-        return FrontStatus(path, False, None, None)
-    if len(head) < 2 or not head[1].startswith(MARKER):
-        return FrontStatus(path, False, None, None)
-    try:
-        info = json.loads(head[1][len(MARKER):])
-    except ValueError:
-        return FrontStatus(path, False, None, None)
-    return FrontStatus(path, True, str(info.get("qemu")), str(info.get("version")),
-                       bool(info.get("diverted")))
-
-
-def is_front(path: str | None) -> bool:
-    """True when ``path`` is a front kvmaccel wrote."""
-    return bool(path) and read_status(str(path)).installed
 
 
 def _check_qemu(qemu: str) -> None:

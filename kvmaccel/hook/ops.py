@@ -145,18 +145,13 @@ def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
     per-node counts applied exactly as the planner applies them (the plan's ``limits``).
     Raises :class:`KvmaccelError` subclasses."""
     from ..model.domain import parse_domain
-    from ..model.qemuconf import read_qemu_conf
-    from ..plan.planner import plan_domain
-    from ..plan.policy import host_policy
-    from .front import is_front
+    from ..plan.forhost import for_host
 
     domain = parse_domain(xml)
-    host = read_host()
-    tuned, energy = host_policy(config.energy, host)
-    if energy.max_threads is not None:
-        log.info("%s", energy.reason)
-    plan = plan_domain(domain, host, read_qemu_conf(config.qemu_conf), config.limits,
-                       tuned=tuned, energy=energy, front=is_front(domain.emulator))
+    planning = for_host(config)
+    if planning.energy.max_threads is not None:
+        log.info("%s", planning.energy.reason)
+    plan = planning.plan(domain)
     return plan, plan.limits
 
 

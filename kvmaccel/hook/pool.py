@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .. import safefs
-from ..errors import UsageError
+from ..errors import UnsafePathError, UsageError
 from ..model.units import format_size
+from ..pool.discovery import existing_pools, refused_line
 from ..pool.manage import (
-    POOL_DIRNAME,
     Pool,
     PoolEntry,
     PoolKey,
@@ -63,15 +63,35 @@ def backend_key(backend: BackendPlan) -> PoolKey:
 
 
 def pool_for(path: str, host: HostFacts, config: HookConfig) -> Pool | None:
-    """The pool on ``path``'s filesystem, or None (pool disabled, or not a pool filesystem)."""
+    """The pool on ``path``'s filesystem, or None (pool disabled, not a pool filesystem, or
+    a pool directory that is not kvmaccel's: :func:`refused`)."""
     if not config.pool_enabled:
         return None
     try:
         directory = pool_dir_for(path, host.mounts)
     except UsageError:
         return None
-    return Pool(directory, max_bytes=config.pool_max_bytes,
+    pool = Pool(directory, max_bytes=config.pool_max_bytes,
                 max_node_bytes=config.pool_max_node_bytes)
+    try:
+        pool.check()
+    except UnsafePathError as e:
+        refused(e)
+        return None
+    return pool
+
+
+_refused: set[str] = set()
+
+
+def refused(e: UnsafePathError) -> None:
+    """A start never fails because of a pool, not even under ``strict`` (which is about
+    room for the guest): a pool directory that is not kvmaccel's (one another user made
+    first on a world-writable tmpfs, a symlink, a file) is not used, with one warning line
+    per hook call.  Its guests start as if it were not there."""
+    if e.path not in _refused:
+        _refused.add(str(e.path))
+        log.warning("%s", refused_line(e))
 
 
 def served_by_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
@@ -87,7 +107,11 @@ def served_by_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
         if pool is None:
             continue
         if pool.directory not in clean:
-            entries = pool.entries()
+            try:
+                entries = pool.entries()
+            except UnsafePathError as e:  # made by another user since pool_for looked
+                refused(e)
+                entries = []
             clean[pool.directory] = [e for e in entries if e.state == "clean"]
             own[pool.directory] = [e for e in entries if plan.uuid is not None
                                    and e.domain_uuid == plan.uuid
@@ -132,7 +156,11 @@ def room_for_everything(plan: DomainPlan, host: HostFacts, config: HookConfig) -
                 return (e.key.page_size_kib == page_kib and e.key.reserved_uuid is None
                         and (node is None or node in nodes or None in nodes))
 
-            got = pool.drain(at_least_bytes=short, matching=fits)
+            try:
+                got = pool.drain(at_least_bytes=short, matching=fits)
+            except UnsafePathError as e:
+                refused(e)
+                continue
             if got:
                 log.info("pool %s: gave back %s of %s pages%s so that guest %s fits",
                          pool.directory, format_size(got), format_size(page_kib * 1024),
@@ -149,10 +177,10 @@ def _pools_of_page(page_kib: int, host: HostFacts, config: HookConfig) -> list[P
     for mount in host.mounts:
         if (mount.fs_type == "hugetlbfs" and mount.page_size_kib == page_kib) or (
                 mount.fs_type == "tmpfs" and page_kib == host.base_page_size_kib):
-            directory = os.path.join(mount.path, POOL_DIRNAME)
-            if os.path.isdir(directory):
-                pools.append(Pool(directory, max_bytes=config.pool_max_bytes,
-                                  max_node_bytes=config.pool_max_node_bytes))
+            for directory in existing_pools([mount]):
+                pool = pool_for(directory, host, config)
+                if pool is not None:
+                    pools.append(pool)
     return pools
 
 
@@ -192,22 +220,31 @@ def take(domain_uuid: str | None, backends: Sequence[Fresh], host: HostFacts,
         pool = pool_for(spec.path, host, config) if domain_uuid else None
         entry = None
         if pool is not None and domain_uuid:
-            entry = pool.take(key, spec.path, domain_uuid=domain_uuid, backend_id=backend_id,
-                              uid=spec.uid, gid=spec.gid, mode=spec.mode)
-            t0 = time.monotonic()
-            if entry is None and pool.own_file_after_scrub(
-                    key, domain_uuid, host, config.limits, own_file_wait_s(config)):
-                log.info("%s: waited %.2f s for the scrub of this guest's own last file",
-                         spec.path, time.monotonic() - t0)
-                entry = pool.take(key, spec.path, domain_uuid=domain_uuid,
-                                  backend_id=backend_id, uid=spec.uid, gid=spec.gid,
-                                  mode=spec.mode)
+            try:
+                entry = _take_one(pool, key, spec, domain_uuid, backend_id, host, config)
+            except UnsafePathError as e:  # made by another user since pool_for looked
+                refused(e)
         if entry is None or pool is None:
             fresh.append((backend_id, key, spec))
             continue
         linked.append(Linked(backend_id, spec.path, entry.path, pool.directory))
         log.info("%s: from the pool (%s)", spec.path, entry.path)
     return linked, fresh
+
+
+def _take_one(pool: Pool, key: PoolKey, spec: BackingSpec, domain_uuid: str, backend_id: str,
+              host: HostFacts, config: HookConfig) -> PoolEntry | None:
+    assert spec.path is not None
+    entry = pool.take(key, spec.path, domain_uuid=domain_uuid, backend_id=backend_id,
+                      uid=spec.uid, gid=spec.gid, mode=spec.mode)
+    t0 = time.monotonic()
+    if entry is None and pool.own_file_after_scrub(
+            key, domain_uuid, host, config.limits, own_file_wait_s(config)):
+        log.info("%s: waited %.2f s for the scrub of this guest's own last file",
+                 spec.path, time.monotonic() - t0)
+        entry = pool.take(key, spec.path, domain_uuid=domain_uuid, backend_id=backend_id,
+                          uid=spec.uid, gid=spec.gid, mode=spec.mode)
+    return entry
 
 
 def adopt(domain_uuid: str | None, fresh: Sequence[Fresh], backings: Sequence[Backing],
@@ -221,8 +258,12 @@ def adopt(domain_uuid: str | None, fresh: Sequence[Fresh], backings: Sequence[Ba
         pool = pool_for(spec.path, host, config) if domain_uuid else None
         if pool is None or domain_uuid is None:
             continue
-        entry = pool.adopt(backing.fd, key, domain_uuid=domain_uuid, backend_id=backend_id,
-                           link_path=spec.path)
+        try:
+            entry = pool.adopt(backing.fd, key, domain_uuid=domain_uuid,
+                               backend_id=backend_id, link_path=spec.path)
+        except UnsafePathError as e:  # made by another user since pool_for looked
+            refused(e)
+            continue
         if entry is not None:
             adopted.append(Linked(backend_id, spec.path, entry.path, pool.directory))
     return adopted
@@ -313,7 +354,11 @@ def make_room(specs: Sequence[BackingSpec], host: HostFacts, config: HookConfig)
         shortfall = check_room([spec], host)
         pool = pool_for(spec.path, host, config) if shortfall else None
         if pool is not None:
-            got = pool.drain(at_least_bytes=shortfall)
+            try:
+                got = pool.drain(at_least_bytes=shortfall)
+            except UnsafePathError as e:
+                refused(e)
+                continue
             log.info("pool %s: gave back %d bytes to make room for %s", pool.directory, got,
                      spec.path)
             freed += got

@@ -1,8 +1,10 @@
 """The host layer: what the machine is, read from ``/sys`` and ``/proc``.
 
 Facts read under an injectable root (:mod:`.facts`: nodes, CPUs, huge page pools, mounts,
-power), and the system calls Python lacks, through ctypes (:mod:`.sysmem`: ``madvise``,
-``mbind``, ``memfd``).  The only code that reads sysfs; it decides nothing.
+power, and :func:`.facts.mount_of`, the mount that holds a path; :mod:`.emulator`: whether an
+emulator is kvmaccel's front), and the system calls Python lacks, through ctypes
+(:mod:`.sysmem`: ``madvise``, ``mbind``, ``memfd``).  The only code that reads sysfs; it
+decides nothing.
 
 May import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model.
 Must not import: kvmaccel.plan, kvmaccel.engine, kvmaccel.pool, kvmaccel.hook, kvmaccel.launch,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import HostError
@@ -95,8 +96,28 @@ class HostFacts:
     def hugetlbfs_mounts(self) -> tuple[Mount, ...]:
         return tuple(m for m in self.mounts if m.fs_type == "hugetlbfs")
 
+    def mount_of(self, path: str) -> Mount | None:
+        """The mount that holds ``path``: see :func:`mount_of`."""
+        return mount_of(path, self.mounts)
+
     def node_cpus(self, node_id: int) -> frozenset[int]:
         return self.nodes[node_id].cpus
+
+
+def mount_of(path: str, mounts: Sequence[Mount]) -> Mount | None:
+    """The mount that holds ``path``: the longest mount point that is ``path`` itself or a
+    prefix of it ending at a ``/`` (so ``/dev/hugepages1G`` is not on ``/dev/hugepages``),
+    after resolving ``path``'s symlinks (``/var/run/x`` is on ``/run``); of two mounts on the
+    same point, the later one in /proc/mounts (the one on top).  None: no mount holds it
+    (a list without ``/``)."""
+    resolved = os.path.realpath(path)
+    best: Mount | None = None
+    for m in mounts:
+        point = m.path.rstrip("/") or "/"
+        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best.path.rstrip("/") or "/")):
+            best = m
+    return best
 
 
 def _path(root: str, rel: str) -> str:

@@ -14,7 +14,6 @@ guest will get.
 
 from __future__ import annotations
 
-import dataclasses
 import grp
 import logging
 import os
@@ -25,11 +24,10 @@ from dataclasses import dataclass
 from ..engine.backing import Backing, BackingSpec, populate_backings
 from ..engine.populate import PopulateResult, ProgressFn
 from ..errors import HostError, NotPopulatedError, UsageError
-from ..host.facts import HostFacts
 from ..model.domain import parse_domain
 from ..model.qemuconf import QemuConf
-from ..plan.limits import Limits
-from ..plan.planner import DomainPlan, plan_domain
+from ..plan.forhost import HostPlanning
+from ..plan.planner import DomainPlan
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +114,7 @@ def _make_domain_dir(plan: DomainPlan, uid: int, gid: int) -> None:
 
 def preallocate(
     xml: str,
-    host: HostFacts,
-    qemu_conf: QemuConf,
-    limits: Limits,
+    planning: HostPlanning,
     *,
     domain_id: int | None = None,
     progress: ProgressFn | None = None,
@@ -132,7 +128,9 @@ def preallocate(
     :meth:`PreallocResult.check`.
     """
     domain = parse_domain(xml)
-    plan = plan_domain(domain, host, qemu_conf, limits, domain_id=domain_id)
+    # The files libvirt names, not the front's (the hook makes those for one start, not ahead).
+    plan = planning.plan(domain, domain_id=domain_id, front=False)
+    host, qemu_conf = planning.host, planning.qemu_conf
     populated = plan.populated
     if not populated:
         return PreallocResult(plan, (), None), []
@@ -145,9 +143,7 @@ def preallocate(
                                  uid=uid, gid=gid))
     if any(s.path and s.path.startswith(plan.memory_backing_domain_dir + "/") for s in specs):
         _make_domain_dir(plan, uid, gid)
-    threads = domain.memory_backing.allocation_threads  # as plan_domain: the smaller one wins
-    if threads is not None and (limits.threads is None or threads < limits.threads):
-        limits = dataclasses.replace(limits, threads=threads)
-    backings, result = populate_backings(specs, host, limits, progress=progress, cancel=cancel)
+    backings, result = populate_backings(specs, host, plan.limits, progress=progress,
+                                         cancel=cancel)
     return PreallocResult(plan, tuple(s.path or "" for s in specs), result), backings
 

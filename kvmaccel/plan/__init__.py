@@ -6,7 +6,9 @@ each, after libvirt's own naming and path rules in :mod:`.libvirt`, as JSON in
 threads per node, chunks; :mod:`.energy`, :mod:`.policy`, :mod:`.tuning`: how many threads,
 and why), and the operator's settings they take
 (:mod:`.config`, kvmaccel's TOML file, expressed in the planner's own types: :class:`Limits`,
-the energy settings).  Nothing here maps memory, creates files or starts threads.
+the energy settings).  :mod:`.forhost` reads those inputs for this host (qemu.conf, the config's
+limits, tuning, energy, whether the emulator is the front) the one way every caller plans a
+domain.  Nothing here maps memory or starts threads; :mod:`.tuning` writes its state file.
 
 May import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model, kvmaccel.host.
 Must not import: kvmaccel.engine, kvmaccel.pool, kvmaccel.hook, kvmaccel.launch,

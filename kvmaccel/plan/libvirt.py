@@ -11,8 +11,8 @@ libvirt's own test output, ``tests/data/libvirt-cases/``):
   (:func:`_sources`);
 * the hugetlbfs mounts libvirt uses: qemu.conf's ``hugetlbfs_mount``, else every mounted one
   (:func:`libvirt_hugetlbfs`);
-* paths are built under a directory and never leave it (:func:`_join`), and a path's
-  filesystem is that of its longest mounted prefix (:func:`_mount_of`).
+* paths are built under a directory and never leave it (:func:`_join`); a path's filesystem
+  is that of the mount that holds it (:func:`kvmaccel.host.facts.mount_of`).
 
 The underscored names are the planner's (:mod:`kvmaccel.plan.planner`), not for other layers.
 """
@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import PlanError
-from ..host.facts import HostFacts, Mount
+from ..host.facts import HostFacts
 from ..model.domain import Domain, MemoryDevice
 from ..model.qemuconf import QemuConf
 from ..model.units import MIB, align_up
@@ -80,16 +80,6 @@ def libvirt_hugetlbfs(qemu_conf: QemuConf, host: HostFacts) -> tuple[HugetlbfsMo
         # the default (libvirt 6.x to 11.x); with one entry, that one.
         result.append(HugetlbfsMount(m.path, m.page_size_kib, i != 0))
     return tuple(result)
-
-
-def _mount_of(path: str, mounts: tuple[Mount, ...]) -> Mount | None:
-    best: Mount | None = None
-    for m in mounts:
-        prefix = m.path.rstrip("/") + "/"
-        if (path == m.path or path.startswith(prefix) or m.path == "/") and (
-                best is None or len(m.path) >= len(best.path)):
-            best = m
-    return best
 
 
 @dataclass(frozen=True)

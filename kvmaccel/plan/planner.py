@@ -58,7 +58,6 @@ from .energy import EnergyDecision, apply_energy
 from .libvirt import (
     HugetlbfsMount,
     _join,
-    _mount_of,
     _Source,
     _sources,
     libvirt_hugetlbfs,
@@ -244,7 +243,7 @@ def _backend(ctx: _Ctx, src: _Source) -> BackendPlan:
     share = {"shared": True, "private": False}.get(access or "")
     fs: str | None = None
     if mem_path and not is_dir and not nvdimm_path:
-        mount = _mount_of(mem_path, ctx.host.mounts)
+        mount = ctx.host.mount_of(mem_path)
         fs = mount.fs_type if mount else None
         if mount and mount.fs_type == "hugetlbfs" and mount.page_size_kib:
             page_kib = mount.page_size_kib

@@ -1,8 +1,9 @@
 """The host-dependent inputs of a plan, read now: the tuned per-node counts (if the stored
 ``kvmaccel tune`` result matches this host) and the energy policy's decision.
 
-:func:`kvmaccel.plan.planner.plan_domain` stays pure; its callers (``kvmaccel plan``, the hook) call
-:func:`host_policy` and pass both in, and the engine then runs with the plan's ``limits``.
+:func:`kvmaccel.plan.planner.plan_domain` stays pure; :func:`kvmaccel.plan.forhost.for_host`
+(which every caller plans through) calls :func:`host_policy` and passes both in, and the engine
+then runs with the plan's ``limits``.
 """
 
 from __future__ import annotations

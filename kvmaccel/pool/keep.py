@@ -17,13 +17,13 @@ The keeper makes the pool what its targets say it should be, one pass at a time:
    that is not kvmaccel's (other guests, DPDK, QEMU's own allocations).
 
 Every action is one log line saying what and why.  ``--once`` does one pass (tests, cron,
-boot); ``--daemon`` detaches and repeats every ``--interval`` seconds with a pidfile, until
-SIGTERM; ``--install-unit`` writes a systemd unit that runs it in the foreground.
+boot); ``--daemon`` detaches (:mod:`kvmaccel.pool.daemon`) and repeats every ``--interval``
+seconds with a pidfile, until SIGTERM; ``--install-unit`` writes a systemd unit that runs it
+in the foreground.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -33,13 +33,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import KvmaccelError, UsageError
-from ..host import sysmem
+from ..errors import KvmaccelError, UnsafePathError, UsageError
 from ..host.facts import HostFacts, Mount, read_host
 from ..model.units import format_size
 from ..plan.config import HookConfig, KeepTarget
 from ..plan.limits import Limits
-from .manage import POOL_DIRNAME, Pool, PoolError, PoolKey, key_for, pool_dir_for
+from .discovery import existing_pools, refused_line
+from .manage import Pool, PoolError, PoolKey, key_for, pool_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ def domain_targets(config: HookConfig, host: HostFacts, uri: str) -> list[Target
     import libvirt  # only here: the keeper without domains needs no libvirt
 
     from ..model.domain import parse_domain
-    from ..model.qemuconf import read_qemu_conf
-    from ..plan.planner import plan_domain
+    from ..plan.forhost import for_host
 
     try:
         conn = libvirt.openReadOnly(uri)
@@ -98,19 +97,19 @@ def domain_targets(config: HookConfig, host: HostFacts, uri: str) -> list[Target
     try:
         domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
         domains.sort(key=lambda d: (not d.autostart(), d.name()))
-        qemu_conf = read_qemu_conf(config.qemu_conf)
+        planning = for_host(config, host=host)  # as the hook plans: the front, tuning, energy
         targets = []
         for dom in domains:
             try:
                 xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()
-                plan = plan_domain(parse_domain(xml), host, qemu_conf, config.limits)
+                plan = planning.plan(parse_domain(xml))
             except (KvmaccelError, libvirt.libvirtError) as e:
                 log.info("keep: domain %s: not planned (%s)", dom.name(), e)
                 continue
             for backend in plan.populated:
-                assert backend.mem_path is not None
+                assert backend.file_path is not None  # a memfd through the front: no mem_path
                 try:
-                    pool_dir = pool_dir_for(backend.mem_path, host.mounts)
+                    pool_dir = pool_dir_for(backend.file_path, host.mounts)
                 except UsageError:
                     continue
                 key = key_for(backend.file_size_bytes, backend.page_size_kib,
@@ -175,53 +174,61 @@ def keep_once(config: HookConfig, targets: Iterable[Target], limits: Limits | No
         wanted[(t.pool_dir, t.key)] += t.count
         sources.setdefault((t.pool_dir, t.key), t.source)
     host = read_host()
-    pool_dirs = {d for d, _ in wanted} | _existing_pools(host.mounts)
+    pool_dirs = {d for d, _ in wanted} | set(existing_pools(host.mounts))
     for pool_dir in sorted(pool_dirs):
         pool = Pool(pool_dir, max_bytes=config.pool_max_bytes,
                     max_node_bytes=config.pool_max_node_bytes)
-        for entry in pool.scrub(host, limits):
-            act(f"scrubbed {entry.path} ({format_size(entry.key.size_bytes)})")
-        have: Counter[PoolKey] = Counter()
-        for entry in pool.entries():
-            if entry.state == "bad":
-                continue
-            key = entry.key._replace(reserved_uuid=None)
-            if entry.state == "clean" and entry.key.reserved_uuid is None and \
-                    have[key] >= wanted[(pool_dir, key)]:
-                if pool.give_back_unused(entry):
-                    act(f"gave back {entry.path}: no target needs it")
-                continue
-            have[key] += 1
-        for (where, key), count in sorted(wanted.items(), key=lambda kv: kv[0][1]):
-            if where != pool_dir:
-                continue
-            for _ in range(count - have[key]):
-                host = read_host()
-                why = above_floor(key, config, host)
-                if why:
-                    act(f"not filling {_shape(key)} in {pool_dir} for {sources[(where, key)]}: "
-                        f"{why}")
-                    break
-                try:
-                    (result,) = pool.fill(key, 1, host, limits, cancel=cancel)
-                except PoolError as e:
-                    act(f"not filling {_shape(key)} in {pool_dir}: {e}")
-                    break
-                act(f"filled {_shape(key)} in {pool_dir} for {sources[(where, key)]} in "
-                    f"{result.seconds:.2f} s")
+        try:
+            _keep_pool(pool, config, host, wanted, sources, limits, cancel, act)
+        except UnsafePathError as e:  # not kvmaccel's directory: the other pools go on
+            log.warning("keep: %s", refused_line(e))
     return actions
+
+
+def _keep_pool(pool: Pool, config: HookConfig, host: HostFacts,
+               wanted: Counter[tuple[str, PoolKey]], sources: dict[tuple[str, PoolKey], str],
+               limits: Limits | None, cancel: threading.Event | None,
+               act: Callable[[str], None]) -> None:
+    """One pass on one pool (:func:`keep_once`).  Raises :class:`UnsafePathError` for a
+    pool directory that is not kvmaccel's."""
+    pool_dir = pool.directory
+    pool.check()
+    for entry in pool.scrub(host, limits):
+        act(f"scrubbed {entry.path} ({format_size(entry.key.size_bytes)})")
+    have: Counter[PoolKey] = Counter()
+    for entry in pool.entries():
+        if entry.state == "bad":
+            continue
+        key = entry.key._replace(reserved_uuid=None)
+        if entry.state == "clean" and entry.key.reserved_uuid is None and \
+                have[key] >= wanted[(pool_dir, key)]:
+            if pool.give_back_unused(entry):
+                act(f"gave back {entry.path}: no target needs it")
+            continue
+        have[key] += 1
+    for (where, key), count in sorted(wanted.items(), key=lambda kv: kv[0][1]):
+        if where != pool_dir:
+            continue
+        for _ in range(count - have[key]):
+            host = read_host()
+            why = above_floor(key, config, host)
+            if why:
+                act(f"not filling {_shape(key)} in {pool_dir} for {sources[(where, key)]}: "
+                    f"{why}")
+                break
+            try:
+                (result,) = pool.fill(key, 1, host, limits, cancel=cancel)
+            except PoolError as e:
+                act(f"not filling {_shape(key)} in {pool_dir}: {e}")
+                break
+            act(f"filled {_shape(key)} in {pool_dir} for {sources[(where, key)]} in "
+                f"{result.seconds:.2f} s")
 
 
 def _shape(key: PoolKey) -> str:
     nodes = ",".join(map(str, key.host_nodes)) or "any node"
     return f"{format_size(key.size_bytes)} of {format_size(key.page_size_kib * 1024)} pages " \
            f"({nodes})"
-
-
-def _existing_pools(mounts: Sequence[Mount]) -> set[str]:
-    return {os.path.join(m.path, POOL_DIRNAME) for m in mounts
-            if m.fs_type in ("hugetlbfs", "tmpfs")
-            and os.path.isdir(os.path.join(m.path, POOL_DIRNAME))}
 
 
 # --- running as a service -----------------------------------------------------------------
@@ -238,50 +245,9 @@ def run_forever(config: HookConfig, make_targets: Callable[[], list[Target]],
     while not stop.is_set():
         try:
             keep_once(config, make_targets(), limits, cancel=stop)
-        except KvmaccelError as e:
+        except (KvmaccelError, OSError) as e:
             log.warning("keep: pass failed: %s; trying again in %g s", e, interval_s)
         stop.wait(interval_s)
-
-
-def daemonize(pidfile: str) -> bool:
-    """Fork into the background (new session, nice 19, its autogroup too); True in the
-    daemon, False in the caller.  The pidfile is created exclusively: a second keeper is
-    refused with :class:`UsageError` while the first lives."""
-    _claim_pidfile(pidfile, check_only=True)
-    if os.fork() > 0:
-        return False
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    sysmem.lower_priority(19)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    _claim_pidfile(pidfile)
-    return True
-
-
-def _claim_pidfile(pidfile: str, check_only: bool = False) -> None:
-    with contextlib.suppress(FileNotFoundError, ValueError), open(pidfile) as f:
-        pid = int(f.read().strip())
-        if pid != os.getpid() and _alive(pid):
-            raise UsageError(f"a keeper already runs (pid {pid}, {pidfile}); stop it first")
-    if check_only:
-        return
-    tmp = f"{pidfile}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, pidfile)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def unit_text(python: str, config_path: str | None) -> str:

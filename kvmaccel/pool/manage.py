@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from .. import safefs
 from ..engine import records
 from ..errors import KvmaccelError, UsageError
+from ..host.facts import mount_of
 from ..model.units import format_size
 from ..plan.limits import Limits, split_across_nodes
 from .files import (
@@ -61,12 +62,7 @@ class PoolError(KvmaccelError):
 def pool_dir_for(path: str, mounts: Sequence[Mount]) -> str:
     """The pool directory on the filesystem that holds ``path`` (its mount point's
     ``.kvmaccel-pool``).  Raises :class:`UsageError` when that is not hugetlbfs or tmpfs."""
-    absolute = os.path.abspath(path)
-    best: Mount | None = None
-    for mount in mounts:
-        inside = absolute == mount.path or absolute.startswith(mount.path.rstrip("/") + "/")
-        if inside and (best is None or len(mount.path) >= len(best.path)):
-            best = mount
+    best = mount_of(path, mounts)
     if best is None or best.fs_type not in ("hugetlbfs", "tmpfs"):
         kind = best.fs_type if best else "no mount"
         raise UsageError(f"{path} is on {kind}, not hugetlbfs or tmpfs; a pool lives on the "
@@ -84,6 +80,14 @@ class Pool(PoolFiles):
         super().__init__(directory, state_root=state_root, state_dir=state_dir)
         self.max_bytes = max_bytes
         self.max_node_bytes = max_node_bytes
+
+    def check(self) -> None:
+        """Raise :class:`UnsafePathError` when the pool directory exists but is not
+        kvmaccel's (another user's, a symlink, a file); a missing one is fine (it is made
+        when a file first joins the pool).  Every operation checks again; this one lets a
+        caller skip such a pool before it starts."""
+        with self._dir():
+            pass
 
     def held_bytes(self) -> tuple[int, dict[int | None, int]]:
         """Bytes the pool holds in all, and per node."""
