@@ -369,3 +369,12 @@ def test_against_the_real_qemu_the_front_adds_at_most_10_ms(tmp_path: str) -> No
           f"{statistics.median(direct):.2f} ms)")
     assert overhead <= 10
 
+
+
+def test_the_proof_directory_has_one_name_everywhere() -> None:
+    """The planner places the front's files in it, the hook makes it, the front checks it."""
+    from kvmaccel.plan import planner
+
+    assert memdir.PROOF_DIR == planner.FRONT_DIR == front.PROOF_DIR == ".kvmaccel"
+    assert '"$d/.kvmaccel"' in front.SCRIPT
+    assert planner.FRONT_PREFIX == front.FILE_PREFIX and "kvmaccel-$id" in front.SCRIPT
