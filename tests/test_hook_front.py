@@ -8,18 +8,23 @@ and nothing else, byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import pwd
 import shlex
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from kvmaccel.errors import KvmaccelError
-from kvmaccel.hook import front
+from kvmaccel.hook import front, memdir
 from tests.conftest import private_mount
 
 CASES = os.path.join(os.path.dirname(__file__), "data", "libvirt-cases")
@@ -35,13 +40,56 @@ def libvirt_argv(path: str) -> list[str]:
     return words[start + 1:]
 
 
-@pytest.fixture
-def fake_qemu(tmp_path: str) -> str:
-    path = os.path.join(str(tmp_path), "qemu-system-x86_64")
+QEMU_USER = "libvirt-qemu"  # Debian's qemu.conf user: whom libvirt runs the front as
+
+
+def qemu_ids() -> tuple[int, int]:
+    try:
+        pw = pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        pytest.skip(f"needs the {QEMU_USER} user (libvirt-daemon-system)")
+    return pw.pw_uid, pw.pw_gid
+
+
+def drop_to(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+@contextlib.contextmanager
+def reachable_dir() -> Iterator[str]:
+    """A directory every user can read: the fronts and stand-in QEMUs go there (pytest's
+    tmp_path is root's, mode 0700), so that they run as the qemu user too."""
+    path = tempfile.mkdtemp(prefix="kvtest-front-", dir="/run")
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def write_fake_qemu(directory: str) -> str:
+    """A stand-in QEMU that prints its argv, then (after a \\1) the descriptors 3 to 9 it
+    inherited and what they are."""
+    path = os.path.join(directory, "qemu-system-x86_64")
     with open(path, "w", encoding="utf-8") as f:
-        f.write("#!/bin/sh\nprintf '%s\\0' \"$@\"\n")
+        f.write("#!/bin/sh\nprintf '%s\\0' \"$@\"\nprintf '\\1\\0'\n"
+                "for n in 3 4 5 6 7 8 9; do [ -h /proc/self/fd/$n ] && "
+                "printf '%s=%s\\0' $n \"$(readlink /proc/self/fd/$n)\"; done; exit 0\n")
     os.chmod(path, 0o755)
     return path
+
+
+@pytest.fixture
+def bin_dir() -> Iterator[str]:
+    with reachable_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def fake_qemu(bin_dir: str) -> str:
+    return write_fake_qemu(bin_dir)
 
 
 @pytest.fixture
@@ -51,10 +99,80 @@ def front_script(fake_qemu: str) -> str:
     return path
 
 
-def run(script: str, argv: list[str], home: str = "/nonexistent") -> list[str]:
-    out = subprocess.run([script, *argv], check=True, capture_output=True,
+def run_front(script: str, argv: list[str], home: str = "/nonexistent",
+              as_qemu: bool = False) -> tuple[list[str], dict[int, str]]:
+    """The argv the stand-in QEMU got through ``script`` (run as the qemu user when
+    ``as_qemu``), and the descriptors it inherited (number -> what it is)."""
+    drop = None
+    if as_qemu:
+        uid, gid = qemu_ids()
+        drop = lambda: drop_to(uid, gid)  # noqa: E731
+    out = subprocess.run([script, *argv], check=True, capture_output=True, preexec_fn=drop,
                          env={"PATH": "/usr/bin:/bin", "HOME": home}).stdout
-    return out.decode().split("\0")[:-1]
+    words = out.decode().split("\0")[:-1]
+    if "\1" not in words:
+        return words, {}
+    at = words.index("\1")
+    fds = dict(w.split("=", 1) for w in words[at + 1:])
+    return words[:at], {int(n): target for n, target in fds.items()}
+
+
+def run(script: str, argv: list[str], home: str = "/nonexistent",
+        as_qemu: bool = False) -> list[str]:
+    return run_front(script, argv, home, as_qemu)[0]
+
+
+def home_of(short: str) -> str:
+    """The HOME libvirt gives a guest's QEMU: its per-domain directory."""
+    return f"/var/lib/libvirt/qemu/domain-{short}"
+
+
+def libvirt_dir(mount: str, short: str) -> str:
+    """``<mount>/libvirt/qemu/<short>`` as libvirt makes it: the parent root's (0755), the
+    guest's directory the qemu user's (0700)."""
+    parent = os.path.join(mount, "libvirt", "qemu")
+    os.makedirs(parent, exist_ok=True)
+    for p in (os.path.join(mount, "libvirt"), parent):
+        os.chmod(p, 0o755)
+    d = os.path.join(parent, short)
+    os.mkdir(d, 0o700)
+    os.chown(d, *qemu_ids())
+    return d
+
+
+def hook_files(d: str, ids: list[str], size: int = 0) -> memdir.ProofDir:
+    """What kvmaccel's hook leaves at ``start begin``: this start's proof directory (made by
+    the hook's own code) with a file ``kvmaccel-<id>`` of the qemu user for each id."""
+    proof = memdir.make_proof_dir(d)
+    for backend_id in ids:
+        path = os.path.join(proof.path, f"kvmaccel-{backend_id}")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.ftruncate(fd, size)
+        os.fchown(fd, proof.uid, proof.gid)
+        os.close(fd)
+    return proof
+
+
+def as_qemu_user(code: str, *args: str) -> None:
+    """Run ``code`` (Python) as the qemu user, as a compromised QEMU or anything else running
+    as that user would."""
+    uid, gid = qemu_ids()
+    subprocess.run(["/usr/bin/python3", "-c", code, *args], check=True, cwd="/",
+                   preexec_fn=lambda: drop_to(uid, gid))
+
+
+def as_nobody(code: str, *args: str) -> None:
+    subprocess.run(["/usr/bin/python3", "-c", code, *args], check=True, cwd="/",
+                   preexec_fn=lambda: drop_to(65534, 65534))
+
+
+def served(path: str, backend_id: str, fds: dict[int, str], proof_dir: str) -> bool:
+    """``path`` is the hook's file as the front hands it: through a descriptor the stand-in
+    QEMU inherited, held on the proof directory."""
+    head, sep, name = path.rpartition("/")
+    if name != f"kvmaccel-{backend_id}" or not head.startswith("/proc/self/fd/"):
+        return False
+    return fds.get(int(head.rsplit("/", 1)[1])) == proof_dir
 
 
 def objects(argv: list[str]) -> list[tuple[int, dict[str, object]]]:
@@ -85,22 +203,34 @@ DIR_CASES = [a for a in ARGS if _dir_backends(libvirt_argv(a))]
 
 
 @pytest.mark.parametrize("args_file", DIR_CASES, ids=os.path.basename)
+@pytest.mark.parametrize("as_qemu", [True, False], ids=["qemu-user", "root"])
 def test_a_prepared_file_replaces_the_directory_and_is_shared(
-        front_script: str, args_file: str, tmp_path: str) -> None:
-    """Every hugepage-directory backend with a prepared ``kvmaccel-<id>`` gets that file and
-    share true; a backend of the same guest without one, and all else, stays as it was."""
+        front_script: str, args_file: str, bin_dir: str, as_qemu: bool) -> None:
+    """Every hugepage-directory backend with a file the hook prepared gets that file (through
+    the descriptor the front holds on the proof directory) and share true; a backend of the
+    same guest without one, and all else, stays as it was.  As the qemu user (libvirt's) and
+    as root (a root QEMU under ``--divert``: then the guest's directory is root's)."""
+    base = os.path.join(bin_dir, "m")
     text = " ".join(shlex.quote(a) for a in libvirt_argv(args_file))
     for prefix in MOUNT_PREFIXES:
-        text = text.replace(prefix, f"{tmp_path}{prefix}")
+        text = text.replace(prefix, f"{base}{prefix}")
     argv = shlex.split(text)
-    backends = _dir_backends([a.replace(str(tmp_path), "") for a in argv])
+    backends = _dir_backends([a.replace(base, "") for a in argv])
     skipped = backends[-1][1]["id"] if len(backends) > 1 else None  # one left unprepared
+    short = os.path.basename(str(backends[0][1]["mem-path"]))
+    dirs: dict[str, list[str]] = {}
     for _, obj in backends:
-        directory = f"{tmp_path}{obj['mem-path']}"
-        os.makedirs(directory, exist_ok=True)
-        if obj["id"] != skipped:
-            open(os.path.join(directory, f"kvmaccel-{obj['id']}"), "w").close()
-    got = run(front_script, argv)
+        dirs.setdefault(f"{base}{obj['mem-path']}", []).extend(
+            [] if obj["id"] == skipped else [str(obj["id"])])
+    proofs = {}
+    for d, ids in dirs.items():
+        mount = d[:-len(f"/libvirt/qemu/{short}")]
+        os.makedirs(mount, exist_ok=True)
+        libvirt_dir(mount, short)
+        if not as_qemu:
+            os.chown(d, 0, 0)
+        proofs[d] = hook_files(d, ids).path
+    got, fds = run_front(front_script, argv, home_of(short), as_qemu)
     changed = {i for i, _ in backends if json.loads(argv[i])["id"] != skipped}
     assert len(got) == len(argv)
     for i, (want, have) in enumerate(zip(argv, got, strict=True)):
@@ -108,34 +238,34 @@ def test_a_prepared_file_replaces_the_directory_and_is_shared(
             assert have == want
             continue
         expected = json.loads(want)
-        expected["mem-path"] = f"{expected['mem-path']}/kvmaccel-{expected['id']}"
+        path = json.loads(have)["mem-path"]
+        assert served(path, expected["id"], fds, proofs[expected["mem-path"]]), (path, fds)
+        expected["mem-path"] = path
         expected["share"] = True
         assert json.loads(have) == expected
         assert list(json.loads(have))[:3] == ["qom-type", "id", "mem-path"]
+    assert len(fds) == len(dirs)  # one descriptor per guest directory
 
 
-def test_a_symlink_or_directory_is_not_a_prepared_file(front_script: str, tmp_path: str) -> None:
-    """The qemu user owns the guest's directory: whatever it put there that is not a regular
-    file is not handed to QEMU as kvmaccel's (it would only fool its own guest, but the
-    front never follows a name kvmaccel did not make the way it makes them)."""
-    d = os.path.join(str(tmp_path), "d")
-    os.mkdir(d)
-    os.symlink("/etc/passwd", os.path.join(d, "kvmaccel-ram-node0"))
-    os.mkdir(os.path.join(d, "kvmaccel-ram-node1"))
+def test_a_symlink_or_directory_is_not_a_prepared_file(front_script: str, bin_dir: str) -> None:
+    """Inside the hook's proof directory too, only a regular file is a prepared file."""
+    d = libvirt_dir(bin_dir, "5-g")
+    proof = hook_files(d, [])
+    os.symlink("/etc/passwd", os.path.join(proof.path, "kvmaccel-ram-node0"))
+    os.mkdir(os.path.join(proof.path, "kvmaccel-ram-node1"))
     argv = ["-object", json.dumps({"qom-type": "memory-backend-file", "id": "ram-node0",
                                    "mem-path": d, "size": 2097152}, separators=(",", ":")),
             "-object", json.dumps({"qom-type": "memory-backend-file", "id": "ram-node1",
                                    "mem-path": d, "size": 2097152}, separators=(",", ":"))]
-    assert run(front_script, argv) == argv
+    assert run(front_script, argv, home_of("5-g"), as_qemu=True) == argv
 
 
-def test_escaped_values_pass_through(front_script: str, tmp_path: str) -> None:
-    d = os.path.join(str(tmp_path), 'a"b')
-    os.mkdir(d)
-    open(os.path.join(d, "kvmaccel-pc.ram"), "w").close()
+def test_escaped_values_pass_through(front_script: str, bin_dir: str) -> None:
+    d = libvirt_dir(os.path.join(bin_dir, 'a"b'), "5-g")
+    hook_files(d, ["pc.ram"])
     argv = ["-object", json.dumps({"qom-type": "memory-backend-file", "id": "pc.ram",
                                    "mem-path": d, "size": 2097152}, separators=(",", ":"))]
-    assert run(front_script, argv) == argv
+    assert run(front_script, argv, home_of("5-g"), as_qemu=True) == argv
 
 
 MEMFD_CASES = [a for a in ARGS if any(o["qom-type"] == "memory-backend-memfd" and o.get("hugetlb")
@@ -147,17 +277,15 @@ def test_a_hugetlb_memfd_becomes_a_file_on_the_mount_of_its_page_size(
         front_script: str, args_file: str) -> None:
     argv = libvirt_argv(args_file)
     short = "-1-instance-00000092"
-    home = f"/var/lib/libvirt/qemu/domain-{short}"
-    assert run(front_script, argv, home) == argv  # no file: untouched
+    home = home_of(short)
+    assert run(front_script, argv, home, as_qemu=True) == argv  # no file: untouched
     with private_mount("hugetlbfs", "pagesize=2M,mode=0755") as mount:
-        directory = os.path.join(mount, "libvirt", "qemu", short)
-        os.makedirs(directory)
-        assert run(front_script, argv, home) == argv  # still no file
+        directory = libvirt_dir(mount, short)
+        assert run(front_script, argv, home, as_qemu=True) == argv  # still no file
         memfds = [(i, o) for i, o in objects(argv) if o["qom-type"] == "memory-backend-memfd"]
-        for _, obj in memfds:
-            open(os.path.join(directory, f"kvmaccel-{obj['id']}"), "w").close()
-        got = run(front_script, argv, home)
-        assert run(front_script, argv, "/root") == argv  # not a libvirt guest's HOME
+        proof = hook_files(directory, [str(o["id"]) for _, o in memfds])
+        got, fds = run_front(front_script, argv, home, as_qemu=True)
+        assert run(front_script, argv, "/root", as_qemu=True) == argv  # not a guest's HOME
     changed = {i for i, _ in memfds}
     for i, (want, have) in enumerate(zip(argv, got, strict=True)):
         if i not in changed:
@@ -165,8 +293,9 @@ def test_a_hugetlb_memfd_becomes_a_file_on_the_mount_of_its_page_size(
             continue
         expected = {k: v for k, v in json.loads(want).items()
                     if k not in ("hugetlb", "hugetlbsize", "seal")}
-        expected.update({"qom-type": "memory-backend-file",
-                         "mem-path": f"{directory}/kvmaccel-{expected['id']}", "share": True})
+        path = json.loads(have)["mem-path"]
+        assert served(path, str(expected["id"]), fds, proof.path), (path, fds)
+        expected.update({"qom-type": "memory-backend-file", "mem-path": path, "share": True})
         assert json.loads(have) == expected
 
 
@@ -175,10 +304,8 @@ def test_a_memfd_of_another_page_size_is_left_alone(front_script: str) -> None:
     argv = ["-object", '{"qom-type":"memory-backend-memfd","id":"ram-node0","hugetlb":true,'
             '"hugetlbsize":1073741824,"share":true,"prealloc":true,"size":1073741824}']
     with private_mount("hugetlbfs", "pagesize=2M,mode=0755") as mount:
-        directory = os.path.join(mount, "libvirt", "qemu", short)
-        os.makedirs(directory)
-        open(os.path.join(directory, "kvmaccel-ram-node0"), "w").close()
-        assert run(front_script, argv, f"/x/domain-{short}") == argv
+        hook_files(libvirt_dir(mount, short), ["ram-node0"])
+        assert run(front_script, argv, home_of(short), as_qemu=True) == argv
 
 
 def test_install_status_uninstall_touch_only_what_install_wrote(fake_qemu: str) -> None:
@@ -242,6 +369,15 @@ def test_against_the_real_qemu_the_front_adds_at_most_10_ms(tmp_path: str) -> No
     print(f"front overhead on the real QEMU: {overhead:.2f} ms (direct "
           f"{statistics.median(direct):.2f} ms)")
     assert overhead <= 10
+
+
+def test_the_proof_directory_has_one_name_everywhere() -> None:
+    """The planner places the front's files in it, the hook makes it, the front checks it."""
+    from kvmaccel.plan import planner
+
+    assert memdir.PROOF_DIR == planner.FRONT_DIR == front.PROOF_DIR == ".kvmaccel"
+    assert '"$d/.kvmaccel"' in front.SCRIPT
+    assert planner.FRONT_PREFIX == front.FILE_PREFIX and "kvmaccel-$id" in front.SCRIPT
 
 
 # --- enable and disable: disable(enable(x)) == x byte for byte, and enable's XML is right ---

@@ -243,6 +243,12 @@ def shared_maps(pid: int) -> dict[str, str]:
     return out
 
 
+def qemu_argv(pid: int) -> list[str]:
+    """What QEMU was exec'd with (for messages: what the front made of libvirt's argv)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a for a in f.read().decode(errors="replace").split("\0") if "memory-backend" in a]
+
+
 def domain_dir(env: Env, guest: Guest) -> str:
     domid = virsh.virsh("domid", guest.name).stdout.strip()
     return f"{env.mounts[guest.page_kib]}/libvirt/qemu/{domid}-{guest.name[:20]}"
@@ -264,8 +270,8 @@ def check_served(env: Env, guest: Guest, complete_at_start: bool = True) -> None
     per_backend = guest.size_bytes // guest.cells
     [at_start] = env.observed(guest.name)
     for backend in guest.backend_ids():
-        path = f"{directory}/kvmaccel-{backend}"
-        assert maps.get(path, "").endswith("s"), (path, sorted(maps), env.log()[-4000:])
+        path = f"{directory}/.kvmaccel/kvmaccel-{backend}"  # this start's proof directory
+        assert maps.get(path, "").endswith("s"), (path, qemu_argv(pid), env.log()[-4000:])
         st = os.stat(path)
         assert st.st_mode & 0o777 == 0o600
         assert (st.st_uid, st.st_gid) == (os.stat(directory).st_uid, os.stat(directory).st_gid)
@@ -327,6 +333,98 @@ def test_second_start_through_the_front_comes_from_the_pool(env: Env, guest: Gue
         wait_for_states(pool, ["clean"] * guest.cells)
         assert pool.drain() == guest.size_bytes
     assert free_pages(guest.page_kib) == free_before
+
+
+PLANTER = "00-kvmaccel-test-planter"  # runs before kvmaccel's hook (qemu.d is in name order)
+PLANTER_SCRIPT = '''#!{python}
+# Test-only libvirt hook: at start begin of {name}, before kvmaccel's hook and QEMU, a process
+# of the qemu user plants files in the guest's fresh hugepage directory and keeps them mapped.
+import glob, mmap, os, sys
+if sys.argv[1:4] != [{name!r}, "start", "begin"]:
+    sys.exit(0)
+sys.stdin.read()
+[d] = glob.glob({mount!r} + "/libvirt/qemu/*-" + {name!r}[:20])
+r, w = os.pipe()
+pid = os.fork()
+if pid:
+    os.close(w)
+    with os.fdopen(r) as got, open({out!r}, "a") as f:
+        for line in got:  # until the child closes its end: planted
+            f.write(f"{{pid}} {{line}}")
+    sys.exit(0)
+os.close(r)
+os.setsid()
+os.setgroups([])
+os.setgid({gid})
+os.setuid({uid})
+held = []
+os.mkdir(d + "/.kvmaccel")
+for path in (d + "/kvmaccel-ram-node0", d + "/.kvmaccel/kvmaccel-ram-node0"):
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.ftruncate(fd, {size})
+    m = mmap.mmap(fd, 2 << 20)
+    m[:7] = b"planted"
+    held.append(m)
+    st = os.fstat(fd)
+    os.write(w, f"{{st.st_dev}} {{st.st_ino}}\\n".encode())
+os.close(w)
+for fd in (0, 1, 2):
+    os.close(fd)
+import time
+while True:  # holds the mappings until the test kills it
+    time.sleep(3600)
+'''
+
+
+def mapped_inodes(pid: int) -> set[tuple[int, int]]:
+    """(device, inode) of every file mapping of ``pid``."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) >= 5 and parts[4] != "0":
+                major, minor = (int(x, 16) for x in parts[3].split(":"))
+                found.add((os.makedev(major, minor), int(parts[4])))
+    return found
+
+
+def test_a_guest_whose_directory_got_planted_files_runs_on_qemus_own_memory(env: Env) -> None:
+    """Issue 20, finding 1, on the real libvirtd: the qemu user plants ``kvmaccel-<id>`` (and
+    a ``.kvmaccel`` of its own with one inside) in the guest's hugepage directory after
+    libvirt made it and before kvmaccel's hook runs, and keeps them mapped.  kvmaccel's hook
+    refuses the directory it did not make and fails open; the front hands QEMU neither file:
+    QEMU runs on memory of its own."""
+    import pwd
+
+    guest = GUESTS[0]
+    pw = pwd.getpwnam("libvirt-qemu")
+    out = os.path.join(env.workdir, "planted")
+    planter = os.path.join(virsh.LIBVIRT_DIR, "hooks", "qemu.d", PLANTER)
+    with open(planter, "w") as f:
+        f.write(PLANTER_SCRIPT.format(python=sys.executable, name=guest.name,
+                                      mount=env.mounts[guest.page_kib], uid=pw.pw_uid,
+                                      gid=pw.pw_gid, size=guest.size_bytes, out=out))
+    os.chmod(planter, 0o755)
+    env.write_config(pool=False)
+    holders: list[int] = []
+    try:
+        with defined(env, guest):
+            virsh.virsh("start", guest.name)
+            with open(out) as f:
+                planted = [line.split() for line in f.read().splitlines()]
+            holders = sorted({int(p) for p, _, _ in planted})
+            inodes = {(int(dev), int(ino)) for _, dev, ino in planted}
+            assert len(inodes) == 2
+            pid = virsh.qemu_pid(guest.name)
+            assert not inodes & mapped_inodes(pid), env.log()[-3000:]
+            assert any("qemu_back_mem" in p for p in shared_maps(pid))  # QEMU's own file
+            assert "kvmaccel did not make it" in env.log()  # the hook refused, failed open
+            assert virsh.virsh("domstate", guest.name).stdout.strip() == "running"
+    finally:
+        os.unlink(planter)
+        for holder in holders:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(holder, 9)
 
 
 @pytest.mark.parametrize("broken", ["hook missing", "hook failing"])

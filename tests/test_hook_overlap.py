@@ -158,7 +158,7 @@ def test_a_crawling_filler_never_changes_what_the_guest_wrote(env: Env) -> None:
             virsh.virsh("start", GUEST.name)
             pid = filler_pid(env)
             try:
-                path = f"{domain_dir(env, GUEST)}/kvmaccel-ram-node0"
+                path = f"{domain_dir(env, GUEST)}/.kvmaccel/kvmaccel-ram-node0"
                 [at_start] = env.observed(GUEST.name)
                 _, allocated_at_start, _ = at_start["files"][path]  # type: ignore[index]
                 # The filler had barely begun when QEMU started; the guest runs on a file

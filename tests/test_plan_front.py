@@ -42,8 +42,10 @@ def check_front_plan(backends: list[BackendPlan]) -> None:
             if b.populate:
                 assert b.front and b.file_path is not None
                 assert os.path.basename(b.file_path) == f"kvmaccel-{b.backend_id}"
+                # in the proof directory the hook makes in the guest's directory
+                assert os.path.basename(os.path.dirname(b.file_path)) == ".kvmaccel"
                 if b.mem_path_is_dir:
-                    assert os.path.dirname(b.file_path) == b.mem_path
+                    assert os.path.dirname(os.path.dirname(b.file_path)) == b.mem_path
             else:
                 assert any(r in str(b.skip_reason) for r in ALLOWED_SKIPS), b.skip_reason
 
@@ -96,7 +98,7 @@ def test_enable_dry_run_then_plan_populates_every_fixture(name: str, tmp_path: P
         if huge and (b["mem_path_is_dir"] or b["qom_type"] == "memory-backend-memfd"):
             assert b["populate"] or any(r in b["skip_reason"] for r in ALLOWED_SKIPS), b
             if b["populate"]:
-                assert b["front"] and b["file"].endswith(f"/kvmaccel-{b['id']}")
+                assert b["front"] and b["file"].endswith(f"/.kvmaccel/kvmaccel-{b['id']}")
 
 
 @pytest.mark.parametrize("path", ALL_XML, ids=lambda p: p.stem)
@@ -143,7 +145,7 @@ def test_plan_text_names_the_file_the_front_hands_qemu(tmp_path: Path) -> None:
     args[0] = str(xml_file)
     result = runner.invoke(main, ["plan", *args])
     assert result.exit_code == 0, result.output
-    assert "/kvmaccel-ram-node0 (the front's; libvirt passes a memfd)" in result.stdout
+    assert "/.kvmaccel/kvmaccel-ram-node0 (the front's; libvirt passes a memfd)" in result.stdout
     assert "the front is not installed" not in result.stdout or "front install" in result.stdout
     before = runner.invoke(main, ["plan", *fixture_args("memfd-2node")])
     assert "kvmaccel enable nfv-router-a" in before.stdout

@@ -6,15 +6,35 @@ type='memfd'/>`` QEMU makes the memory itself.  No qemu.conf key, ``<qemu:overri
 ``-set`` changes a JSON ``-object``; a domain's ``<emulator>`` may be any executable, which
 libvirt runs for capability probing and for the start, as the qemu user, inside the guest's
 cgroups.  So the front rewrites only the memory backends kvmaccel's hook prepared a file
-for (``kvmaccel-<backend id>`` in the guest's per-domain hugepage directory) and execs the
-real QEMU; everything else, and every backend without such a file, passes byte for byte, so
-an absent or failed hook leaves QEMU starting exactly as it would without kvmaccel.
+for *at this start* and execs the real QEMU; everything else, and every backend without such
+a file, passes byte for byte, so an absent or failed hook leaves QEMU starting exactly as it
+would without kvmaccel.
+
+What proves a file is the hook's: the guest's directory ``D`` (``<mount>/libvirt/qemu/
+<shortname>``) belongs to the qemu user, who may put anything in it, so a name there proves
+nothing.  At each start the hook (root) makes ``D/.kvmaccel`` (root's, mode 0755; any one
+left from before is removed first, one it did not make refused) and puts ``kvmaccel-<id>``
+in it (:mod:`kvmaccel.hook.memdir`).  The qemu user cannot create, rename or remove a name
+in a directory of root's, cannot chown, and cannot move a directory of root's into ``D``
+from elsewhere (a directory changing parent needs write permission on itself).  The front
+takes only ``D`` of this guest (its shortname from ``$HOME``, which libvirt sets to
+``<...>/domain-<shortname>``), a directory of the running user in a parent it neither owns
+nor can write; it opens ``D/.kvmaccel`` on a descriptor ``N`` and then checks *that*
+directory (its parent is ``D``, and the running user neither owns nor can write it; as root,
+it is root's), and hands QEMU ``/proc/self/fd/N/kvmaccel-<id>``: renaming things in ``D``
+after the check changes nothing QEMU opens.  So a file the qemu user planted, a directory
+swapped in, or a hugetlbfs mount libvirt does not use (nothing there passes) is never handed
+over; nor, under ``--divert``, a file in a shared directory such as ``/dev/shm`` (such a
+mem-path is not ``<...>/libvirt/qemu/<shortname>``).
 
 Why shell: AppArmor's guest profile (Debian, Ubuntu) may execute only ``/usr/bin/qemu-system-*``,
 ``kvm``, ``qemu-kvm`` and a few shells, not python3; so the front is installed under a name
-that profile already allows (``/usr/bin/qemu-system-x86_64-kvmaccel``).  Why a path and not a
-descriptor: QEMU opens ``mem-path`` with ``open()``, and ``/proc/self/fd/N`` of an unlinked file
-is refused by AppArmor, so the file has a name in a directory the guest is granted.
+that profile already allows (``/usr/bin/qemu-system-x86_64-kvmaccel``).
+
+Why a named file: QEMU opens ``mem-path`` with ``open()``, and AppArmor checks the path the
+kernel resolves: ``/proc/self/fd/N`` of an unlinked file is refused ("deleted entry"), so the
+file has a name in a directory the guest is granted (``D/**``); through the held directory
+``N`` it resolves to that name.
 
 The script's second line (``# kvmaccel-front: {json}``) says which QEMU it execs and what the
 install did, so that uninstall removes only what install wrote.
@@ -44,7 +64,8 @@ from ..model import domedit
 from ..model.domedit import METADATA_NS as METADATA_NS  # re-exported
 
 DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
-FILE_PREFIX = "kvmaccel-"  # the hook's file for backend <id> is <dir>/kvmaccel-<id>
+FILE_PREFIX = "kvmaccel-"  # the hook's file for backend <id>: <dir>/.kvmaccel/kvmaccel-<id>
+PROOF_DIR = ".kvmaccel"  # made by the hook (root) in the guest's directory at each start
 
 # libvirt 9.0 writes every memory backend as one JSON object with its members in a fixed
 # order, no spaces ("qom-type" first, then "id").  The script relies only on that: it reads a
@@ -55,17 +76,28 @@ SCRIPT = r'''#!/bin/sh
 @MARKER@
 # kvmaccel's emulator front (`kvmaccel front --help`).  libvirt runs it as a guest's
 # <emulator>; it execs the real QEMU with the same arguments, except memory backends for which
-# kvmaccel's hook put a populated file kvmaccel-<id> in the guest's hugepage directory:
-#  * memory-backend-file with mem-path a directory D holding kvmaccel-<id>:
-#    mem-path D/kvmaccel-<id>, share true (QEMU would map a private copy otherwise);
-#  * memory-backend-memfd with hugetlb true, and kvmaccel-<id> in the guest's directory of the
+# kvmaccel's hook prepared a populated file for this start, kvmaccel-<id> in the directory
+# .kvmaccel that the hook (root) made in the guest's hugepage directory D:
+#  * memory-backend-file with mem-path D: mem-path that file, share true (QEMU would map a
+#    private copy otherwise);
+#  * memory-backend-memfd with hugetlb true, and such a file in the guest's directory D of the
 #    hugetlbfs mount of that page size: a memory-backend-file of the same members on it.
-# Everything else passes byte for byte; so does every backend without a prepared file.
+# D counts only as libvirt's directory for this guest: <mount>/libvirt/qemu/<shortname>, the
+# shortname from $HOME (libvirt's <...>/domain-<shortname>), a directory of this user in a
+# parent it neither owns nor can write.  D/.kvmaccel is opened and held on a descriptor N (no
+# rename can change what it is after that) and must then be a directory whose parent is D and
+# that this user neither owns nor can write (running as root: one of root's), so that only
+# root can have made a name in it; QEMU gets /proc/self/fd/N/kvmaccel-<id>.
+# Everything else passes byte for byte; so does every backend without such a file.
 QEMU=@QEMU@
 case "$*" in
     *memory-backend-*) ;;
     *) exec "$QEMU" "$@" ;;
 esac
+case $HOME in */domain-?*) short=${HOME##*/domain-} ;; *) exec "$QEMU" "$@" ;; esac
+case $short in */*|*\\*) exec "$QEMU" "$@" ;; esac
+root=
+if [ -O / ]; then root=1; fi
 
 # v = the string value of member $2 in JSON object $1; fails when absent or escaped.
 val() {
@@ -89,13 +121,48 @@ share() {
         *) out=${out%\}},\"share\":true} ;;
     esac
 }
+# Not ours and not writable by us (as root: root's), directory $1.
+foreign() {
+    if [ -n "$root" ]; then [ -O "$1" ]; else [ ! -O "$1" ] && [ ! -w "$1" ]; fi
+}
+# x = /proc/self/fd/N, a descriptor held on $1/.kvmaccel, when $1 is this guest's directory D
+# and that one passes the checks above (once per D; descriptors 3 to 9 that are free).
+pin() {
+    d=$1
+    case $d in */libvirt/qemu/"$short") ;; *) return 1 ;; esac
+    n=3
+    while [ $n -le 9 ]; do
+        eval "p=\${pin$n-}"
+        if [ "$p" = "$d" ]; then x=/proc/self/fd/$n; return 0; fi
+        n=$((n + 1))
+    done
+    p=${d%/*}
+    [ -d "$p" ] && [ ! -h "$p" ] && foreign "$p" || return 1
+    [ -d "$d" ] && [ ! -h "$d" ] && [ -O "$d" ] || return 1
+    [ -d "$d/.kvmaccel" ] && [ -r "$d/.kvmaccel" ] || return 1
+    n=3
+    while [ -h /proc/self/fd/$n ]; do
+        n=$((n + 1))
+        [ $n -le 9 ] || return 1
+    done
+    eval "command exec $n<\"\$d/.kvmaccel\"" || return 1
+    x=/proc/self/fd/$n
+    if [ -d "$x" ] && [ "$x/.." -ef "$d" ] && foreign "$x"; then
+        eval "pin$n=\$d"
+        return 0
+    fi
+    eval "exec $n<&-"
+    return 1
+}
 # A prepared file: a regular file, not a symlink.
 ready() { [ -f "$1" ] && [ ! -h "$1" ]; }
 
 from_file() {
     case $1 in '{"qom-type":"memory-backend-file","id":"'*) ;; *) return 1 ;; esac
-    val "$1" id && id=$v && val "$1" mem-path && [ -d "$v" ] || return 1
-    f=$v/kvmaccel-$id
+    val "$1" id && id=$v || return 1
+    case $id in */*) return 1 ;; esac
+    val "$1" mem-path && pin "$v" || return 1
+    f=$x/kvmaccel-$id
     ready "$f" || return 1
     rest=${1#*\"mem-path\":\"}
     out=${1%%\"mem-path\":\"*}\"mem-path\":\"$f\"${rest#*\"}
@@ -105,9 +172,8 @@ from_file() {
 from_memfd() {
     case $1 in '{"qom-type":"memory-backend-memfd","id":"'*) ;; *) return 1 ;; esac
     case $1 in *'"hugetlb":true'*) ;; *) return 1 ;; esac
-    case $HOME in */domain-?*) short=${HOME##*/domain-} ;; *) return 1 ;; esac
-    case $short in */*|*\\*) return 1 ;; esac
     val "$1" id && id=$v || return 1
+    case $id in */*) return 1 ;; esac
     want=
     case $1 in *'"hugetlbsize":'*)
         want=${1#*\"hugetlbsize\":}; want=${want%%,*}; want=${want%%\}*}
@@ -119,8 +185,9 @@ from_memfd() {
         [ "$fs" = hugetlbfs ] || continue
         case $mnt in *\\*) continue ;; esac
         [ -z "$want" ] || case ",$opts," in *",$want,"*) ;; *) continue ;; esac
-        if ready "$mnt/libvirt/qemu/$short/kvmaccel-$id"; then
-            f=$mnt/libvirt/qemu/$short/kvmaccel-$id
+        [ ! -h "$mnt/libvirt" ] || continue
+        if pin "$mnt/libvirt/qemu/$short" && ready "$x/kvmaccel-$id"; then
+            f=$x/kvmaccel-$id
             break
         fi
     done < /proc/mounts

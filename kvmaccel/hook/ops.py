@@ -179,36 +179,62 @@ def op_prepare(xml: bytes, config: HookConfig) -> None:
 
 
 def backing_specs(job: StartJob, config: HookConfig | None = None,
-                  made: list[str] | None = None) -> list[BackingSpec]:
-    """One spec per backend, owned like the directory libvirt made for it.  A hugetlb memfd
-    served through the front has no such directory (libvirt makes none for a memfd): it is
-    made here (:mod:`kvmaccel.hook.memdir`) and appended to ``made``.
+                  made: list[str] | None = None,
+                  proofs: list[memdir.ProofDir] | None = None) -> list[BackingSpec]:
+    """One spec per backend, owned like the directory libvirt made for it.
 
-    Raises :class:`BackingError` when that directory does not exist (libvirt makes it just
-    before ``start begin``).
+    A backend served through the front (its file is ``D/.kvmaccel/kvmaccel-<id>``) gets the
+    proof directory ``D/.kvmaccel`` made afresh for this start (:mod:`kvmaccel.hook.memdir`),
+    appended to ``proofs``, and its file the owner of ``D``.  A hugetlb memfd has no ``D``
+    (libvirt makes none for a memfd): it is made here and appended to ``made``; one that
+    exists is used only when empty.
+
+    Raises :class:`BackingError` when a directory does not exist (libvirt makes it just
+    before ``start begin``) or is refused.
     """
     from ..engine.backing import BackingSpec
 
     specs = []
+    made_here: dict[str, memdir.ProofDir] = {}
     for b in job.backends:
         directory = os.path.dirname(b.mem_path)
-        if (b.make_dir and config is not None and made is not None
-                and not os.path.lexists(directory)
-                and memdir.is_guest_dir(directory, job.shortname)):
-            from ..model.qemuconf import read_qemu_conf
+        guest = memdir.guest_dir_of(b.mem_path)
+        if guest is not None and proofs is not None:
+            if guest not in made_here:
+                if (b.make_dir and config is not None and made is not None
+                        and memdir.is_guest_dir(guest, job.shortname)):
+                    from ..model.qemuconf import read_qemu_conf
 
-            conf = read_qemu_conf(config.qemu_conf)
-            if memdir.make_guest_dir(directory, memdir.qemu_owner(conf.user, conf.group)):
-                made.append(directory)
-        try:
-            st = os.stat(directory)
-        except OSError as e:
-            raise BackingError(f"{directory}: {e.strerror}; libvirt should have created it "
-                               "before 'start begin'", path=b.mem_path) from None
+                    conf = read_qemu_conf(config.qemu_conf)
+                    if memdir.make_guest_dir(guest, memdir.qemu_owner(conf.user, conf.group)):
+                        made.append(guest)
+                made_here[guest] = memdir.make_proof_dir(guest)
+                proofs.append(made_here[guest])
+            uid, gid = made_here[guest].uid, made_here[guest].gid
+        else:
+            try:
+                st = os.stat(directory)
+            except OSError as e:
+                raise BackingError(f"{directory}: {e.strerror}; libvirt should have created "
+                                   "it before 'start begin'", path=b.mem_path) from None
+            uid, gid = st.st_uid, st.st_gid
         specs.append(BackingSpec(
             path=b.mem_path, size_bytes=b.size_bytes, nodes=b.host_nodes, policy=b.policy,
-            mode=FILE_MODE, uid=st.st_uid, gid=st.st_gid, name=b.alias))
+            mode=FILE_MODE, uid=uid, gid=gid, name=b.alias))
     return specs
+
+
+def check_in_proof_dirs(backings: list[Backing], proofs: list[memdir.ProofDir]) -> None:
+    """Every new file of a front backend is in the proof directory this start made: the
+    engine opens its directory by path, and the qemu user may have swapped a symlink or a
+    directory of its own in at ``D/.kvmaccel`` since.  Raises :class:`BackingError` before
+    anything is populated or named."""
+    by_path = {p.path: p for p in proofs}
+    for backing in backings:
+        proof = by_path.get(os.path.dirname(backing.path or ""))
+        if proof is not None and not proof.holds(backing.dir_fd):
+            raise BackingError(f"{proof.path} is no longer the directory kvmaccel made for "
+                               "this start; refusing to populate there", path=backing.path)
 
 
 def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | None = None
@@ -227,14 +253,19 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
         log.info("nothing for kvmaccel to populate")
         return
     made: list[str] = []
-    specs = backing_specs(job, config, made)
+    proofs: list[memdir.ProofDir] = []
     key = job.uuid or f"name-{job.name}"
+    try:
+        specs = backing_specs(job, config, made, proofs)
+    except BaseException:
+        _remove_dirs(proofs, made)
+        raise
     host = read_host()
     # Record first what this start is about to create, so that a crash leaves a trail.
     state: dict[str, object] = {
         "name": job.name, "uuid": job.uuid, "id": job.domain_id, "shortname": job.shortname,
         "files": [s.path for s in specs], "pool_links": [], "start_unix": time.time(),
-        "made_dirs": made,
+        "made_dirs": made, "proof_dirs": [p.as_dict() for p in proofs],
     }
     write_state(key, state)
     linked, fresh = hook_pool.take(
@@ -254,7 +285,7 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
     fresh_backends = [b for b in job.backends if b.backend_id in fresh_ids]
     why = overlap.why_not([b.prealloc for b in fresh_backends], config)
     if why is None:
-        start_overlapped(job, fresh, fresh_backends, linked, state, host, config, t0)
+        start_overlapped(job, fresh, fresh_backends, linked, state, host, config, t0, proofs)
         return
     log.debug("populating before QEMU starts: %s", why)
     if config.cgroup:  # populate in kvmaccel's own cgroup: seen and limited in one place
@@ -277,7 +308,9 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
         timer.daemon = True
         timer.start()
     try:
-        backings, result = populate_backings(specs, host, limits, cancel=cancel, keep_open=True)
+        backings, result = populate_backings(
+            specs, host, limits, cancel=cancel, keep_open=True,
+            on_open=lambda opened: check_in_proof_dirs(opened, proofs))
     except CancelledError:
         write_state(key, {**state, "files": [], "cancelled": True})  # pool links stay
         if timed_out.is_set():
@@ -331,7 +364,7 @@ def _discard(backings: list[Backing], key: str, state: dict[str, object]) -> Non
 def start_overlapped(job: StartJob, fresh: list[hook_pool.Fresh],
                      backends: list[JobBackend], linked: list[hook_pool.Linked],
                      state: dict[str, object], host: HostFacts, config: HookConfig,
-                     t0: float) -> None:
+                     t0: float, proofs: list[memdir.ProofDir] | None = None) -> None:
     """Create and name the fresh files now and leave a detached filler populating them while
     QEMU starts and preallocates them too (:mod:`kvmaccel.hook.overlap` says why that is
     safe).  On any error before the filler starts, nothing this start created is left."""
@@ -343,6 +376,7 @@ def start_overlapped(job: StartJob, fresh: list[hook_pool.Fresh],
         host = read_host()
     backings = open_backings(specs, host)
     try:
+        check_in_proof_dirs(backings, proofs or [])
         for backing in backings:
             backing.publish()
         adopted = hook_pool.adopt(job.uuid, fresh, backings, host, config)
@@ -365,6 +399,28 @@ def start_overlapped(job: StartJob, fresh: list[hook_pool.Fresh],
     log.info("created %s (%s) and left the filler (pid %s) populating them while QEMU "
              "preallocates them too", ", ".join(str(s.path) for s in specs), format_size(size),
              filler["pid"])
+
+
+def _remove_dirs(proofs: list[memdir.ProofDir], made: list[str]) -> None:
+    """A start that failed before it recorded anything: what it made goes again."""
+    remove_made_dirs({"proof_dirs": [p.as_dict() for p in proofs], "made_dirs": made})
+
+
+def remove_made_dirs(state: dict[str, object]) -> None:
+    """The proof directories and the memfd guests' directories a start recorded, each
+    removed whole (libvirt has usually removed the guest's directories already)."""
+    proofs = state.get("proof_dirs")
+    for proof in proofs if isinstance(proofs, list) else []:
+        if not isinstance(proof, dict) or not isinstance(proof.get("path"), str):
+            continue
+        dev, ino = proof.get("dev"), proof.get("ino")
+        if memdir.remove_proof_dir(proof["path"], dev if isinstance(dev, int) else None,
+                                   ino if isinstance(ino, int) else None):
+            log.info("removed %s", proof["path"])
+    made = state.get("made_dirs")
+    for directory in made if isinstance(made, list) else []:
+        if isinstance(directory, str) and memdir.remove_guest_dir(directory):
+            log.info("removed %s", directory)
 
 
 def check_placement(backings: list[Backing]) -> None:
@@ -409,10 +465,7 @@ def op_stop(xml: bytes, config: HookConfig) -> None:
     links = state.get("pool_links")
     if domain.uuid and isinstance(links, list) and links:
         hook_pool.release(domain.uuid, [x for x in links if isinstance(x, dict)], config)
-    made = state.get("made_dirs")
-    for directory in made if isinstance(made, list) else []:
-        if isinstance(directory, str) and memdir.remove_guest_dir(directory):
-            log.info("removed %s", directory)
+    remove_made_dirs(state)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state_path(key))
     records.append("stop", domain=domain.name, uuid=domain.uuid, bytes=freed,

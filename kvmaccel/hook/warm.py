@@ -32,7 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..engine import records
+from ..errors import KvmaccelError
 from ..pool.files import PoolEntry, PoolFiles, PoolKey
+from . import memdir
 from .state import cache_path, file_text, read_json, recipe_path, write_json, write_state
 
 FILE_MODE = 0o600
@@ -173,15 +175,22 @@ def start_from_pool(xml: bytes, say: Callable[[str], None]) -> bool:
         backends = list(recipe["backends"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if not fresh or not backends:
-        return False
+    if not fresh or not backends or any(b.get("make_dir") for b in backends):
+        return False  # a memfd guest's directory is made by the full path
+    proofs: dict[str, memdir.ProofDir] = {}
     taken: list[tuple[PoolFiles, PoolEntry, str, str]] = []
     try:
         for b in backends:
             pool = PoolFiles(b["pool_dir"], state_dir=b["state_dir"])
             target = b["mem_path"]
+            guest = memdir.guest_dir_of(target)
+            uid = gid = None  # owned like its directory
+            if guest is not None:  # the front's file: in this start's proof directory, owned
+                if guest not in proofs:  # like the guest's directory
+                    proofs[guest] = memdir.make_proof_dir(guest)
+                uid, gid = proofs[guest].uid, proofs[guest].gid
             entry = pool.take(PoolKey.from_dict(b["key"]), target, domain_uuid=uuid,
-                              backend_id=b["backend_id"], mode=FILE_MODE)  # owned like its dir
+                              backend_id=b["backend_id"], uid=uid, gid=gid, mode=FILE_MODE)
             if entry is None:
                 say(f"pool: no clean file for {target} any more; populating instead")
                 raise LookupError(target)
@@ -190,10 +199,13 @@ def start_from_pool(xml: bytes, say: Callable[[str], None]) -> bool:
             "name": recipe.get("name"), "uuid": uuid, "id": recipe["id"],
             "shortname": recipe.get("shortname"), "files": [], "start_unix": time.time(),
             "pool_links": [{"backend_id": bid, "link_path": t, "pool_path": e.path,
-                            "pool_dir": p.directory} for p, e, t, bid in taken]})
-    except Exception:  # noqa: BLE001 -- give back and let the full path decide
-        for p, e, t, _ in taken:
-            p.give_back(e, t)
+                            "pool_dir": p.directory} for p, e, t, bid in taken],
+            "proof_dirs": [p.as_dict() for p in proofs.values()]})
+    except Exception as e:  # noqa: BLE001 -- give back and let the full path decide
+        for p, entry_, t, _ in taken:
+            p.give_back(entry_, t)
+        if isinstance(e, KvmaccelError):
+            say(f"warm start: {e}; the full start decides")
         return False
     say("started from the pool: " + ", ".join(t for _, _, t, _ in taken))
     records.append("start", domain=recipe.get("name"), uuid=uuid, source="pool",

@@ -29,8 +29,10 @@ libvirt rules reproduced here and, for names, sizes and paths, in :mod:`kvmaccel
 
 Through kvmaccel's emulator front (``front=True``: the domain's ``<emulator>`` is the front,
 :mod:`kvmaccel.hook.front`), a huge page backend's directory and a ``hugetlb`` memfd are
-populated too: kvmaccel prepares ``<mount>/libvirt/qemu/<shortname>/kvmaccel-<id>`` on the mount
-of the backend's page size, and the front hands QEMU that file, shared.  ``file`` is then that
+populated too: kvmaccel prepares ``<mount>/libvirt/qemu/<shortname>/.kvmaccel/kvmaccel-<id>`` on the
+mount of the backend's page size (``.kvmaccel``: a directory of root's the hook makes at each
+start, what proves to the front that the file is the hook's), and the front hands QEMU that
+file, shared.  ``file`` is then that
 path and ``mem_path`` stays what libvirt passes (the directory, or none for a memfd).
 
 The plan as JSON is :func:`kvmaccel.plan.planjson.plan_to_json` (its shape is documented there).
@@ -68,7 +70,8 @@ log = logging.getLogger(__name__)
 
 POLICY = {"strict": "bind", "preferred": "preferred", "interleave": "interleave"}
 POPULATABLE_FS = ("hugetlbfs", "tmpfs")
-FRONT_PREFIX = "kvmaccel-"  # the front's file for backend <id>: <directory>/kvmaccel-<id>
+FRONT_PREFIX = "kvmaccel-"  # the front's file for backend <id>: <dir>/.kvmaccel/kvmaccel-<id>
+FRONT_DIR = ".kvmaccel"  # root's, made by the hook in the guest's directory at each start
 
 
 @dataclass(frozen=True)
@@ -253,7 +256,7 @@ def _backend(ctx: _Ctx, src: _Source) -> BackendPlan:
         # A memfd names no mount; libvirt refuses huge pages without one (it makes the
         # per-domain directories), and then so does the plan of a file backend.
         with contextlib.suppress(PlanError):
-            front_file = _join(ctx.hugepage_dir(huge), FRONT_PREFIX + src.backend_id)
+            front_file = _join(ctx.hugepage_dir(huge), FRONT_DIR, FRONT_PREFIX + src.backend_id)
             fs = "hugetlbfs"
     enable = (f"start the guest through kvmaccel's front to populate it: kvmaccel enable "
               f"{shlex.quote(domain.name)}")
