@@ -23,8 +23,9 @@ from ..plan.config import check_cgroup_name
 
 log = logging.getLogger(__name__)
 
-def enter(name: str, root: str = "/") -> str | None:
-    """Move this process into cgroup ``name`` of the cpu controller, made if missing with the
+def enter(name: str, root: str = "/", pid: int | None = None) -> str | None:
+    """Move this process (or process ``pid``: the hook places the filler it forks before
+    the filler runs) into cgroup ``name`` of the cpu controller, made if missing with the
     lowest CPU share; return its directory (None: no cpu controller, or refused)."""
     check_cgroup_name(name)
     mounts = read_mounts(root)
@@ -50,7 +51,7 @@ def enter(name: str, root: str = "/") -> str | None:
         else:
             log.warning("no cpu cgroup controller here: kvmaccel runs where it was started")
             return None
-        _write(directory, "cgroup.procs", str(os.getpid()))
+        _write(directory, "cgroup.procs", str(pid or os.getpid()))
     except OSError as e:
         log.warning("cannot run in cgroup %s: %s; kvmaccel runs where it was started", name,
                     e.strerror)
