@@ -174,7 +174,8 @@ class Complete:
     """Which of the filler's files have been allocated whole, by QEMU's preallocation or the
     filler: the filler leaves each of those alone for good (the module docstring of
     :mod:`kvmaccel.hook.filler` says why).  :meth:`populate` stands in for the engine's
-    ``MADV_POPULATE_WRITE`` step (``EngineOps.populate``): it checks the step's file first.
+    ``MADV_POPULATE_WRITE`` step (``EngineOps.populate``): before each step it looks at
+    every file not yet seen whole, then skips the step if its own file was.
 
     A file is whole when its allocated blocks (``st_blocks``, which hugetlbfs and tmpfs
     count per page allocated and uncount per page punched out) cover its size.  The step's
@@ -189,30 +190,23 @@ class Complete:
         self._ranges: list[tuple[int, int, int]] | None = None
 
     def populate(self, addr: int, length: int) -> None:
-        if self._left_alone(self._which(addr)):
+        index = self._which(addr)
+        self._look()
+        if self.whole[index] if index is not None else any(self.whole):
             with self._lock:
                 self.skipped_bytes += length
             return
         sysmem.madvise(addr, length, sysmem.MADV_POPULATE_WRITE)
 
-    def _left_alone(self, index: int | None) -> bool:
-        """True when the step's file (any file, when ``index`` is None) is, or once was,
-        allocated whole."""
-        return any(self._whole(i) for i in
-                   (range(len(self.backings)) if index is None else (index,)))
-
-    def _whole(self, i: int) -> bool:
-        if self.whole[i]:
-            return True
-        b = self.backings[i]
-        if os.fstat(b.fd).st_blocks * 512 < b.spec.size_bytes:
-            return False
-        with self._lock:
-            if not self.whole[i]:
-                self.whole[i] = True
-                log.info("%s is allocated whole (QEMU has preallocated it): the filler "
-                         "leaves it alone for good", b.path)
-        return True
+    def _look(self) -> None:
+        for i, b in enumerate(self.backings):
+            if self.whole[i] or os.fstat(b.fd).st_blocks * 512 < b.spec.size_bytes:
+                continue
+            with self._lock:
+                if not self.whole[i]:
+                    self.whole[i] = True
+                    log.info("%s is allocated whole (QEMU has preallocated it): the filler "
+                             "leaves it alone for good", b.path)
 
     def _which(self, addr: int) -> int | None:
         with self._lock:
