@@ -23,10 +23,13 @@ twice over:
 
 Every ``started begin`` costs a hook call, on every guest's start: the installed script
 (:mod:`.install`) starts Python for it only while a *filler record* exists, the file
-``<run_dir>/domains/<uuid>.filler.json`` that ``start begin`` writes beside the guest's state
-when it leaves a filler, and this path imports no more than the warm path does (no logging,
-no engine).  ``stopped``/``release`` stop a filler that still runs too (:func:`stop_filler`,
-SIGTERM first there) and remove the record.
+``<filler dir>/<uuid>.json`` that ``start begin`` writes when it leaves a filler, and this
+path imports no more than the warm path does (no logging, no engine).  The filler dir is the
+one the installed script looks in and names in ``$KVMACCEL_FILLER_DIR`` (``fillers/`` in the
+run dir the script was installed with, ``/run/kvmaccel`` by default), so that a config whose
+``run_dir`` changed since ``kvmaccel hook install`` still finds it; without the variable (the
+hook run by hand), ``fillers/`` in the run dir.  ``stopped``/``release`` stop a filler that
+still runs too (:func:`stop_filler`, SIGTERM first there) and remove the record.
 """
 
 from __future__ import annotations
@@ -37,17 +40,23 @@ import signal
 import time
 from collections.abc import Callable
 
+from .. import paths
+from ..errors import UsageError
 from ..safefs import write_json_atomic
-from .state import read_state, state_path
+from .state import read_state
 from .warm import domain_ids
 
 STOP_WAIT_S = 5.0
 """How long :func:`stop_filler` waits after each signal."""
+FILLER_DIR_ENV = "KVMACCEL_FILLER_DIR"
 
 
 def record_path(key: str) -> str:
-    """``<run_dir>/domains/<key>.filler.json``: this guest's start left a filler."""
-    return state_path(f"{key}.filler")
+    """``<filler dir>/<key>.json``: this guest's start left a filler."""
+    if not key or "/" in key or key.startswith("."):
+        raise UsageError(f"domain key {key!r} cannot name a filler record")
+    directory = os.environ.get(FILLER_DIR_ENV) or os.path.join(paths.run_dir(), "fillers")
+    return os.path.join(directory, f"{key}.json")
 
 
 def write_record(key: str, filler: dict[str, int]) -> None:

@@ -52,9 +52,10 @@ case "$2 $3" in
     *) [ $# -eq 4 ] && exit 0 ;;
 esac
 {run_dir}# "started begin" (QEMU has preallocated: stop the filler for good) only when a start left
-# a filler, recorded as <run_dir>/domains/<uuid>.filler.json (kvmaccel.hook.filler).
+# a filler: its record is in this directory (kvmaccel.hook.filler).
+export KVMACCEL_FILLER_DIR="${{KVMACCEL_RUN_DIR:-{default_run_dir}}}/fillers"
 if [ "$2 $3" = "started begin" ]; then
-    for record in "${{KVMACCEL_RUN_DIR:-{default_run_dir}}}"/domains/*.filler.json; do
+    for record in "$KVMACCEL_FILLER_DIR"/*.json; do
         [ -e "$record" ] || exit 0
         break
     done

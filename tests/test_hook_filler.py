@@ -186,10 +186,15 @@ def qemu_discards(path: str, offset: int, length: int) -> None:
 def cpu_cgroup(pid: int) -> str:
     """The cpu controller's cgroup of ``pid`` (cgroup v1), e.g. ``/kvmaccel-test-filler``."""
     with open(f"/proc/{pid}/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            if "cpu" in controllers.split(","):
-                return path
+        return cpu_cgroup_of(f.read())
+
+
+def cpu_cgroup_of(text: str) -> str:
+    """The cpu controller's cgroup in ``text``, a /proc/<pid>/cgroup."""
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            return path
     return ""
 
 
@@ -274,7 +279,8 @@ def leave_a_filler(run_dir: str, key: str, pid: int, ticks: int) -> None:
     filler = {"pid": pid, "start_ticks": ticks}
     with open(f"{run_dir}/domains/{key}.json", "w") as f:
         json.dump({"name": "kvtest-hook", "filler": filler}, f)
-    with open(f"{run_dir}/domains/{key}.filler.json", "w") as f:
+    os.makedirs(f"{run_dir}/fillers", exist_ok=True)
+    with open(f"{run_dir}/fillers/{key}.json", "w") as f:
         json.dump(filler, f)
 
 
@@ -301,14 +307,14 @@ def test_started_kills_the_filler_by_pid_and_start_time_without_heavy_imports(
         out = run_hook_without_site(env, "started", run_dir, heavy)
         assert filler.poll() == -9, "the filler still runs after started begin"  # gone, then
         assert f"stopped the filler (pid {filler.pid}) for good" in env.log()
-        assert not os.path.exists(f"{run_dir}/domains/{HOOK_UUID}.filler.json")
+        assert not os.path.exists(f"{run_dir}/fillers/{HOOK_UUID}.json")
 
         other = sleeper()
         stack.callback(other.kill)
         leave_a_filler(run_dir, HOOK_UUID, other.pid, start_ticks(other.pid) + 1)
         out += run_hook_without_site(env, "started", run_dir, heavy)
         assert other.poll() is None  # not the recorded process: left alone
-        assert not os.path.exists(f"{run_dir}/domains/{HOOK_UUID}.filler.json")
+        assert not os.path.exists(f"{run_dir}/fillers/{HOOK_UUID}.json")
         assert out == "0 []\n0 []\n"
 
 def test_the_script_runs_python_at_started_only_when_a_start_left_a_filler(
@@ -338,7 +344,8 @@ def test_the_script_runs_python_at_started_only_when_a_start_left_a_filler(
     with open(f"{run_dir}/domains/{UUID}.json", "w") as f:
         f.write("{}")
     assert not run("started", "begin")  # a guest's state alone: no filler
-    with open(f"{run_dir}/domains/{UUID}.filler.json", "w") as f:
+    os.makedirs(f"{run_dir}/fillers")
+    with open(f"{run_dir}/fillers/{UUID}.json", "w") as f:
         f.write("{}")
     assert run("started", "begin")
     assert not run("migrate", "begin")
