@@ -349,3 +349,21 @@ def test_the_script_runs_python_at_started_only_when_a_start_left_a_filler(
         f.write("{}")
     assert run("started", "begin")
     assert not run("migrate", "begin")
+
+
+def test_doctor_warns_of_a_script_from_before_started(tmp_path: object) -> None:
+    """A script installed before kvmaccel acted at ``started begin`` never runs it there:
+    ``kvmaccel doctor`` says to install it again."""
+    from kvmaccel.hook import doctor
+
+    libvirt_dir = f"{tmp_path}/libvirt"
+    os.makedirs(f"{libvirt_dir}/hooks")
+    path = hook_install.install(libvirt_dir).path
+    inp = doctor.DoctorInput(libvirt_dir=libvirt_dir)
+    assert not any("predates" in f.message for f in doctor.check_hook(inp))
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace('|"started begin"', ""))
+    [warning] = [f for f in doctor.check_hook(inp) if "predates" in f.message]
+    assert warning.status == doctor.WARN and "kvmaccel hook install" in warning.message

@@ -205,8 +205,8 @@ class Complete:
             with self._lock:
                 if not self.whole[i]:
                     self.whole[i] = True
-                    log.info("%s is allocated whole (QEMU has preallocated it): the filler "
-                             "leaves it alone for good", b.path)
+                    log.info("%s is allocated whole (QEMU's preallocation is done, or the "
+                             "filler's): the filler leaves it alone for good", b.path)
 
     def _which(self, addr: int) -> int | None:
         with self._lock:
@@ -298,9 +298,10 @@ def fork_detached(name: str, nice: int, work: Callable[[], int],
     interpreter: it works within milliseconds.  An exception ``work`` lets through is
     logged, never raised into the hook.
 
-    With ``cgroup``, the hook moves the child into that cgroup (:func:`~kvmaccel.engine.
-    cgroup.enter`) before it lets the child do anything at all, and before this returns: the
-    child waits on a pipe until then (and exits if the hook dies first).  A child that joined
+    With ``cgroup``, the hook moves the child into that cgroup
+    (:func:`kvmaccel.engine.cgroup.enter`) before it lets the child do anything at all, and
+    before this returns: the child waits on a pipe until then (and exits if the hook dies
+    first).  A child that joined
     its cgroup itself would run at ``nice`` outside it until it got the CPU to do so, on a
     busy host for as long as the hook and the next hooks take."""
     for handler in logging.getLogger("kvmaccel").handlers:
