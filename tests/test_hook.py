@@ -85,7 +85,7 @@ def test_wrong_argv_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
 
 
 @pytest.mark.parametrize(("op", "subop"), [
-    ("started", "begin"), ("stopped", "begin"), ("release", "begin"), ("migrate", "begin"),
+    ("stopped", "begin"), ("release", "begin"), ("migrate", "begin"),
     ("restore", "begin"), ("reconnect", "begin"), ("attach", "begin"), ("prepare", "end"),
     ("start", "end"), ("unknown", "-"),
 ])

@@ -4,24 +4,26 @@ The filler (``kvmaccel.hook.overlap``) populates a guest's file while QEMU start
 preallocates the same file.  These tests slow the filler down to a crawl in a cpu cgroup
 with a tiny quota (the config's ``cgroup``, made beforehand by the test with
 ``cpu.cfs_quota_us``) and stop it (SIGSTOP) from a test-only hook that runs after kvmaccel's
-and before QEMU, so that QEMU's preallocation does nearly all of the work and the filler is
-still there while the guest runs; then they check what the issue asks us to prove:
+and before QEMU, noting where the filler runs; so QEMU's preallocation does nearly all of the
+work, and the filler would still be there when the guest runs.  Then they check:
 
-* the guest runs on memory that is fully there although the filler did almost nothing
-  (QEMU's own preallocation made it ready, before the guest ran);
-* data the guest wrote (written here through the file, every page, with the guest paused so
-  that its firmware writes nothing meanwhile) is unchanged after the filler resumes at full
-  speed and walks every page;
-* a guest destroyed while its filler still runs: the filler is stopped, the pages go back.
+* the filler was in the config's cgroup before QEMU started (before ``start begin`` returned:
+  it never works outside it), and the guest runs on memory that is fully there although the
+  filler did almost nothing (QEMU's own preallocation made it ready, before the guest ran);
+* once the guest has started, the filler is gone for good: a range QEMU discards then (as a
+  balloon, free page reporting or postcopy's discard at listen make it do: a hole punched in
+  the file) stays a hole, however long the filler would have run;
+* a start refused after ``start begin``: the stop hooks stop the filler, the pages go back.
 
-The env fixture (private hugetlbfs mounts, the front, kvmaccel's hook, libvirtd) is the
-front's integration tests'.
+``tests/test_hook_filler.py`` checks the filler's own stop (a file once whole is left alone)
+and that it never changes a page that was written.  The env fixture (private hugetlbfs
+mounts, the front, kvmaccel's hook, libvirtd) is the front's integration tests'.
 """
 
 from __future__ import annotations
 
 import contextlib
-import mmap
+import json
 import os
 import signal
 import sys
@@ -35,6 +37,7 @@ from kvmaccel.engine.backing import Backing, BackingSpec
 from kvmaccel.hook import overlap
 from kvmaccel.plan.config import HookConfig
 from tests.conftest import need
+from tests.test_hook_filler import cpu_cgroup_of, qemu_discards
 from tests.test_hook_front_integration import (  # noqa: F401 - env is a fixture
     GUESTS,
     Env,
@@ -42,21 +45,21 @@ from tests.test_hook_front_integration import (  # noqa: F401 - env is a fixture
     domain_dir,
     env,
     free_pages,
-    state_of,
 )
 
 ON_LIBVIRT = [pytest.mark.libvirt, pytest.mark.root]
 
 CPU_V1 = "/sys/fs/cgroup/cpu"
 CGROUP = "kvmaccel-test-overlap"
-PATTERN = b"guest-wrote-this"
 GUEST = GUESTS[0]  # 1 GiB of 2M pages, one cell
+MIB = 1 << 20
 
 
 FREEZER = "zz-kvmaccel-test-freeze-filler"
 FREEZER_SCRIPT = '''#!{python}
-# Test-only libvirt hook: at start begin, after kvmaccel's hook and before QEMU, stop (SIGSTOP)
-# the filler kvmaccel's hook left for this guest.
+# Test-only libvirt hook: at start begin, after kvmaccel's hook and before QEMU, note where the
+# filler kvmaccel's hook left for this guest runs and stop it (SIGSTOP); refuse the start (exit
+# 1) while {refuse!r} exists.
 import json, os, signal, sys
 if sys.argv[2:4] != ["start", "begin"]:
     sys.exit(0)
@@ -66,27 +69,53 @@ for n in os.listdir(top):
     try:
         with open(os.path.join(top, n)) as f:
             state = json.load(f)
-        if state.get("name") == sys.argv[1]:
-            os.kill(state["filler"]["pid"], signal.SIGSTOP)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        if state.get("name") != sys.argv[1]:
+            continue
+        pid = state["filler"]["pid"]
+        with open(f"/proc/{{pid}}/cgroup") as f:
+            cgroups = f.read()
+        with open(f"/proc/{{pid}}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        os.kill(pid, signal.SIGSTOP)
+        with open({out!r}, "a") as f:
+            f.write(json.dumps({{"pid": pid, "start_ticks": ticks, "cgroups": cgroups}}) + "\\n")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         pass
+sys.exit(1 if os.path.exists({refuse!r}) else 0)
 '''
 
 
+class Frozen:
+    """The freezer hook's notes, and its switch to refuse starts."""
+
+    def __init__(self, out: str, refuse: str) -> None:
+        self.out, self.refuse = out, refuse
+
+    def fillers(self) -> list[dict[str, object]]:
+        """One note per start: the filler's pid, start time and /proc/<pid>/cgroup then."""
+        return [json.loads(line) for line in virsh.read_text(self.out).splitlines()]
+
+
 @contextlib.contextmanager
-def frozen_filler(e: Env) -> Iterator[None]:
+def frozen_filler(e: Env) -> Iterator[Frozen]:
     """A hook after kvmaccel's that stops the filler before QEMU starts, so that QEMU's own
     preallocation does all of the work (once QEMU has, the filler would otherwise walk the
     pages that are there in no time, and be gone before the test could look at it)."""
     path = os.path.join(virsh.LIBVIRT_DIR, "hooks", "qemu.d", FREEZER)
+    frozen = Frozen(os.path.join(e.workdir, "frozen.jsonl"), os.path.join(e.workdir, "refuse"))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(frozen.out)
     with open(path, "w") as f:
-        f.write(FREEZER_SCRIPT.format(python=sys.executable,
+        f.write(FREEZER_SCRIPT.format(python=sys.executable, out=frozen.out,
+                                      refuse=frozen.refuse,
                                       domains=os.path.join(e.run_dir, "domains")))
     os.chmod(path, 0o755)
     try:
-        yield
+        yield frozen
     finally:
         os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(frozen.refuse)
 
 
 @contextlib.contextmanager
@@ -112,97 +141,89 @@ def quota(directory: str, us: int) -> None:
         f.write(str(us))
 
 
-def run_state(pid: int) -> str:
-    """R, S, T (stopped), Z...; "" when the process is gone."""
+def same_process(pid: int, ticks: object) -> bool:
+    """``pid`` is still the process that started at ``ticks`` and has not exited."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0]
+            fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return ""
+        return False
+    return fields[19] == str(ticks) and fields[0] not in ("Z", "X")
 
 
-def alive(pid: int) -> bool:
-    return run_state(pid) not in ("", "Z")
+def wait_until_gone(pid: int, ticks: object, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while same_process(pid, ticks):
+        assert time.monotonic() < deadline, f"the filler (pid {pid}) still runs"
+        time.sleep(0.05)
 
 
-def filler_pid(e: Env) -> int:
-    """The guest's filler, stopped by the freezer hook before QEMU started."""
-    filler = state_of(e, GUEST)["filler"]
-    assert isinstance(filler, dict)
-    pid = filler["pid"]
-    assert isinstance(pid, int)
-    # A SIGSTOP takes effect when the process next runs; in its cgroup that can be one
-    # quota period (100 ms) later, and it shows as R (throttled) until then.
-    deadline = time.monotonic() + 10
-    while run_state(pid) == "R" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert run_state(pid) == "T", (run_state(pid), e.log()[-3000:])
-    with open(f"/proc/{pid}/comm") as f:
-        assert f.read().strip() == "kvmaccel-fill"
-    return pid
-
-
-def pages(path: str, page: int) -> Iterator[tuple[mmap.mmap, int]]:
-    size = os.stat(path).st_size
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as m:
-        for offset in range(0, size, page):
-            yield m, offset
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
 
 
 @ON_LIBVIRT[0]
 @ON_LIBVIRT[1]
-def test_a_crawling_filler_never_changes_what_the_guest_wrote(env: Env) -> None:  # noqa: F811
-    with crawling_cgroup() as cgroup, frozen_filler(env):
+def test_the_filler_is_in_its_cgroup_before_qemu_starts(env: Env) -> None:  # noqa: F811
+    with crawling_cgroup(), frozen_filler(env) as frozen:
         env.write_config(extra=f'cgroup = "{CGROUP}"\n')
         with defined(env, GUEST):
             virsh.virsh("start", GUEST.name)
-            pid = filler_pid(env)
-            try:
-                path = f"{domain_dir(env, GUEST)}/.kvmaccel/kvmaccel-ram-node0"
-                [at_start] = env.observed(GUEST.name)
-                _, allocated_at_start, _ = at_start["files"][path]  # type: ignore[index]
-                # The filler had barely begun when QEMU started; the guest runs on a file
-                # that is complete all the same: QEMU's own preallocation did the rest.
-                assert allocated_at_start < GUEST.size_bytes // 2
-                assert os.stat(path).st_blocks * 512 == GUEST.size_bytes
-                assert virsh.virsh("domstate", GUEST.name).stdout.strip() == "running"
-                with open(f"{cgroup}/tasks") as f:
-                    assert str(pid) in f.read().split()  # the filler ran in the config's cgroup
-                # What a guest does: write everywhere, at both ends of every page.  The guest
-                # is paused meanwhile: its firmware writes pages of its own.
-                virsh.virsh("suspend", GUEST.name)
-                page = GUEST.page_kib * 1024
-                for m, offset in pages(path, page):
-                    m[offset:offset + len(PATTERN)] = PATTERN
-                    m[offset + page - len(PATTERN):offset + page] = PATTERN
-            finally:
-                quota(cgroup, -1)
+            [seen] = frozen.fillers()
+            # Noted after kvmaccel's hook returned, before QEMU: the filler ran nowhere else.
+            assert cpu_cgroup_of(str(seen["cgroups"])) == f"/{CGROUP}", seen
+            path = f"{domain_dir(env, GUEST)}/.kvmaccel/kvmaccel-ram-node0"
+            [at_start] = env.observed(GUEST.name)
+            _, allocated_at_start, _ = at_start["files"][path]  # type: ignore[index]
+            # The filler had barely begun when QEMU started; the guest runs on a file that
+            # is complete all the same: QEMU's own preallocation did the rest.
+            assert allocated_at_start < GUEST.size_bytes // 2
+            assert allocated(path) == GUEST.size_bytes
+            assert virsh.virsh("domstate", GUEST.name).stdout.strip() == "running"
+
+
+@ON_LIBVIRT[0]
+@ON_LIBVIRT[1]
+def test_a_range_discarded_after_the_start_stays_a_hole(env: Env) -> None:  # noqa: F811
+    with crawling_cgroup() as cgroup, frozen_filler(env) as frozen:
+        env.write_config(extra=f'cgroup = "{CGROUP}"\n')
+        with defined(env, GUEST):
+            virsh.virsh("start", GUEST.name)  # returns after `started begin`
+            [seen] = frozen.fillers()
+            pid, ticks = int(seen["pid"]), seen["start_ticks"]  # type: ignore[call-overload]
+            path = f"{domain_dir(env, GUEST)}/.kvmaccel/kvmaccel-ram-node0"
+            assert allocated(path) == GUEST.size_bytes  # QEMU has preallocated it
+            # The guest gives 64 MiB back (paused meanwhile: it touches nothing).
+            virsh.virsh("suspend", GUEST.name)
+            qemu_discards(path, 512 * MIB, 64 * MIB)
+            assert allocated(path) == GUEST.size_bytes - 64 * MIB
+            # Whatever was left of the filler: full speed now, until it is certainly gone.
+            quota(cgroup, -1)
+            if same_process(pid, ticks):
                 os.kill(pid, signal.SIGCONT)
-            for _ in range(300):  # the filler now walks every page at full speed
-                if not alive(pid):
-                    break
-                time.sleep(0.1)
-            assert not alive(pid)
-            assert "filler populated 1G alongside QEMU" in env.log(), env.log()[-3000:]
-            changed = [offset for m, offset in pages(path, page)
-                       if m[offset:offset + len(PATTERN)] != PATTERN
-                       or m[offset + page - len(PATTERN):offset + page] != PATTERN]
-            assert changed == [], f"{len(changed)} pages changed, the first at {changed[0]}"
+            wait_until_gone(pid, ticks)
+            assert allocated(path) == GUEST.size_bytes - 64 * MIB, (
+                "the filler faulted the discarded range in again")
+            assert f"stopped the filler (pid {pid}) for good" in env.log(), env.log()[-3000:]
             virsh.virsh("resume", GUEST.name)
 
 
 @ON_LIBVIRT[0]
 @ON_LIBVIRT[1]
-def test_destroy_stops_a_filler_that_still_runs(env: Env) -> None:  # noqa: F811
+def test_a_start_refused_after_start_begin_stops_the_filler(env: Env) -> None:  # noqa: F811
     free_before = free_pages(GUEST.page_kib)
-    with crawling_cgroup(), frozen_filler(env):
+    with crawling_cgroup(), frozen_filler(env) as frozen:
         env.write_config(extra=f'cgroup = "{CGROUP}"\n')
+        with open(frozen.refuse, "w"):
+            pass
         with defined(env, GUEST):
-            virsh.virsh("start", GUEST.name)
-            pid = filler_pid(env)  # stopped: SIGTERM waits, SIGKILL does not
-            virsh.virsh("destroy", GUEST.name)
-            assert not alive(pid)
-            assert f"stopped the filler (pid {pid})" in env.log()
+            assert virsh.virsh("start", GUEST.name, check=False).returncode != 0
+            [seen] = frozen.fillers()
+            pid, ticks = int(seen["pid"]), seen["start_ticks"]  # type: ignore[call-overload]
+            # libvirt ran `stopped` and `release`: the filler (stopped: SIGTERM waits,
+            # SIGKILL does not) is gone, and its pages went back with the file.
+            assert not same_process(pid, ticks)
+            assert f"stopped the filler (pid {pid})" in env.log(), env.log()[-3000:]
             for _ in range(50):
                 if free_pages(GUEST.page_kib) == free_before:
                     break

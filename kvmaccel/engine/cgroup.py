@@ -28,8 +28,9 @@ from ..plan.config import check_cgroup_name
 
 log = logging.getLogger(__name__)
 
-def enter(name: str, root: str = "/") -> str | None:
-    """Move this process into cgroup ``name`` of the cpu controller, made if missing with the
+def enter(name: str, root: str = "/", pid: int | None = None) -> str | None:
+    """Move this process (or process ``pid``: the hook places the filler it forks before
+    the filler runs) into cgroup ``name`` of the cpu controller, made if missing with the
     lowest CPU share; return its directory (None: no cpu controller, or refused).
 
     Whoever controls a cgroup controls what runs in it (throttle it with ``cpu.max``, freeze
@@ -46,7 +47,7 @@ def enter(name: str, root: str = "/") -> str | None:
             base = v1[0]
             with _level(base, parts) as fd:
                 _write(fd, base, name, "cpu.shares", "2")
-                _write(fd, base, name, "cgroup.procs", str(os.getpid()))
+                _write(fd, base, name, "cgroup.procs", str(pid or os.getpid()))
         elif v2 and "cpu" in _read(v2[0], "cgroup.controllers").split():
             base = v2[0]
             for depth in range(len(parts)):
@@ -58,7 +59,7 @@ def enter(name: str, root: str = "/") -> str | None:
                     _write(fd, base, name, "cpu.idle", "1")
                 else:
                     _write(fd, base, name, "cpu.weight", "1")
-                _write(fd, base, name, "cgroup.procs", str(os.getpid()))
+                _write(fd, base, name, "cgroup.procs", str(pid or os.getpid()))
         else:
             log.warning("no cpu cgroup controller here: kvmaccel runs where it was started")
             return None

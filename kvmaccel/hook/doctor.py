@@ -201,10 +201,26 @@ def check_hook(inp: DoctorInput) -> list[Finding]:
         findings.append(Finding("hook", WARN if stale else OK,
                                 f"installed: {st.path}, kvmaccel {version}, python {st.python}"
                                 + ("; reinstall: kvmaccel hook install" if stale else "")))
+        if not _passes_started(st.path):
+            findings.append(Finding("hook", WARN, f"{st.path} predates `started begin`: a "
+                                    "filler is then stopped only by itself, not when the guest "
+                                    "starts; reinstall: kvmaccel hook install"))
     for line in hook_install.notice_advice(st.mtime_unix):
         if "runs a new hook only after" in line:
             findings.append(Finding("hook", WARN, line))
     return findings
+
+
+def _passes_started(path: str) -> bool:
+    """The installed script runs kvmaccel at ``started begin`` (scripts written before it
+    stopped the filler there exit 0 at once)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return True  # unreadable: status() said so already
+    _, found, rest = text.partition('case "$2 $3" in\n')
+    return not found or '"started begin"' in rest.split("\n", 1)[0]
 
 
 def check_front(inp: DoctorInput) -> list[Finding]:

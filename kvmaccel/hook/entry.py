@@ -2,9 +2,10 @@
 
 libvirt runs the installed script (:mod:`kvmaccel.hook.install`) at every step of a guest's
 life; it calls :func:`main` here.  A warm ``prepare``/``start`` is done by
-:mod:`kvmaccel.hook.warm` with only what ``json`` loads anyway; everything else, and anything
-unexpected, goes to :func:`kvmaccel.hook.full.main`, imported only then.  This module is
-what the warm path's import budget is measured from: it imports nothing heavier than
+:mod:`kvmaccel.hook.warm`, and ``started`` (stop the guest's filler for good) by
+:mod:`kvmaccel.hook.filler`, with only what ``json`` loads anyway; everything else, and
+anything unexpected, goes to :func:`kvmaccel.hook.full.main`, imported only then.  This
+module is what the warm path's import budget is measured from: it imports nothing heavier than
 :mod:`kvmaccel.hook.warm` and :mod:`kvmaccel.hook.state` do.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from .. import paths
+from .filler import stop_at_started
 from .state import log_info, read_config_snapshot
 from .warm import prepare_from_cache, start_from_pool
 
@@ -35,7 +37,7 @@ def main(argv: Sequence[str], stdin: BinaryIO | None = None,
 
 
 def _main(argv: Sequence[str], stdin: BinaryIO | None, config_path: str | None) -> int:
-    if len(argv) == 4 and argv[2] == "begin" and argv[1] in ("prepare", "start"):
+    if len(argv) == 4 and argv[2] == "begin" and argv[1] in ("prepare", "start", "started"):
         data = (stdin or sys.stdin.buffer).read()
         try:
             if _warm(argv[0], argv[1], data, config_path):
@@ -53,7 +55,7 @@ def _warm(name: str, op: str, xml: bytes, config_path: str | None) -> bool:
     values = read_config_snapshot(paths.config_path(config_path))
     if values is None:
         return False
-    if not values["enabled"]:
+    if not values["enabled"] and op != "started":  # a filler left running is stopped anyway
         return True
     if op == "start" and not values["pool_enabled"]:
         return False
@@ -65,4 +67,7 @@ def _warm(name: str, op: str, xml: bytes, config_path: str | None) -> bool:
 
     if op == "prepare":
         return prepare_from_cache(xml, values, say)
+    if op == "started":
+        stop_at_started(name, xml, say)
+        return True
     return start_from_pool(xml, say)

@@ -13,6 +13,9 @@ stderr; exit 0 is not logged by libvirt at all, so kvmaccel logs to syslog or it
   the plan populates, create the file QEMU will be handed (``O_EXCL``, mode 0600, owner and
   group of that directory, size ``file_size_bytes``) and populate it with the engine.  QEMU
   then finds the file, uses it as is, and maps pages that are already there.
+* ``started begin``: QEMU has preallocated every backend; a filler the start left populating
+  beside QEMU is stopped for good (:mod:`kvmaccel.hook.filler`).  The installed script runs
+  Python for it only when a start left a filler.
 * ``stopped end`` / ``release end``: remove whatever kvmaccel created that is still there.
   By then libvirt has deleted the per-domain directory and the XML carries no ``id``, so the
   paths are kept from ``start`` in ``<run_dir>/domains/<uuid>.json``.
@@ -47,8 +50,8 @@ from .warm import start_from_pool
 
 log = logging.getLogger(__name__)
 
-HANDLED_OPS = frozenset({("prepare", "begin"), ("start", "begin"), ("stopped", "end"),
-                         ("release", "end")})
+HANDLED_OPS = frozenset({("prepare", "begin"), ("start", "begin"), ("started", "begin"),
+                         ("stopped", "end"), ("release", "end")})
 """(op, subop) pairs kvmaccel acts on; keep in step with the check at the top of hooks/qemu."""
 
 FALLBACK_CONFIG = HookConfig()
@@ -136,11 +139,21 @@ def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = No
     start_populating(xml, config, cancel)
 
 
-def _operation(op: str) -> Callable[[bytes, HookConfig], None]:
+def op_started(name: str, xml: bytes) -> None:
+    """Stop the guest's filler for good (:func:`kvmaccel.hook.filler.stop_at_started`; the
+    entry point tried this before without logging or the config file)."""
+    from .filler import stop_at_started
+
+    stop_at_started(name, xml, log.info)
+
+
+def _operation(op: str, name: str) -> Callable[[bytes, HookConfig], None]:
     if op == "prepare":
         return op_prepare
     if op == "start":
         return op_start
+    if op == "started":
+        return lambda xml, _config: op_started(name, xml)
     from . import ops as hook_ops  # planning and populating: only when needed
 
     return {"stopped": hook_ops.op_stop, "release": hook_ops.op_stop}[op]
@@ -202,13 +215,13 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) ->
         state.save_config_snapshot(config, path)
     except (OSError, KvmaccelError) as e:
         log.warning("cannot save the config for the warm start path: %s", e)
-    if not config.enabled:
+    if not config.enabled and op != "started":  # a filler left running is stopped anyway
         log.debug("disabled in %s", config.path)
         return 0
     data = (stdin or sys.stdin.buffer).read()
     starting = op in ("prepare", "start")
     try:
-        _operation(op)(data, config)
+        _operation(op, name)(data, config)
     except (KeyboardInterrupt, Exception) as e:
         if isinstance(e, KvmaccelError):
             reason = " ".join(str(e).split())  # one line: libvirt shows it to the user

@@ -48,10 +48,19 @@ _TEMPLATE = '''#!/bin/sh
 # The operations kvmaccel acts on (kvmaccel.hook.full.HANDLED_OPS); every other one exits 0 at
 # once, without starting Python: each call before QEMU is part of the guest's start.
 case "$2 $3" in
-    "prepare begin"|"start begin"|"stopped end"|"release end") ;;
+    "prepare begin"|"start begin"|"started begin"|"stopped end"|"release end") ;;
     *) [ $# -eq 4 ] && exit 0 ;;
 esac
-{run_dir}{comment}exec {python} -c {code} "$@"
+{run_dir}# "started begin" (QEMU has preallocated: stop the filler for good) only when a start left
+# a filler: its record is in this directory (kvmaccel.hook.filler).
+export KVMACCEL_FILLER_DIR="${{KVMACCEL_RUN_DIR:-{default_run_dir}}}/fillers"
+if [ "$2 $3" = "started begin" ]; then
+    for record in "$KVMACCEL_FILLER_DIR"/*.json; do
+        [ -e "$record" ] || exit 0
+        break
+    done
+fi
+{comment}exec {python} -c {code} "$@"
 '''
 _CODE = '''
 import sys
@@ -94,7 +103,7 @@ def render_script(python: str, config_path: str | None,
     config = json.dumps(config_path) if config_path is not None else "None"
     code = _CODE.format(path_line=path_line, config=config)
     return _TEMPLATE.format(marker=MARKER + json.dumps(info), comment=comment,
-                            run_dir=run_dir_line,
+                            run_dir=run_dir_line, default_run_dir=DEFAULT_RUN_DIR,
                             python=command, code=shlex.quote(code))
 
 

@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING
 
 from ..engine import records
 from ..errors import BackingError, CancelledError, CapacityError, KvmaccelError
-from ..host.facts import read_host
+from ..host.facts import read_cpu_quota, read_host
 from ..model.units import format_size
 from ..plan.config import HookConfig
 from ..plan.limits import Limits
 from ..pool.files import PoolKey
 from . import memdir, overlap
 from . import pool as hook_pool
+from .filler import STOP_WAIT_S, forget_record
+from .filler import stop_filler as stop_the_filler
 from .state import cache_path, read_state, recipe_path, state_path, write_json, write_state
 from .warm import FILE_MODE, cached_plan, plan_inputs, write_recipe_if_clean
 
@@ -291,7 +293,8 @@ def start_populating(xml: bytes, config: HookConfig, cancel: threading.Event | N
     if config.cgroup:  # populate in kvmaccel's own cgroup: seen and limited in one place
         from ..engine.cgroup import enter
 
-        enter(config.cgroup)
+        if enter(config.cgroup):  # helpers sized by the cgroup's CPU quota, not the hook's
+            host = dataclasses.replace(host, cpu_quota=read_cpu_quota())
     if config.pool_enabled and hook_pool.make_room(specs, host, config):
         host = read_host()
     limits = job.limits
@@ -383,7 +386,8 @@ def start_overlapped(job: StartJob, fresh: list[hook_pool.Fresh],
         state["pool_links"] = [dataclasses.asdict(link) for link in [*linked, *adopted]]
         threads = [overlap.qemu_threads(b.size_bytes, b.prealloc_threads,
                                         len(host.online_cpus)) for b in backends]
-        filler = overlap.start_filler(backings, threads, host, job.limits, config, job.name)
+        filler = overlap.start_filler(backings, threads, host, job.limits, config, job.name,
+                                      key)
         state["filler"] = filler
     except BaseException:
         _discard(backings, key, state)
@@ -433,6 +437,17 @@ def check_placement(backings: list[Backing]) -> None:
             check(b.fd, b.spec.size_bytes, b.page_size_bytes, b.spec.nodes, str(b.path))
 
 
+def _stop_filler(filler: object) -> None:
+    """Stop the guest's filler if it still runs (SIGTERM, then SIGKILL) and say so."""
+    outcome = stop_the_filler(filler)
+    pid = filler.get("pid") if isinstance(filler, dict) else None
+    if outcome == "stopped":
+        log.info("stopped the filler (pid %s)", pid)
+    elif outcome == "stuck":
+        log.warning("the filler (pid %s) did not stop within %g s of SIGKILL; its files are "
+                    "released when it exits", pid, STOP_WAIT_S)
+
+
 def op_stop(xml: bytes, config: HookConfig) -> None:
     """Remove the files kvmaccel created for this guest that are still there; forget them."""
     from ..engine.backing import created_by_us, forget, release
@@ -441,10 +456,11 @@ def op_stop(xml: bytes, config: HookConfig) -> None:
     domain = parse_domain(xml)
     key = _domain_key(domain)
     state = read_state(key)
+    forget_record(key)
     if state is None:
         log.debug("no kvmaccel state for %s", key)
         return
-    overlap.stop_filler(state.get("filler"))  # it maps the files: stopped before they go
+    _stop_filler(state.get("filler"))  # it maps the files: stopped before they go
     freed = 0
     files = state.get("files")
     for path in files if isinstance(files, list) else []:

@@ -24,9 +24,15 @@ Why this is safe, and what the tests check (``tests/test_hook_overlap.py``):
   starts, as before (:func:`why_not`).
 * *Placement*: the filler binds every range to the backend's nodes before it faults, as the
   engine always does, and QEMU binds its mapping to the same host-nodes.
-* *Lifetime*: the filler's pid and start time are in the guest's state; ``stopped`` and
-  ``release`` stop it (:func:`stop_filler`) before the files are released or scrubbed, and
-  it exits by itself when done, or after ``populate_timeout_s``.
+* *It stops for good once QEMU's preallocation is done* (:mod:`kvmaccel.hook.filler` says
+  why a range faulted in after that can break a guest): it leaves alone every file it has
+  once seen allocated whole (:class:`Complete`), and ``started begin`` kills it.
+* *Its own cgroup from the start*: the hook moves it into the config's ``cgroup`` before it
+  runs an instruction (:func:`fork_detached`), and it sizes its helpers from there.
+* *Lifetime*: the filler's pid and start time are in the guest's state; ``started``,
+  ``stopped`` and ``release`` stop it (:func:`kvmaccel.hook.filler.stop_filler`) before
+  the files are released or scrubbed, and it exits by itself when done, or after
+  ``populate_timeout_s``.
 
 Order: QEMU splits a backend into ``T`` contiguous parts, one per preallocation thread, each
 walked upwards from its start.  The filler walks each part from its end downwards, the parts
@@ -35,7 +41,6 @@ taken in turn, so both meet inside every part and rarely fault the same page.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import mmap
 import os
@@ -49,6 +54,7 @@ from ..engine import records
 from ..errors import KvmaccelError
 from ..host import sysmem
 from ..model.units import format_size
+from .filler import start_ticks, stop_filler, write_record
 
 if TYPE_CHECKING:
     from ..engine.backing import Backing
@@ -62,7 +68,6 @@ log = logging.getLogger(__name__)
 PIECE_BYTES = 64 << 20
 """The filler's unit of work: QEMU's own preallocation gives a thread at least 64 MiB."""
 QEMU_MAX_THREADS = 16
-STOP_WAIT_S = 5.0
 
 
 def has_populate_write() -> bool:
@@ -144,26 +149,107 @@ def no_touch(addr: int, length: int, page_size: int) -> None:
 
 
 def start_filler(backings: Sequence[Backing], threads: Sequence[int], host: HostFacts,
-                 limits: Limits, config: HookConfig, domain: str) -> dict[str, int]:
-    """Fork the filler for ``backings`` (named, sized, owned: QEMU may open them from now on)
-    and return what :func:`stop_filler` needs to find it again: its pid and start time."""
+                 limits: Limits, config: HookConfig, domain: str, key: str) -> dict[str, int]:
+    """Fork the filler for ``backings`` (named, sized, owned: QEMU may open them from now on),
+    record it for ``started begin`` (:func:`kvmaccel.hook.filler.stop_at_started`) and
+    return what :func:`~kvmaccel.hook.filler.stop_filler` needs to find it again: its pid
+    and start time.  The filler runs in the config's cgroup from its first instruction on
+    (:func:`fork_detached`)."""
     items = [item for backing, t in zip(backings, threads, strict=True)
              for item in against_qemu(backing, t)]
     # Only the CPU QEMU's start leaves idle: every thread at the helpers' nice.
     pid = fork_detached("kvmaccel-fill", limits.nice,
-                        lambda: _fill(backings, items, host, limits, config, domain))
-    return {"pid": pid, "start_ticks": _start_ticks(pid) or 0}
+                        lambda: _fill(backings, items, host, limits, config, domain),
+                        cgroup=config.cgroup)
+    filler = {"pid": pid, "start_ticks": start_ticks(pid) or 0}
+    try:
+        write_record(key, filler)
+    except BaseException:
+        stop_filler(filler, at_once=True)  # the start fails open: its files go
+        raise
+    return filler
+
+
+class Complete:
+    """Which of the filler's files have been allocated whole, by QEMU's preallocation or the
+    filler: the filler leaves each of those alone for good (the module docstring of
+    :mod:`kvmaccel.hook.filler` says why).  :meth:`populate` stands in for the engine's
+    ``MADV_POPULATE_WRITE`` step (``EngineOps.populate``): before each step it looks at
+    every file not yet seen whole, then skips the step if its own file was.
+
+    A file is whole when its allocated blocks (``st_blocks``, which hugetlbfs and tmpfs
+    count per page allocated and uncount per page punched out) cover its size.  The step's
+    file is found by address in ``/proc/self/maps``, read once at the first step (the engine
+    maps every range before any thread populates)."""
+
+    def __init__(self, backings: Sequence[Backing]) -> None:
+        self.backings = list(backings)
+        self.whole = [False] * len(self.backings)
+        self.skipped_bytes = 0
+        self._lock = threading.Lock()
+        self._ranges: list[tuple[int, int, int]] | None = None
+
+    def populate(self, addr: int, length: int) -> None:
+        index = self._which(addr)
+        self._look()
+        if self.whole[index] if index is not None else any(self.whole):
+            with self._lock:
+                self.skipped_bytes += length
+            return
+        sysmem.madvise(addr, length, sysmem.MADV_POPULATE_WRITE)
+
+    def _look(self) -> None:
+        for i, b in enumerate(self.backings):
+            if self.whole[i] or os.fstat(b.fd).st_blocks * 512 < b.spec.size_bytes:
+                continue
+            with self._lock:
+                if not self.whole[i]:
+                    self.whole[i] = True
+                    log.info("%s is allocated whole (QEMU's preallocation is done, or the "
+                             "filler's): the filler leaves it alone for good", b.path)
+
+    def _which(self, addr: int) -> int | None:
+        with self._lock:
+            if self._ranges is None:
+                self._ranges = _mapped(self.backings)
+            ranges = self._ranges
+        return next((i for lo, hi, i in ranges if lo <= addr < hi), None)
+
+
+def _mapped(backings: Sequence[Backing]) -> list[tuple[int, int, int]]:
+    """(start, end, index into ``backings``) of this process's mappings of their files."""
+    ids = {}
+    for i, b in enumerate(backings):
+        st = os.fstat(b.fd)
+        ids[(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)] = i
+    found = []
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 5:
+                continue
+            major, _, minor = fields[3].partition(":")
+            try:
+                dev_ino = (int(major, 16), int(minor, 16), int(fields[4]))
+                lo, _, hi = fields[0].partition("-")
+                if dev_ino in ids:
+                    found.append((int(lo, 16), int(hi, 16), ids[dev_ino]))
+            except ValueError:
+                continue
+    return found
 
 
 def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, limits: Limits,
           config: HookConfig, domain: str) -> int:
+    import dataclasses
+
     from ..engine.placement import check_placement
     from ..engine.populate import EngineOps, populate
+    from ..host.facts import read_cpu_quota
 
-    if config.cgroup:
-        from ..engine.cgroup import enter
-
-        enter(config.cgroup)
+    # Sized from in here: the cgroup's CPU quota, not the hook's (fork_detached joined it).
+    host = dataclasses.replace(host, cpu_quota=read_cpu_quota())
+    complete = Complete(backings)
     cancel = threading.Event()
     if config.populate_timeout_s > 0:
         timer = threading.Timer(config.populate_timeout_s, cancel.set)
@@ -171,7 +257,8 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
         timer.start()
     t0 = time.monotonic()
     try:
-        result = populate(items, host, limits, cancel=cancel, ops=EngineOps(touch=no_touch))
+        result = populate(items, host, limits, cancel=cancel,
+                          ops=EngineOps(populate=complete.populate, touch=no_touch))
     except (KvmaccelError, OSError, KeyboardInterrupt) as e:
         # QEMU preallocates what the filler did not reach: never a failed start.
         if cancel.is_set():
@@ -184,8 +271,11 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
             log.warning("filler stopped after %.2f s (%s); QEMU preallocates the rest",
                         time.monotonic() - t0, " ".join(str(e).split()))
         return 0
-    log.info("filler populated %s alongside QEMU in %.2f s, %d thread(s)",
-             format_size(result.bytes_total), result.seconds, result.threads)
+    filled = result.bytes_total - complete.skipped_bytes
+    log.info("filler populated %s alongside QEMU in %.2f s, %d thread(s)%s",
+             format_size(filled), result.seconds, result.threads,
+             f"; left {format_size(complete.skipped_bytes)} to QEMU, which had preallocated "
+             "it" if complete.skipped_bytes else "")
     for b in backings:  # QEMU has the file by now: a wrong node can only be reported
         if b.spec.nodes and b.spec.policy == "bind":
             try:
@@ -193,26 +283,49 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
                                 str(b.path))
             except KvmaccelError as e:
                 log.error("%s", e)
-    records.append("fill", domain=domain, source="overlap", bytes=result.bytes_total,
+    records.append("fill", domain=domain, source="overlap", bytes=filled,
                    seconds=round(result.seconds, 4), threads=result.threads)
     return 0
 
 
-def fork_detached(name: str, nice: int, work: Callable[[], int]) -> int:
+def fork_detached(name: str, nice: int, work: Callable[[], int],
+                  cgroup: str | None = None) -> int:
     """Fork a child of the hook that runs ``work`` and exits with what it returns; return
     its pid.  The child first detaches: a session of its own (out of libvirt's process
     group), stdio on /dev/null (libvirt waits for the hook's pipes to close, not for the
     hook), SIGTERM as KeyboardInterrupt (the engine then stops), the name ``name``, and
     ``nice`` for the process and for its new scheduler autogroup.  Forked, not a new
     interpreter: it works within milliseconds.  An exception ``work`` lets through is
-    logged, never raised into the hook."""
+    logged, never raised into the hook.
+
+    With ``cgroup``, the hook moves the child into that cgroup
+    (:func:`kvmaccel.engine.cgroup.enter`) before it lets the child do anything at all, and
+    before this returns: the child waits on a pipe until then (and exits if the hook dies
+    first).  A child that joined
+    its cgroup itself would run at ``nice`` outside it until it got the CPU to do so, on a
+    busy host for as long as the hook and the next hooks take."""
     for handler in logging.getLogger("kvmaccel").handlers:
         handler.flush()
+    gate = os.pipe() if cgroup else None
     pid = os.fork()
     if pid:
+        if gate is not None:
+            os.close(gate[0])
+            try:
+                from ..engine.cgroup import enter
+
+                enter(cgroup or "", pid=pid)
+                os.write(gate[1], b"\x01")
+            finally:
+                os.close(gate[1])
         return pid
     code = 1
     try:
+        if gate is not None:
+            os.close(gate[1])
+            if os.read(gate[0], 1) != b"\x01":  # the hook died before it placed us
+                os._exit(1)
+            os.close(gate[0])
         os.setsid()
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
@@ -226,30 +339,3 @@ def fork_detached(name: str, nice: int, work: Callable[[], int]) -> int:
         log.exception("%s failed", name)
     finally:
         os._exit(code)
-
-
-_start_ticks = sysmem.start_ticks  # a pid and its start time identify one process
-
-
-def stop_filler(filler: object) -> bool:
-    """Stop the filler recorded as ``filler`` (from :func:`start_filler`) if it still runs, and
-    wait until it is gone (it maps the guest's files: a scrub must not start before).  True
-    when it was running."""
-    if not isinstance(filler, dict):
-        return False
-    pid, ticks = filler.get("pid"), filler.get("start_ticks")
-    if not isinstance(pid, int) or pid <= 0 or _start_ticks(pid) != ticks:
-        return False
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + STOP_WAIT_S
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)  # our own child when the same process stops it
-            if _start_ticks(pid) != ticks:
-                log.info("stopped the filler (pid %d)", pid)
-                return True
-            time.sleep(0.01)
-    log.warning("the filler (pid %d) did not stop; its files are released when it exits", pid)
-    return True

@@ -1,0 +1,141 @@
+"""The filler's identity, how it is stopped, and ``started begin``: the moment it stops for good.
+
+The filler (:mod:`kvmaccel.hook.overlap`) populates a guest's fresh file beside QEMU's own
+preallocation.  Its work is only worth anything until QEMU's preallocation of that file is
+done; after that, every range it faults in is one the guest may have given back meanwhile:
+QEMU punches a hole in fd-backed RAM (``fallocate(PUNCH_HOLE)``) when a balloon inflates,
+when the guest reports free pages, and at postcopy migration's listen, where the destination
+discards what it is about to receive.  A filler refilling such a range wastes the memory, and
+under postcopy it breaks the guest: a page that is present gets no userfault, so the guest
+reads the zeros the filler faulted in instead of its migrated memory.  So it stops for good,
+twice over:
+
+* *by itself*: it leaves alone, for good, every file it has once seen allocated whole (QEMU
+  preallocates every page; the filler checks before each step, :mod:`.overlap`);
+* *at* ``started begin`` (:func:`stop_at_started`): libvirt runs that hook after QEMU's
+  start, when every backend is preallocated (QEMU preallocates while it creates the
+  objects, before its monitor answers): after ``cont`` for a plain start, before the
+  migration source sends anything for an incoming migration, after the whole saved state
+  is loaded for a restore.  The hook kills the filler there (SIGKILL at once: a step in
+  flight is the only thing SIGTERM would let it finish) and waits until it is gone, so no
+  filler outlives the start.  Nothing starts a filler again: only ``start begin`` of a fresh
+  start forks one, once per QEMU.
+
+Every ``started begin`` costs a hook call, on every guest's start: the installed script
+(:mod:`.install`) starts Python for it only while a *filler record* exists, the file
+``<filler dir>/<uuid>.json`` that ``start begin`` writes when it leaves a filler, and this
+path imports no more than the warm path does (no logging, no engine).  The filler dir is the
+one the installed script looks in and names in ``$KVMACCEL_FILLER_DIR`` (``fillers/`` in the
+run dir the script was installed with, ``/run/kvmaccel`` by default), so that a config whose
+``run_dir`` changed since ``kvmaccel hook install`` still finds it; without the variable (the
+hook run by hand), ``fillers/`` in the run dir.  ``stopped``/``release`` stop a filler that
+still runs too (:func:`stop_filler`, SIGTERM first there) and remove the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from .. import paths
+from ..errors import UsageError
+from ..safefs import write_json_atomic
+from .state import read_state
+from .warm import domain_ids
+
+STOP_WAIT_S = 5.0
+"""How long :func:`stop_filler` waits after each signal."""
+FILLER_DIR_ENV = "KVMACCEL_FILLER_DIR"
+
+
+def record_path(key: str) -> str:
+    """``<filler dir>/<key>.json``: this guest's start left a filler."""
+    if not key or "/" in key or key.startswith("."):
+        raise UsageError(f"domain key {key!r} cannot name a filler record")
+    directory = os.environ.get(FILLER_DIR_ENV) or os.path.join(paths.run_dir(), "fillers")
+    return os.path.join(directory, f"{key}.json")
+
+
+def write_record(key: str, filler: dict[str, int]) -> None:
+    write_json_atomic(record_path(key), filler)
+
+
+def forget_record(key: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(record_path(key))
+
+
+def start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks): a pid and this identify one
+    process, whatever reuses the pid later.  None when there is no such process."""
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name: [state, ppid, ...]."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return []
+    return text[text.rfind(")") + 2:].split()
+
+
+def _gone(pid: int, ticks: int) -> bool:
+    """True once process (``pid``, ``ticks``) has exited: reaped, or a zombie (a zombie
+    has released its memory and its mappings already)."""
+    fields = _stat_fields(pid)
+    if len(fields) < 20 or fields[19] != str(ticks):
+        return True
+    return fields[0] in ("Z", "X")
+
+
+def stop_filler(filler: object, at_once: bool = False) -> str:
+    """Stop the filler recorded as ``filler`` (``{"pid", "start_ticks"}``) if it still runs,
+    and wait until it is gone (it maps the guest's files: a scrub must not start before).
+    SIGTERM first (the filler logs why it stopped), then SIGKILL; ``at_once``: SIGKILL only.
+
+    Returns ``"not running"``, ``"stopped"``, or ``"stuck"`` (still there after
+    :data:`STOP_WAIT_S` s of SIGKILL: its files are released when it exits)."""
+    if not isinstance(filler, dict):
+        return "not running"
+    pid, ticks = filler.get("pid"), filler.get("start_ticks")
+    if (not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0
+            or not isinstance(ticks, int) or start_ticks(pid) != ticks or _gone(pid, ticks)):
+        return "not running"
+    for sig in (signal.SIGKILL,) if at_once else (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + STOP_WAIT_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # our own child when the same process stops it
+            if _gone(pid, ticks):
+                return "stopped"
+            time.sleep(0.005)
+    return "stuck"
+
+
+def stop_at_started(name: str, xml: bytes, say: Callable[[str], None]) -> None:
+    """``started begin``: QEMU has preallocated every backend; stop the guest's filler for
+    good, if its start left one.  Never raises for a filler that is gone already."""
+    uuid, _ = domain_ids(xml)
+    key = uuid or f"name-{name}"
+    if not os.path.lexists(record_path(key)):
+        return
+    state = read_state(key) or {}
+    filler = state.get("filler")
+    outcome = stop_filler(filler, at_once=True)
+    pid = filler.get("pid") if isinstance(filler, dict) else None
+    if outcome == "stopped":
+        say(f"stopped the filler (pid {pid}) for good: QEMU has preallocated every backend")
+    elif outcome == "stuck":
+        say(f"the filler (pid {pid}) did not exit within {STOP_WAIT_S:g} s of SIGKILL")
+    forget_record(key)
