@@ -149,24 +149,34 @@ def test_helpers_niced_and_pinned_while_running() -> None:
     assert os.getpriority(os.PRIO_PROCESS, caller) == caller_nice  # caller keeps its priority
 
 
+HANG_S = 30.0
+"""A hang guard for the tests' own waits (never a speed bound: this machine is shared)."""
+
+
 def test_dynamic_balancing_with_uneven_chunks() -> None:
-    """One chunk costs 0.6 s, the others nothing: whoever gets it does one chunk while the
-    other thread does all the rest (a static split would give each half)."""
+    """One chunk takes as long as all the others together (its step waits until the other
+    thread has done the rest): whoever gets it does that one chunk while the other thread
+    does all seven others (a static split would give each half, and hang here)."""
     size = 256 * MIB
     fd = memfd(size)
     per_thread: dict[int, int] = {}
     lock = threading.Lock()
-    first_step = {"done": False}
+    slow_tid: list[int] = []
+    rest_done = threading.Event()
 
     def uneven(addr: int, length: int) -> None:
+        tid = threading.get_native_id()
         with lock:
-            slow = not first_step["done"]
-            first_step["done"] = True
-            per_thread[threading.get_native_id()] = per_thread.get(
-                threading.get_native_id(), 0) + length
+            slow = not slow_tid
+            if slow:
+                slow_tid.append(tid)
         if slow:
-            time.sleep(0.6)
+            assert rest_done.wait(HANG_S), "the other thread never did the rest"
         sysmem.madvise(addr, length, sysmem.MADV_POPULATE_WRITE)
+        with lock:
+            per_thread[tid] = per_thread.get(tid, 0) + length
+            if sum(n for t, n in per_thread.items() if t != slow_tid[0]) == size - length:
+                rest_done.set()
 
     limits = Limits(threads=2, max_helpers_host=1, max_helpers_per_node=1,
                     min_chunk_bytes=16 * MIB, idle_cpus_only=False)
@@ -177,8 +187,9 @@ def test_dynamic_balancing_with_uneven_chunks() -> None:
         os.close(fd)
     assert result.chunks == 8
     assert sum(per_thread.values()) == size
-    assert len(per_thread) == 2
-    assert max(per_thread.values()) >= 6 * size // 8  # the fast thread did most chunks
+    (slow,) = slow_tid
+    assert per_thread[slow] == size // 8  # the slow chunk, and nothing else
+    assert [n for t, n in per_thread.items() if t != slow] == [7 * size // 8]
 
 
 def fake_two_node_host() -> HostFacts:
@@ -191,26 +202,33 @@ def fake_two_node_host() -> HostFacts:
 
 
 def test_helpers_steal_from_other_nodes_and_bind_per_node() -> None:
-    """Node 1's helper is slow: node 0's helper runs dry and takes node 1's chunks.  Each
-    node's range is bound to its node before any helper starts."""
+    """Node 1's helper is stuck in its first step, and so is the caller, until node 0's
+    helper has run dry and taken one of node 1's chunks (a hang guard fails the test if it
+    never does).  Each node's range is bound to its node before any helper starts."""
     size = 128 * MIB
     fd = memfd(2 * size)
     host = fake_two_node_host()
     binds: list[tuple[int, int, str, frozenset[int]]] = []
     by_thread: dict[str, list[int]] = {}
     lock = threading.Lock()
+    stolen_one = threading.Event()
 
     def work(addr: int, length: int) -> None:
         name = threading.current_thread().name
         with lock:
             by_thread.setdefault(name, []).append(addr)
-        if name.startswith("kvmaccel-1"):
-            time.sleep(0.5)
+        if name == "kvmaccel-0-0" and in_node1(addr):
+            stolen_one.set()
+        elif name != "kvmaccel-0-0":  # node 1's helper and the caller wait for the steal
+            assert stolen_one.wait(HANG_S), "node 0's helper never took node 1's work"
         sysmem.madvise(addr, length, sysmem.MADV_POPULATE_WRITE)
 
     def bind(addr: int, length: int, policy: str, nodes: frozenset[int]) -> None:
         assert threading.active_count() == base_threads  # before any helper exists
         binds.append((addr, length, policy, nodes))
+
+    def in_node1(addr: int) -> bool:  # node 1's mapping (mmap may place it below node 0's)
+        return binds[1][0] <= addr < binds[1][0] + binds[1][1]
 
     base_threads = threading.active_count()
     limits = Limits(threads=3, max_helpers_host=2, max_helpers_per_node=1,
@@ -224,40 +242,48 @@ def test_helpers_steal_from_other_nodes_and_bind_per_node() -> None:
     assert result.helpers_per_node == {0: 1, 1: 1}
     assert [(b[1], b[2], b[3]) for b in binds] == [(size, "bind", frozenset({0})),
                                                   (size, "bind", frozenset({1}))]
-    node1_start = binds[1][0]
-    stolen = [a for a in by_thread.get("kvmaccel-0-0", []) if a >= node1_start]
+    stolen = [a for a in by_thread.get("kvmaccel-0-0", []) if in_node1(a)]
     assert stolen, "node 0's helper never took node 1's work"
+    assert not [a for a in by_thread.get("kvmaccel-1-0", []) if not in_node1(a)]
     assert result.bytes_per_node == {0: size, 1: size}
 
 
 def test_caller_takes_over_a_starved_helpers_chunk() -> None:
     """A helper that barely runs (as at nice 19 on a busy host) does not hold the job up:
-    the caller takes the unclaimed rest of its chunk."""
-    size = 128 * MIB
+    the caller takes the unclaimed rest of its chunk.  Here the helper's step lasts until
+    the caller has taken that rest (a hang guard fails the test if it never does)."""
+    size = 256 * MIB
     fd = memfd(size)
-    steps: dict[str, int] = {}
+    steps: list[tuple[bool, int]] = []  # (by the caller, address) of every step
+    lock = threading.Lock()
+    helper_in_step, took_over = threading.Event(), threading.Event()
+    caller = threading.get_native_id()
 
     def work(addr: int, length: int) -> None:
-        name = threading.current_thread().name
-        steps[name] = steps.get(name, 0) + 1
-        if name != "MainThread":
-            time.sleep(0.4)  # starved helper: one step takes ages
+        mine = threading.get_native_id() == caller
+        with lock:
+            steps.append((mine, addr))
+            if mine and any(not m and a + length == addr for m, a in steps):
+                took_over.set()  # the step after the helper's own, in the helper's chunk
+        if mine:  # the caller holds its chunk until the helper is inside the other one
+            assert helper_in_step.wait(HANG_S), "the helper never started a step"
+        else:
+            helper_in_step.set()
+            took_over.wait(HANG_S)  # starved: its step lasts until the caller took the rest
         sysmem.madvise(addr, length, sysmem.MADV_POPULATE_WRITE)
 
-    # One chunk per thread; each chunk is two 64 MiB steps.
+    # Two chunks, one per thread; each chunk is two 64 MiB steps.
     limits = Limits(threads=2, max_helpers_host=1, max_helpers_per_node=1,
-                    min_chunk_bytes=size, idle_cpus_only=False)
+                    min_chunk_bytes=size // 2, idle_cpus_only=False)
     try:
-        t0 = time.monotonic()
         result = populate([WorkItem(fd, 0, size, 4096)], read_host(), limits,
                           ops=EngineOps(populate=work))
-        elapsed = time.monotonic() - t0
     finally:
         os.close(fd)
-    assert result.chunks == 1
-    assert steps.get("MainThread", 0) >= 1  # caller took a step of the helper's chunk
-    assert result.bytes_by_caller >= 64 * MIB
-    assert elapsed < 0.75  # not 2 x 0.4 s of helper steps
+    assert result.chunks == 2
+    assert [m for m, _ in steps].count(False) == 1  # the helper did one step, not its chunk
+    assert took_over.is_set(), steps
+    assert result.bytes_by_caller == 3 * 64 * MIB  # its own chunk and the helper's rest
 
 
 def test_touch_fallback_when_kernel_lacks_populate_write() -> None:

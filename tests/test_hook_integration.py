@@ -36,6 +36,7 @@ import pytest
 from kvmaccel.bench import virsh
 from kvmaccel.engine.backing import BackingSpec, populate_backings, release
 from kvmaccel.errors import VirshError
+from kvmaccel.hook import install as hook_install
 from kvmaccel.host.facts import read_host
 from kvmaccel.plan.limits import Limits
 from kvmaccel.pool.manage import Pool, key_for
@@ -153,6 +154,10 @@ def _libvirt(kind: str, mount: str, workdir: str, observer: str) -> Iterator[Lib
                   os.path.join(workdir, "kvmaccel.toml"), f"{sub}/hook.log", f"{sub}/run",
                   f"{sub}/observer.jsonl")
     env.write_config()
+    # Installed again now that the config names this backing's run_dir: the script exports
+    # it, and the warm path looks for the full hook's config snapshot there (installed with
+    # another run_dir, every warm prepare and start fell through to the full hook unseen).
+    hook_install.install(virsh.LIBVIRT_DIR, config_path=env.config_path)
     with open(observer, "w") as f:
         f.write(OBSERVER_SCRIPT.format(python=sys.executable, root=env.backing_root,
                                        out=env.observer_log))
@@ -226,8 +231,15 @@ def test_hook_populates_the_file_qemu_maps(libvirt: Libvirt, guest: str, overlap
     [at_start] = libvirt.observed("start")
     size, allocated, ino = at_start["files"][path]  # type: ignore[index]
     assert (size, ino) == (GUEST_BYTES, st.st_ino)
-    # With the filler, QEMU's own preallocation completes whatever the filler had not.
-    assert allocated == GUEST_BYTES or filled_alongside
+    if filled_alongside:
+        # The filler runs beside QEMU (how far it had got at `start begin` is the
+        # scheduler's): it must run to its end, and QEMU's preallocation completes the rest.
+        deadline = time.monotonic() + 120  # a hang guard
+        while "filler populated 1G alongside QEMU" not in libvirt.log():
+            assert time.monotonic() < deadline, libvirt.log()
+            time.sleep(0.05)
+    else:  # populated, every page, before QEMU was started
+        assert allocated == GUEST_BYTES
     assert st.st_blocks * 512 == GUEST_BYTES
     if libvirt.kind == "hugetlbfs":
         assert at_start["free_2m"] <= free_before - GUEST_BYTES // (2 << 20)  # type: ignore[operator]
@@ -498,25 +510,75 @@ def test_after_pool_keep_a_defined_guests_first_start_comes_from_the_pool(
     assert pool.drain() == GUEST_BYTES
 
 
+def task_nices(pid: int) -> list[int]:
+    """The nice of every thread of ``pid`` (field 19 of /proc/PID/task/TID/stat)."""
+    nices = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/stat") as f:
+            nices.append(int(f.read().rsplit(")", 1)[1].split()[16]))
+    return nices
+
+
+def all_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (SIGSTOP reaches each in its own time)."""
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/stat") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return all(state in ("T", "t") for state in states)
+
+
 def test_a_guest_started_again_at_once_waits_for_its_own_scrubbed_file(
         libvirt: Libvirt, guest: str) -> None:
     """Destroyed and started again at once: the guest's own file is still being scrubbed.
-    The start waits for that scrub (lending it its priority) instead of populating a second
-    file beside it, and gets the file clean: none of its last run's bytes."""
+    The start lends that scrub its priority and waits for it, instead of populating a second
+    file beside it, and gets the file clean: none of its last run's bytes.
+
+    "Still being scrubbed" is made sure of, not hoped for: the detached scrub is stopped
+    (SIGSTOP) once its state says scrubbing, and let go only once the start's prepare has
+    lent it its priority (the hook's log says so)."""
     libvirt.write_config(pool=True)
     pool = libvirt.pool()
     virsh.virsh("start", guest)
     [path] = state_of(libvirt, guest)["files"]  # type: ignore[misc]
     write_pattern(path)
-    virsh.virsh("destroy", guest)
-    virsh.virsh("start", guest)  # at once: the detached scrub has barely started
+    deadline = time.monotonic() + 120  # a hang guard for every wait below
+    with cpu_hogs():  # a busy host: the nice-19 scrub crawls, and is caught zeroing
+        virsh.virsh("destroy", guest)
+        pid = int(libvirt.log().rsplit("scrubbing in the background (pid ", 1)[1]
+                  .split(",")[0])
+        while pool.entries()[0].recorded_state != "scrubbing":
+            assert time.monotonic() < deadline and psutil.pid_exists(pid), pool.entries()
+            time.sleep(0.002)
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        while not all_stopped(pid):
+            assert time.monotonic() < deadline, "the scrub never stopped"
+            time.sleep(0.001)
+        (entry,) = pool.entries()
+        assert entry.state == "scrubbing", entry  # caught before its end: the race is on
+        assert max(task_nices(pid)) == 19
+        starting = subprocess.Popen(["virsh", "-c", "qemu:///system", "start", guest],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lent = "the scrub of this guest's last file in"
+        while lent not in libvirt.log():  # warm prepare's hurry_own_scrub
+            assert time.monotonic() < deadline and starting.poll() is None, libvirt.log()
+            time.sleep(0.01)
+        assert max(task_nices(pid)) < 19  # the stopped scrub runs at the start's priority
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    _, err = starting.communicate(timeout=120)
+    assert starting.returncode == 0, err
+    # Let go, the scrub may end before `start` looks (it takes the clean file) or after (it
+    # waits for it): either way the guest's own file, zeroed, never a second one.
+    log = libvirt.log()
     state = state_of(libvirt, guest)
     assert state["files"] == [], "populated a second file instead of waiting for its own"
     [link] = state["pool_links"]  # type: ignore[misc]
     (entry,) = pool.entries()  # still one file
     assert entry.state == "in_use" and os.path.samefile(link["link_path"], entry.path)
     assert pattern_count(link["link_path"]) == 0
-    assert "from the pool" in libvirt.log()
+    assert "from the pool" in log
     virsh.virsh("destroy", guest)
     wait_for_states(pool, ["clean"])
     assert pool.drain() == GUEST_BYTES

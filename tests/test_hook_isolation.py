@@ -17,7 +17,7 @@ from kvmaccel.hook import entry, install
 from kvmaccel.pool.manage import POOL_DIRNAME, Pool
 
 from .test_hook import NAME, UUID, domain_xml
-from .test_pool_isolation import NOBODY, SWAPPER, as_nobody
+from .test_pool_isolation import NOBODY, SWAPPER, as_nobody, swaps
 
 
 def write_config(tmp_path: str, shm_dir: str, run_dir: str) -> str:
@@ -63,6 +63,9 @@ def test_the_pool_never_adopts_what_the_owner_swapped_in(tmp_path: str, shm_dir:
         assert call(script, "prepare", "begin", domain_xml()).returncode == 0
         proc = call(script, "start", "begin", domain_xml())
         assert proc.returncode == 0, proc.stderr
+        # The owner really replaced the name root gave the populated file (inotify saw it
+        # made): a run where the swap never landed would prove nothing.
+        assert swaps(swapper) == 1
     finally:
         swapper.kill()
         swapper.wait()

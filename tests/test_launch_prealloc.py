@@ -21,6 +21,16 @@ from kvmaccel.cli.main import main
 
 from .conftest import need
 
+
+def import_libvirt() -> Any:
+    """The libvirt Python binding; a missing one is a :func:`need` (it fails the test
+    command), never a silent importorskip."""
+    try:
+        import libvirt
+    except ImportError:
+        need(False, "the libvirt Python binding is not installed (pip install -e '.[libvirt]')")
+    return libvirt
+
 MIB = 1 << 20
 
 SHARED = """<domain type='kvm'>
@@ -50,7 +60,7 @@ def qemu_conf(shm_dir: str, tmp_path: os.PathLike[str]) -> str:
 def test_conn() -> Iterator[Any]:
     """A connection to libvirt's test driver; domains defined on it are seen by the CLI (the
     driver's state is shared by every connection of this process)."""
-    libvirt = pytest.importorskip("libvirt")
+    libvirt = import_libvirt()
     conn = libvirt.open("test:///default")
     yield conn
     conn.close()
@@ -131,7 +141,7 @@ def test_prealloc_against_the_real_daemon(shm_dir: str, qemu_conf: str,
         [virsh or "virsh", "-c", "qemu:///system", "version"], capture_output=True,
         check=False).returncode == 0, "libvirtd is not running (virsh -c qemu:///system)")
     assert virsh is not None
-    pytest.importorskip("libvirt")
+    import_libvirt()
     xml = os.path.join(str(tmp_path), "guest.xml")
     with open(xml, "w", encoding="utf-8") as f:
         f.write(SHARED.format(name="kvtest-prealloc"))

@@ -27,6 +27,8 @@ from kvmaccel.launch.qemuargs import (
     set_prealloc_off,
 )
 
+from .conftest import need
+
 CASES_DIR = Path(__file__).resolve().parent / "data" / "libvirt-cases"
 ARGS_FILES = sorted(CASES_DIR.glob("*.x86_64-latest.args")) + sorted(
     (CASES_DIR / "legacy-kv").glob("*.args")
@@ -457,8 +459,8 @@ def info_memdev(argv: list[str], pass_fds: tuple[int, ...] = ()) -> dict[str, di
     return out
 
 
-@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
 def test_agrees_with_real_qemu() -> None:
+    need(QEMU is not None, "qemu-system-x86_64 is not installed")
     argv = [
         QEMU or "",
         "-machine", "none",
@@ -476,9 +478,9 @@ def test_agrees_with_real_qemu() -> None:
         assert real[b.id]["policy"] == (b.policy or "default")
 
 
-@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
 def test_rewritten_memfd_runs_on_an_inherited_fd() -> None:
     """The rewritten line works: QEMU maps an inherited memfd through /proc/self/fd/N."""
+    need(QEMU is not None, "qemu-system-x86_64 is not installed")
     fd = os.memfd_create("kvtest-qemuargs")
     try:
         os.ftruncate(fd, 2 << 20)

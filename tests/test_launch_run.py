@@ -199,9 +199,12 @@ def test_directory_backend_qemu_exits(qemu: str, hugetlbfs: str) -> None:
                     break
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.02)
-        time.sleep(0.3)
         (st,) = qemu_status(proc.pid)
-        assert st.allocated_bytes == 64 * MIB
+        while st.path is None:  # until QEMU has mapped the backend (it starts up meanwhile)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+            (st,) = qemu_status(proc.pid)
+        assert st.allocated_bytes == 64 * MIB  # all of it populated before QEMU ran
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err

@@ -135,74 +135,116 @@ def test_clean_file_with_a_second_link_is_not_handed_out(huge_area: tuple[str, s
                      backend_id="pc.ram") is None
 
 
+def pattern_at(fd: int, size: int, every: int) -> int:
+    """How many of the places :func:`write_pattern` wrote (every ``every`` bytes) still hold
+    the pattern: a cheap look at a scrub's progress (one short pread per place)."""
+    return sum(os.pread(fd, len(PATTERN), off) == PATTERN for off in range(0, size, every))
+
+
+def dirty_pool_file(pool_dir: str, size: int) -> tuple[Pool, PoolKey, str]:
+    """A pool of one tmpfs file a guest wrote all over (every MiB) and released: dirty."""
+    pool = Pool(pool_dir)
+    key = key_for(size, 4)
+    pool.fill(key, 1, read_host(), limits())
+    (entry,) = pool.entries()
+    write_pattern(entry.path, size, 1 * MIB)
+    pool._write_state(entry.path, "dirty")
+    return pool, key, entry.path
+
+
+def real_scrub(pool_dir: str) -> subprocess.Popen[bytes]:
+    """The real scrub, in a process of its own, at nice 19 (it zeroes slowly on a busy host;
+    it is never paused or faked)."""
+    return subprocess.Popen([sys.executable, "-c",
+                             "import os\n"
+                             "os.nice(19)\n"
+                             "from kvmaccel.pool.manage import Pool\n"
+                             "from kvmaccel.host.facts import read_host\n"
+                             f"Pool({pool_dir!r}).scrub(read_host())\n"])
+
+
+def all_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (state T in /proc/PID/task/TID/stat)."""
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:  # a thread that has exited
+            continue
+    return all(s in ("T", "t") for s in states)
+
+
 def test_scrub_killed_midway_leaves_the_file_dirty(shm_dir: str) -> None:
-    """SIGKILL the scrubbing process while it zeroes: the file is never handed out until a
-    later scrub finishes."""
+    """SIGKILL the real scrub once it has zeroed some of the file but not all: the file is
+    never handed out until a later scrub finishes."""
     pool_dir, guest_dir = os.path.join(shm_dir, "pool"), os.path.join(shm_dir, "guest")
     os.makedirs(guest_dir)
-    pool = Pool(pool_dir)
-    key = key_for(1024 * MIB, 4)
-    pool.fill(key, 1, read_host(), limits())
-    target = os.path.join(guest_dir, "ram")
-    assert pool.take(key, target, domain_uuid="u1", backend_id="pc.ram")
-    write_pattern(target, 1024 * MIB, 1 * MIB)
-    os.unlink(target)
-    pool.release_domain("u1")
-    script = (
-        "import sys, time\n"
-        "from kvmaccel.pool import manage as p\n"
-        "from kvmaccel.host.facts import read_host\n"
-        "real = p.zero_file\n"
-        "def slow(*a, **k):\n"
-        "    print('zeroing', flush=True)\n"
-        "    time.sleep(60)\n"
-        "p.zero_file = slow\n"
-        f"p.Pool({pool_dir!r}).scrub(read_host())\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    size = 1024 * MIB
+    pool, key, path = dirty_pool_file(pool_dir, size)
+    proc = real_scrub(pool_dir)
+    fd = -1
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "zeroing"
+        deadline = time.monotonic() + 120  # a hang guard, not a speed bound
+        while pool.entries()[0].recorded_state != "scrubbing":  # past its "nobody holds it"
+            assert proc.poll() is None and time.monotonic() < deadline, pool.entries()
+            time.sleep(0.001)
+        fd = os.open(path, os.O_RDONLY)  # only now: the scrub skips a file another holds
+        left = pattern_at(fd, size, MIB)
+        while left == size // MIB:  # until it has zeroed some
+            assert proc.poll() is None and time.monotonic() < deadline, "the scrub never began"
+            left = pattern_at(fd, size, MIB)
+        os.kill(proc.pid, signal.SIGSTOP)  # mid-way: checked below, then killed
+        while not all_stopped(proc.pid):  # SIGSTOP reaches each thread in its own time
+            assert time.monotonic() < deadline, "the scrub never stopped"
+            time.sleep(0.001)
+        left = pattern_at(fd, size, MIB)
+        assert 0 < left < size // MIB, f"not caught mid-way: {left} MiB still hold data"
         (entry,) = pool.entries()
         assert entry.state == "scrubbing" and entry.recorded_state == "scrubbing"
         assert Pool(pool_dir).scrub(read_host()) == []  # another scrubber holds it
     finally:
+        if fd >= 0:
+            os.close(fd)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     (entry,) = pool.entries()
     assert entry.recorded_state == "scrubbing" and entry.state == "dirty"
+    assert pattern_count(entry.path, size) == left  # the killed scrub zeroed no more
     assert pool.take(key, os.path.join(guest_dir, "next"), domain_uuid="u2",
                      backend_id="pc.ram") is None
     assert [e.path for e in pool.scrub(read_host(), limits())] == [entry.path]
     assert pool.take(key, os.path.join(guest_dir, "next"), domain_uuid="u2",
                      backend_id="pc.ram") is not None
-    assert pattern_count(os.path.join(guest_dir, "next"), 1024 * MIB) == 0
+    assert pattern_count(os.path.join(guest_dir, "next"), size) == 0
 
 
 def test_real_interrupted_zeroing_is_never_clean(shm_dir: str) -> None:
-    """The real zeroing, killed with SIGKILL as soon as it starts: the file is dirty, or (if
-    the scrub won the race) clean and really all zero: never clean with data in it."""
+    """The real zeroing, killed with SIGKILL as soon as its state says it started: the file
+    is dirty and never handed out.  The kill must land before the scrub's end (asserted: the
+    file still holds data), or this run shows nothing."""
     pool_dir = os.path.join(shm_dir, "pool")
-    pool = Pool(pool_dir)
-    key = key_for(2048 * MIB, 4)
-    pool.fill(key, 1, read_host(), limits())
+    size = 2048 * MIB
+    pool, key, path = dirty_pool_file(pool_dir, size)
+    proc = real_scrub(pool_dir)
+    try:
+        deadline = time.monotonic() + 120  # a hang guard
+        while pool.entries()[0].recorded_state != "scrubbing":
+            assert proc.poll() is None and time.monotonic() < deadline, pool.entries()
+            time.sleep(0.001)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        left = pattern_at(fd, size, MIB)
+    finally:
+        os.close(fd)
+    assert left > 0, "the scrub had finished before the kill: the race never fired"
     (entry,) = pool.entries()
-    write_pattern(entry.path, 2048 * MIB, 1 * MIB)
-    pool._write_state(entry.path, "dirty")
-    proc = subprocess.Popen([sys.executable, "-c",
-                             "from kvmaccel.pool.manage import Pool\n"
-                             "from kvmaccel.host.facts import read_host\n"
-                             f"Pool({pool_dir!r}).scrub(read_host())\n"])
-    deadline = time.monotonic() + 30
-    while pool.entries()[0].recorded_state != "scrubbing" and time.monotonic() < deadline:
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (entry,) = pool.entries()
-    if entry.state == "clean":
-        assert pattern_count(entry.path, 2048 * MIB) == 0
-    else:
-        assert entry.state == "dirty" and entry.recorded_state == "scrubbing"
-        assert pool.take(key, os.path.join(shm_dir, "g"), domain_uuid="u",
-                         backend_id="pc.ram") is None
+    assert entry.state == "dirty" and entry.recorded_state == "scrubbing"
+    assert pool.take(key, os.path.join(shm_dir, "g"), domain_uuid="u",
+                     backend_id="pc.ram") is None
 
 
 def test_pool_limits(huge_area: tuple[str, str]) -> None:

@@ -161,9 +161,10 @@ def test_a_leftover_mapping_never_reaches_the_next_guest(area: tuple[str, int]) 
 
 
 # Wins races on a guest's directory as its owner: as soon as NAME appears there (inotify),
-# it is replaced with a symlink to VICTIM.
+# it is replaced with a symlink to VICTIM.  A line "count" on stdin asks how many times it
+# did (the tests assert it won at least once: a race that never fired proves nothing).
 SWAPPER = r"""
-import ctypes, os, struct, sys
+import ctypes, os, select, struct, sys
 directory, name, victim = sys.argv[1:4]
 libc = ctypes.CDLL(None, use_errno=True)
 fd = libc.inotify_init()
@@ -172,22 +173,37 @@ libc.inotify_add_watch(fd, directory.encode(), IN_CREATE)
 print("watching", flush=True)
 tmp = os.path.join(directory, ".swap")
 os.symlink(victim, tmp)  # ready before the event: on it, one rename() is all it takes
+swapped = 0
 while True:
-    data = os.read(fd, 65536)
-    if not data:
+    ready, _, _ = select.select([fd, sys.stdin], [], [])
+    if fd in ready:  # events first: a "count" sent after an event counts its swap
+        data = os.read(fd, 65536)
+        off = 0
+        while off < len(data):
+            _, _, _, length = struct.unpack_from("iIII", data, off)
+            fname = data[off + 16: off + 16 + length].rstrip(b"\0").decode()
+            off += 16 + length
+            if fname == name:
+                try:
+                    os.rename(tmp, os.path.join(directory, name))
+                    swapped += 1
+                    os.symlink(victim, tmp)
+                except OSError:
+                    pass
+        continue
+    line = sys.stdin.readline()
+    if not line:
         break
-    off = 0
-    while off < len(data):
-        _, _, _, length = struct.unpack_from("iIII", data, off)
-        fname = data[off + 16: off + 16 + length].rstrip(b"\0").decode()
-        off += 16 + length
-        if fname == name:
-            try:
-                os.rename(tmp, os.path.join(directory, name))
-                os.symlink(victim, tmp)
-            except OSError:
-                pass
+    print(swapped, flush=True)
 """
+
+
+def swaps(swapper: subprocess.Popen[str]) -> int:
+    """How many times the SWAPPER child has replaced the name with its symlink so far."""
+    assert swapper.stdin is not None and swapper.stdout is not None
+    swapper.stdin.write("count\n")
+    swapper.stdin.flush()
+    return int(swapper.stdout.readline())
 
 
 def test_take_never_changes_a_file_swapped_in_for_the_link(shm_dir: str, tmp_path: str
@@ -204,6 +220,7 @@ def test_take_never_changes_a_file_swapped_in_for_the_link(shm_dir: str, tmp_pat
     pool.fill(key, 1, read_host(), limits())
     swapper = as_nobody(SWAPPER, directory, "ram", victim)
     target = os.path.join(directory, "ram")
+    caught = 0  # rounds take saw its link swapped away before it returned (and gave nothing)
     try:
         assert swapper.stdout is not None and swapper.stdout.readline().strip() == "watching"
         for _ in range(2000):
@@ -217,12 +234,18 @@ def test_take_never_changes_a_file_swapped_in_for_the_link(shm_dir: str, tmp_pat
             if entry is not None:
                 pool.give_back(entry, target)
             else:
+                caught += 1
                 pool.scrub(read_host(), limits())  # swapped away: dirty, back after a scrub
             st = os.stat(victim)
             assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o600)
+        swapped = swaps(swapper)
     finally:
         swapper.kill()
         swapper.wait()
+    # The attacker really put its symlink at the name root had just linked, round after round
+    # (the old code then chowned and chmodded the victim through it).
+    assert swapped > 0, "the swapper never won: this run tried nothing"
+    assert caught > 0, f"{swapped} swaps, none inside take (between its link and its return)"
     with open(victim) as f:
         assert f.read() == "root's"
 
