@@ -30,8 +30,8 @@ from kvmaccel.hook import install as hook_install
 from kvmaccel.host import sysmem
 from tests.conftest import need
 from tests.test_hook import HEAVY, run_hook_without_site
+from tests.test_hook_overlap import crawling_cgroup, quota
 
-CPU_V1 = "/sys/fs/cgroup/cpu"
 CGROUP = "kvmaccel-test-filler"
 NAME = "kvtest-filler"
 UUID = "5b0c9f3e-2d41-4c7a-9a55-0f2f5f1e8a11"
@@ -102,24 +102,8 @@ class Hook:
 def crawl() -> Iterator[str]:
     """kvmaccel's cgroup, made here first with 1 ms of CPU per 100 ms; yields its directory."""
     need(os.geteuid() == 0, "needs root")
-    need(os.path.isdir(CPU_V1), "needs the cgroup v1 cpu controller at /sys/fs/cgroup/cpu")
-    directory = os.path.join(CPU_V1, CGROUP)
-    os.makedirs(directory, exist_ok=True)
-    quota(directory, 1000)
-    try:
+    with crawling_cgroup(CGROUP) as directory:
         yield directory
-    finally:
-        quota(directory, -1)
-        for _ in range(200):
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
-                break
-            time.sleep(0.05)
-
-
-def quota(directory: str, us: int) -> None:
-    with open(os.path.join(directory, "cpu.cfs_quota_us"), "w") as f:
-        f.write(str(us))
 
 
 @contextlib.contextmanager

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from xml.parsers import expat
 
 from ..errors import DomainError, HookError
+from .domxml import new_parser, run_expat
 
 METADATA_NS = "https://github.com/kvmaccel/kvmaccel/front/1"
 NOTE_PREFIX = "kvmaccel"
@@ -69,8 +69,7 @@ class _Layout:
 def _layout(xml: str) -> _Layout:
     data = xml.encode("utf-8", errors="surrogatepass")
     lay = _Layout(data)
-    parser = expat.ParserCreate(namespace_separator=_SEP)
-    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser = new_parser(namespace_separator=_SEP)
     stack: list[tuple[str, _Elem]] = []
 
     def start(tag: str, attrs: dict[str, str]) -> None:
@@ -111,18 +110,7 @@ def _layout(xml: str) -> _Layout:
         if stack:
             stack[-1][1].text.append(chunk)
 
-    def doctype(*_: object) -> None:
-        raise DomainError("domain XML must not have a DOCTYPE")
-
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = text
-    parser.StartDoctypeDeclHandler = doctype
-    try:
-        parser.Parse(data, True)
-    except expat.ExpatError as e:
-        raise DomainError(f"malformed domain XML: {expat.errors.messages[e.code]} at line "
-                          f"{e.lineno}, column {e.offset + 1}", line=e.lineno) from None
+    run_expat(parser, data, start, end, text)
     if lay.root_tag != "domain":
         raise DomainError(f"the root element must be <domain>, not <{lay.root_tag}>")
     return lay

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from xml.parsers import expat
 
 from ..errors import DomainError, UsageError
@@ -28,9 +29,7 @@ def _parse_tree(data: bytes) -> _Element:
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1
         raise DomainError(f"domain XML holds a NUL byte at line {line}", line=line)
-    parser = expat.ParserCreate()
-    # Domain XML never needs a DTD; refusing one rules out entity-expansion tricks.
-    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser = new_parser()
     stack: list[_Element] = []
     root: list[_Element] = []
 
@@ -55,6 +54,24 @@ def _parse_tree(data: bytes) -> _Element:
             else:
                 el.text = (el.text or "") + chunk
 
+    run_expat(parser, data, start, end, text)
+    return root[0]
+
+
+def new_parser(namespace_separator: str | None = None) -> expat.XMLParserType:
+    """An expat parser for domain XML; it never reads a DTD's parameter entities."""
+    parser = expat.ParserCreate(namespace_separator=namespace_separator)
+    # Domain XML never needs a DTD; refusing one rules out entity-expansion tricks.
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    return parser
+
+
+def run_expat(parser: expat.XMLParserType, data: bytes,
+              start: Callable[[str, dict[str, str]], None], end: Callable[[str], None],
+              text: Callable[[str], None]) -> None:
+    """Feed all of ``data`` to ``parser`` with these handlers.  Raises :class:`DomainError`
+    for a DOCTYPE (refused) or malformed XML, naming expat's reason and where."""
+
     def doctype(*_: object) -> None:
         raise DomainError("domain XML must not have a DOCTYPE", line=parser.CurrentLineNumber)
 
@@ -70,7 +87,6 @@ def _parse_tree(data: bytes) -> _Element:
             f"column {e.offset + 1}",
             line=e.lineno,
         ) from None
-    return root[0]
 
 
 def _err(el: ET.Element, message: str) -> DomainError:
