@@ -30,8 +30,8 @@ from kvmaccel.hook import install as hook_install
 from kvmaccel.host import sysmem
 from tests.conftest import need
 from tests.test_hook import HEAVY, run_hook_without_site
-from tests.test_hook_overlap import crawling_cgroup, quota
 
+CPU_V1 = "/sys/fs/cgroup/cpu"
 CGROUP = "kvmaccel-test-filler"
 NAME = "kvtest-filler"
 UUID = "5b0c9f3e-2d41-4c7a-9a55-0f2f5f1e8a11"
@@ -96,6 +96,29 @@ class Hook:
     def log(self) -> str:
         with open(self.log_file) as f:
             return f.read()
+
+
+@contextlib.contextmanager
+def crawling_cgroup(name: str) -> Iterator[str]:
+    """kvmaccel's cgroup ``name``, made here first with 1 ms of CPU per 100 ms."""
+    need(os.path.isdir(CPU_V1), "needs the cgroup v1 cpu controller at /sys/fs/cgroup/cpu")
+    directory = os.path.join(CPU_V1, name)
+    os.makedirs(directory, exist_ok=True)
+    quota(directory, 1000)
+    try:
+        yield directory
+    finally:
+        quota(directory, -1)
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+                break
+            time.sleep(0.1)
+
+
+def quota(directory: str, us: int) -> None:
+    with open(os.path.join(directory, "cpu.cfs_quota_us"), "w") as f:
+        f.write(str(us))
 
 
 @pytest.fixture

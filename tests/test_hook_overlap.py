@@ -36,8 +36,7 @@ from kvmaccel.bench import virsh
 from kvmaccel.engine.backing import Backing, BackingSpec
 from kvmaccel.hook import overlap
 from kvmaccel.plan.config import HookConfig
-from tests.conftest import need
-from tests.test_hook_filler import cpu_cgroup_of, qemu_discards
+from tests.test_hook_filler import cpu_cgroup_of, crawling_cgroup, qemu_discards, quota
 from tests.test_hook_front_integration import (  # noqa: F401 - env is a fixture
     GUESTS,
     Env,
@@ -118,29 +117,6 @@ def frozen_filler(e: Env) -> Iterator[Frozen]:
             os.unlink(frozen.refuse)
 
 
-@contextlib.contextmanager
-def crawling_cgroup(name: str = CGROUP) -> Iterator[str]:
-    """kvmaccel's cgroup ``name``, made here first with 1 ms of CPU per 100 ms."""
-    need(os.path.isdir(CPU_V1), "needs the cgroup v1 cpu controller at /sys/fs/cgroup/cpu")
-    directory = os.path.join(CPU_V1, name)
-    os.makedirs(directory, exist_ok=True)
-    quota(directory, 1000)
-    try:
-        yield directory
-    finally:
-        quota(directory, -1)
-        for _ in range(100):
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
-                break
-            time.sleep(0.1)
-
-
-def quota(directory: str, us: int) -> None:
-    with open(os.path.join(directory, "cpu.cfs_quota_us"), "w") as f:
-        f.write(str(us))
-
-
 def same_process(pid: int, ticks: object) -> bool:
     """``pid`` is still the process that started at ``ticks`` and has not exited."""
     try:
@@ -165,7 +141,7 @@ def allocated(path: str) -> int:
 @ON_LIBVIRT[0]
 @ON_LIBVIRT[1]
 def test_the_filler_is_in_its_cgroup_before_qemu_starts(env: Env) -> None:  # noqa: F811
-    with crawling_cgroup(), frozen_filler(env) as frozen:
+    with crawling_cgroup(CGROUP), frozen_filler(env) as frozen:
         env.write_config(extra=f'cgroup = "{CGROUP}"\n')
         with defined(env, GUEST):
             virsh.virsh("start", GUEST.name)
@@ -185,7 +161,7 @@ def test_the_filler_is_in_its_cgroup_before_qemu_starts(env: Env) -> None:  # no
 @ON_LIBVIRT[0]
 @ON_LIBVIRT[1]
 def test_a_range_discarded_after_the_start_stays_a_hole(env: Env) -> None:  # noqa: F811
-    with crawling_cgroup() as cgroup, frozen_filler(env) as frozen:
+    with crawling_cgroup(CGROUP) as cgroup, frozen_filler(env) as frozen:
         env.write_config(extra=f'cgroup = "{CGROUP}"\n')
         with defined(env, GUEST):
             virsh.virsh("start", GUEST.name)  # returns after `started begin`
@@ -212,7 +188,7 @@ def test_a_range_discarded_after_the_start_stays_a_hole(env: Env) -> None:  # no
 @ON_LIBVIRT[1]
 def test_a_start_refused_after_start_begin_stops_the_filler(env: Env) -> None:  # noqa: F811
     free_before = free_pages(GUEST.page_kib)
-    with crawling_cgroup(), frozen_filler(env) as frozen:
+    with crawling_cgroup(CGROUP), frozen_filler(env) as frozen:
         env.write_config(extra=f'cgroup = "{CGROUP}"\n')
         with open(frozen.refuse, "w"):
             pass
