@@ -437,10 +437,16 @@ def cpu_hogs(nice: int = 10) -> Iterator[None]:
         with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
             f.write(str(nice))
 
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
-                              start_new_session=True, preexec_fn=lower)
+    # Each hog says so once it spins: a scrub started before the hogs run (their Python
+    # start-up takes longer than zeroing 1G of recycled huge pages) would finish unseen.
+    procs = [subprocess.Popen([sys.executable, "-c",
+                               "import sys; sys.stdout.write('x'); sys.stdout.flush()\n"
+                               "while True: pass"],
+                              start_new_session=True, preexec_fn=lower, stdout=subprocess.PIPE)
              for _ in range(os.cpu_count() or 1)]
     try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.read(1) == b"x"
         yield
     finally:
         for p in procs:
