@@ -141,7 +141,7 @@ fi
 if [ -n "$libvirt_dir" ] && [ -d "$libvirt_dir" ]; then
   # Keep the config an earlier hook was installed with.
   config=$("$prefix/bin/python" -c 'import json, sys
-from kvmaccel.hook.install import MARKER, hook_path
+from kvmaccel.setup.install import MARKER, hook_path
 try:
     with open(hook_path(sys.argv[1]), encoding="utf-8") as f:
         f.readline(); line = f.readline()

@@ -65,7 +65,7 @@ def test_install_run_upgrade_uninstall(tmp_path: Path, debian_python: None) -> N
     hook = libvirt / "hooks" / "qemu.d" / "kvmaccel"
     assert f"exec {prefix}/bin/python -S -c" in hook.read_text()
     code = (f"import sys; sys.path[:0] = {_hook_sys_path(hook)!r}; import libvirt, click, "
-            "psutil, kvmaccel.hook.full, kvmaccel.hook.entry; print(kvmaccel.__file__)")
+            "psutil, kvmaccel.libvirt.full, kvmaccel.libvirt.entry; print(kvmaccel.__file__)")
     where = _run(prefix / "bin" / "python", "-S", "-c", code).stdout.strip()
     assert where.startswith(str(prefix))
 

@@ -1,4 +1,4 @@
-"""kvmaccel.hook.full, the libvirt hook contract, on real tmpfs files without libvirt.
+"""kvmaccel.libvirt.full, the libvirt hook contract, on real tmpfs files without libvirt.
 
 What libvirt does around the hook is done here by hand: a qemu.conf whose memory_backing_dir
 is on /dev/shm, the per-domain directory made before ``start begin`` and deleted before
@@ -18,9 +18,9 @@ import pytest
 
 from kvmaccel.engine import records
 from kvmaccel.engine.backing import created_by_us
-from kvmaccel.hook import entry, warm
-from kvmaccel.hook import full as hook
-from kvmaccel.hook import state as hook_state
+from kvmaccel.libvirt import entry, warm
+from kvmaccel.libvirt import full as hook
+from kvmaccel.libvirt import state as hook_state
 from kvmaccel.plan.config import HookConfig
 
 NAME = "kvtest-hook"
@@ -353,13 +353,13 @@ from {module} import main
 rc = main([{name!r}, {op!r}, "begin", "-"], io.BytesIO({xml!r}), config_path={config!r})
 print(rc, sorted({heavy!r} & set(sys.modules)))
 """
-HEAVY = {"logging", "tomllib", "dataclasses", "hashlib", "kvmaccel.hook.full",
+HEAVY = {"logging", "tomllib", "dataclasses", "hashlib", "kvmaccel.libvirt.full",
          "kvmaccel.plan.config", "kvmaccel.pool.manage", "kvmaccel.plan.planner",
          "kvmaccel.model.domain"}
 
 
 def run_hook_without_site(env: Env, op: str, run_dir: str, heavy: set[str],
-                          module: str = "kvmaccel.hook.entry") -> str:
+                          module: str = "kvmaccel.libvirt.entry") -> str:
     """Run the hook as the installed script does (``python -S``); return its exit status
     and which of ``heavy`` it imported."""
     import subprocess
@@ -392,10 +392,12 @@ def test_a_warm_start_runs_without_site_logging_or_the_planner(env: Env, run_dir
     wait_clean(run_dir, shm_dir)
 
 
+@pytest.mark.parametrize("module", ["kvmaccel.hook_fast", "kvmaccel.hook.entry"])
 def test_a_hook_installed_before_the_layout_by_layers_still_starts_warm(
-        env: Env, run_dir: str, shm_dir: str) -> None:
+        env: Env, run_dir: str, shm_dir: str, module: str) -> None:
     """A script that ``kvmaccel hook install`` wrote before kvmaccel's modules moved into
-    packages imports ``kvmaccel.hook_fast``: it still runs, and still warm (the same budget)."""
+    packages imports ``kvmaccel.hook_fast``, and one written before the libvirt adapter
+    ``kvmaccel.hook.entry``: each still runs, and still warm (the same budget)."""
     assert env.run("prepare", "begin") == 0
     os.makedirs(env.domain_dir)
     assert env.run("start", "begin") == 0
@@ -403,7 +405,7 @@ def test_a_hook_installed_before_the_layout_by_layers_still_starts_warm(
     wait_clean(run_dir, shm_dir)
     os.makedirs(env.domain_dir)
     for op in ("prepare", "start"):
-        assert run_hook_without_site(env, op, run_dir, HEAVY, "kvmaccel.hook_fast") == "0 []\n"
+        assert run_hook_without_site(env, op, run_dir, HEAVY, module) == "0 []\n"
     assert "started from the pool" in env.log()
     assert pool_states(run_dir, shm_dir) == ["in_use"]
     stop(env)

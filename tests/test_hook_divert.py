@@ -1,4 +1,4 @@
-"""``kvmaccel front install --divert`` (kvmaccel/hook/divert.py) with the real dpkg-divert.
+"""``kvmaccel front install --divert`` (kvmaccel/setup/divert.py) with the real dpkg-divert.
 
 dpkg-divert is real (it records the diversion in dpkg's database, and each test removes what
 it added); the "QEMU" is a script at a throwaway path, except in one round trip on the host's
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from kvmaccel.errors import HookError
-from kvmaccel.hook import divert, front
+from kvmaccel.setup import divert, front
 
 from .conftest import need
 

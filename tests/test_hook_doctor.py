@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmaccel.hook import doctor
-from kvmaccel.hook import install as hook_install
+from kvmaccel.setup import doctor
+from kvmaccel.setup import install as hook_install
 
 from .test_launch_prealloc import import_libvirt
 

@@ -1,4 +1,4 @@
-"""The filler (``kvmaccel.hook.overlap``) stops for good, and works in its cgroup only.
+"""The filler (``kvmaccel.serve.overlap``) stops for good, and works in its cgroup only.
 
 Without libvirt: the hook runs here, in this process, as libvirt would run it for a guest
 whose files are on a private tmpfs with ``<allocation mode='immediate'/>`` (so QEMU would
@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kvmaccel.hook import entry
-from kvmaccel.hook import install as hook_install
 from kvmaccel.host import sysmem
+from kvmaccel.libvirt import entry
+from kvmaccel.setup import install as hook_install
 from tests.conftest import need
 from tests.test_hook import HEAVY, run_hook_without_site
 
@@ -306,7 +306,7 @@ def test_started_kills_the_filler_by_pid_and_start_time_without_heavy_imports(
         f.write("")
     assert env.run("release", "end", domain_xml(domain_id=None)) == 0  # the config snapshot
     heavy = HEAVY | {"kvmaccel.engine.populate", "kvmaccel.engine.backing",
-                     "kvmaccel.hook.overlap", "kvmaccel.hook.ops"}
+                     "kvmaccel.serve.overlap", "kvmaccel.libvirt.ops"}
     with contextlib.ExitStack() as stack:
         filler = sleeper()
         stack.callback(filler.kill)
@@ -361,7 +361,7 @@ def test_the_script_runs_python_at_started_only_when_a_start_left_a_filler(
 def test_doctor_warns_of_a_script_from_before_started(tmp_path: object) -> None:
     """A script installed before kvmaccel acted at ``started begin`` never runs it there:
     ``kvmaccel doctor`` says to install it again."""
-    from kvmaccel.hook import doctor
+    from kvmaccel.setup import doctor
 
     libvirt_dir = f"{tmp_path}/libvirt"
     os.makedirs(f"{libvirt_dir}/hooks")

@@ -1,4 +1,4 @@
-"""The emulator front (kvmaccel/hook/front.py) on libvirt's own command lines.
+"""The emulator front (kvmaccel/setup/front.py) on libvirt's own command lines.
 
 The front is a /bin/sh script; these tests run it for real, with a stand-in "QEMU" that prints
 the argv it got, on the 20 ``.args`` files of ``tests/data/libvirt-cases`` (JSON ``-object``, as
@@ -24,7 +24,8 @@ from collections.abc import Iterator
 import pytest
 
 from kvmaccel.errors import KvmaccelError
-from kvmaccel.hook import front, memdir
+from kvmaccel.serve import memdir
+from kvmaccel.setup import front
 from tests.conftest import private_mount
 
 CASES = os.path.join(os.path.dirname(__file__), "data", "libvirt-cases")

@@ -26,8 +26,8 @@ import psutil
 import pytest
 
 from kvmaccel.bench import virsh
-from kvmaccel.hook import front
 from kvmaccel.pool.manage import Pool
+from kvmaccel.setup import front
 from tests.conftest import need, private_mount
 from tests.test_hook_integration import wait_for_states
 

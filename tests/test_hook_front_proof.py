@@ -2,7 +2,7 @@
 
 The front hands QEMU only a file the hook prepared for this start: one in the proof directory
 ``D/.kvmaccel`` that root made in libvirt's directory ``D`` for this guest, held on a
-descriptor (:mod:`kvmaccel.hook.front`).  Each test plays an attacker for real: a process of
+descriptor (:mod:`kvmaccel.setup.front`).  Each test plays an attacker for real: a process of
 the qemu user (``libvirt-qemu``) or of ``nobody`` plants files, directories and symlinks, or
 swaps them in a loop, and the real front script runs as the qemu user (or as root, as under
 ``--divert``) with a stand-in QEMU.
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmaccel.hook import front
+from kvmaccel.setup import front
 from tests.conftest import private_mount
 from tests.test_hook_front import (
     as_nobody,

@@ -1,4 +1,4 @@
-"""kvmaccel.hook.install and ``kvmaccel hook install|uninstall|status`` in a temporary libvirt
+"""kvmaccel.setup.install and ``kvmaccel hook install|uninstall|status`` in a temporary libvirt
 directory, with an existing hooks/qemu that must keep working; and the installed script run
 as libvirt runs it."""
 
@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from kvmaccel.cli.main import main
 from kvmaccel.errors import HookError
-from kvmaccel.hook import full as hook
-from kvmaccel.hook import install as hook_install
-from kvmaccel.hook import state as hook_state
+from kvmaccel.libvirt import full as hook
+from kvmaccel.libvirt import state as hook_state
 from kvmaccel.paths import DEFAULT_RUN_DIR
+from kvmaccel.setup import install as hook_install
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXISTING = "#!/bin/sh\necho existing hook ran >> \"$(dirname \"$0\")/ran\"\n"

@@ -37,10 +37,10 @@ import pytest
 from kvmaccel.bench import virsh
 from kvmaccel.engine.backing import BackingSpec, populate_backings, release
 from kvmaccel.errors import VirshError
-from kvmaccel.hook import install as hook_install
 from kvmaccel.host.facts import read_host
 from kvmaccel.plan.limits import Limits
 from kvmaccel.pool.manage import Pool, key_for
+from kvmaccel.setup import install as hook_install
 from tests.conftest import need, private_mount
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.root]

@@ -13,8 +13,9 @@ import stat
 import subprocess
 import sys
 
-from kvmaccel.hook import entry, install
+from kvmaccel.libvirt import entry
 from kvmaccel.pool.manage import POOL_DIRNAME, Pool
+from kvmaccel.setup import install
 
 from .test_hook import NAME, UUID, domain_xml
 from .test_pool_isolation import NOBODY, SWAPPER, as_nobody, swaps

@@ -1,4 +1,4 @@
-"""kvmaccel.hook.memdir: the proof directory and the memfd guest's hugepage directory the
+"""kvmaccel.serve.memdir: the proof directory and the memfd guest's hugepage directory the
 hook makes, played against by a local user who can write the parent, or the qemu user (here
 nobody, or libvirt-qemu) who owns the guest's directory and put something in it."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvmaccel.errors import BackingError
-from kvmaccel.hook import memdir
+from kvmaccel.serve import memdir
 
 NOBODY = (65534, 65534)
 
@@ -196,7 +196,7 @@ def memfd_env(hugetlbfs: str) -> Iterator[dict[str, str]]:
         pwd.getpwnam(QEMU_USER)
     except KeyError:
         pytest.skip(f"needs the {QEMU_USER} user")
-    from kvmaccel.hook import front
+    from kvmaccel.setup import front
 
     top = tempfile.mkdtemp(prefix="kvtest-memfd-", dir="/run")
     os.chmod(top, 0o755)
@@ -222,7 +222,7 @@ def memfd_env(hugetlbfs: str) -> Iterator[dict[str, str]]:
 def hook(env: dict[str, str], op: str, subop: str, domain_id: int | None = 7) -> int:
     import io
 
-    from kvmaccel.hook import entry
+    from kvmaccel.libvirt import entry
 
     return entry.main([NAME, op, subop, "-"], io.BytesIO(memfd_xml(env["front"], domain_id)),
                       config_path=env["config"])
@@ -318,8 +318,8 @@ def test_the_hook_populates_nothing_in_a_proof_dir_swapped_in(shm_dir: str) -> N
     of its own at ``D/.kvmaccel`` since the hook made it.  Such a file is refused before it
     is populated or named, and nothing is left."""
     from kvmaccel.engine.backing import BackingSpec, open_backings
-    from kvmaccel.hook.ops import check_in_proof_dirs
     from kvmaccel.host.facts import read_host
+    from kvmaccel.libvirt.ops import check_in_proof_dirs
 
     os.makedirs(f"{shm_dir}/libvirt/qemu", 0o755)
     d = f"{shm_dir}/libvirt/qemu/5-g"

@@ -1,6 +1,6 @@
 """A fresh start overlapped with QEMU's preallocation, on the real libvirtd and QEMU.
 
-The filler (``kvmaccel.hook.overlap``) populates a guest's file while QEMU starts and
+The filler (``kvmaccel.serve.overlap``) populates a guest's file while QEMU starts and
 preallocates the same file.  These tests slow the filler down to a crawl in a cpu cgroup
 with a tiny quota (the config's ``cgroup``, made beforehand by the test with
 ``cpu.cfs_quota_us``) and stop it (SIGSTOP) from a test-only hook that runs after kvmaccel's
@@ -34,8 +34,8 @@ import pytest
 
 from kvmaccel.bench import virsh
 from kvmaccel.engine.backing import Backing, BackingSpec
-from kvmaccel.hook import overlap
 from kvmaccel.plan.config import HookConfig
+from kvmaccel.serve import overlap
 from tests.test_hook_filler import cpu_cgroup_of, crawling_cgroup, qemu_discards, quota
 from tests.test_hook_front_integration import (  # noqa: F401 - env is a fixture
     GUESTS,

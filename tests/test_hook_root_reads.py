@@ -24,11 +24,11 @@ from collections.abc import Iterator
 import pytest
 
 from kvmaccel.errors import HostError
-from kvmaccel.hook import install
 from kvmaccel.host import sysmem
 from kvmaccel.host.facts import read_host
 from kvmaccel.launch import prealloc
 from kvmaccel.pool.manage import POOL_DIRNAME, Pool, key_for
+from kvmaccel.setup import install
 
 from .conftest import need
 from .test_hook import NAME, UUID, domain_xml

@@ -183,3 +183,151 @@ def test_the_tests_mirror_the_layers() -> None:
     odd = [p.name for p in sorted((TOP / "tests").glob("test_*.py"))
            if not p.name.startswith("test_layout") and p.stem.split("_")[1] not in names]
     assert odd == []
+
+
+# --- what runs when: the start path, set-up, the libvirt contract --------------------------
+
+SETUP = "kvmaccel.setup"
+START_PATH = ("kvmaccel.serve", "kvmaccel.libvirt")
+"""Every module of these runs at a guest's start or stop."""
+FRONT_NEUTRAL = "kvmaccel.serve"
+LIBVIRT_ONLY = ("kvmaccel.libvirt", "kvmaccel.model.domain", "kvmaccel.model.domxml",
+                "kvmaccel.model.domedit", "kvmaccel.model.qemuconf", "kvmaccel.plan.libvirt",
+                "kvmaccel.plan.forhost", "kvmaccel.plan.planner")
+"""What knows libvirt: its hook, its domain XML, its qemu.conf, its naming rules."""
+WARM_ENTRY = "kvmaccel.libvirt.entry"
+WARM_MODULES = {"kvmaccel", "kvmaccel.errors", "kvmaccel.paths", "kvmaccel.safefs",
+                "kvmaccel.libvirt.entry", "kvmaccel.libvirt.warm", "kvmaccel.libvirt.state",
+                "kvmaccel.libvirt.started", "kvmaccel.serve.take", "kvmaccel.serve.state",
+                "kvmaccel.serve.filler", "kvmaccel.serve.job_json", "kvmaccel.serve.memdir",
+                "kvmaccel.pool.files", "kvmaccel.engine.records"}
+"""The warm path: a warm ``prepare``/``start`` and ``started`` import these and no more."""
+WARM_STDLIB = {"__future__", "collections", "collections.abc", "contextlib", "errno", "fcntl",
+               "grp", "io", "json", "os", "pwd", "re", "signal", "stat", "sys", "time",
+               "typing"}
+"""What ``json`` loads anyway, or costs nothing more (builtin modules): no logging, tomllib,
+dataclasses, hashlib (about 60 ms a hook call between them)."""
+
+
+def _type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def module_level_imports(path: Path) -> Iterator[tuple[str, int, int]]:
+    """(module, level, line) of each import run when ``path`` is imported: at module level,
+    outside ``if TYPE_CHECKING``; a function's own imports run only when it is called."""
+    def walk(body: list[ast.stmt]) -> Iterator[tuple[str, int, int]]:
+        for node in body:
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    yield alias.name, 0, node.lineno
+            elif isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    yield f"{node.module or ''}\0{alias.name}", node.level, node.lineno
+            elif isinstance(node, ast.If) and not _type_checking(node):
+                yield from walk(node.body)
+                yield from walk(node.orelse)
+            elif isinstance(node, ast.Try):
+                yield from walk(node.body)
+    yield from walk(ast.parse(path.read_text(), str(path)).body)
+
+
+def loaded_at_import(start: str) -> dict[str, str]:
+    """Every module importing ``start`` loads (kvmaccel's and the standard library's, by
+    name), each with the kvmaccel module that first imports it."""
+    found = modules()
+    seen: dict[str, str] = {start: start}
+    todo = [start]
+    while todo:
+        name = todo.pop()
+        path = found[name]
+        is_package = path.name == "__init__.py"
+        for raw, level, _ in module_level_imports(path):
+            base, _, alias = raw.partition("\0")
+            if level:
+                package = name.split(".") if is_package else name.split(".")[:-1]
+                base = ".".join([*package[:len(package) - level + 1], *filter(None, [base])])
+            targets = [base] if not alias else [f"{base}.{alias}", base]
+            target = next((t for t in targets if t in found), targets[-1])
+            parts = target.split(".")
+            chain = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            for t in chain:
+                if t not in seen:
+                    seen[t] = name
+                    if t in found:
+                        todo.append(t)
+    return seen
+
+
+def run_time_imports(name: str, path: Path, known: set[str]) -> Iterator[Import]:
+    """The imports of ``path`` that can run: all of them but those under ``TYPE_CHECKING``."""
+    lines = {n.lineno for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.If) and _type_checking(node)
+             for stmt in node.body for n in ast.walk(stmt)
+             if isinstance(n, (ast.Import, ast.ImportFrom))}
+    for i in imports(name, path, known):
+        if i.line not in lines:
+            yield i
+
+
+def closure(start: str) -> set[str]:
+    """Every kvmaccel module ``start`` may import when it runs, lazily (inside a function)
+    or not; a type named for the type checker alone does not count."""
+    found = modules()
+    edges: dict[str, set[str]] = {}
+    for name, path in found.items():
+        for i in run_time_imports(name, path, set(found)):
+            edges.setdefault(i.source, set()).add(i.target)
+    seen, todo = {start}, [start]
+    while todo:
+        for nxt in edges.get(todo.pop(), ()):
+            for t in (".".join(nxt.split(".")[:n]) for n in range(2, nxt.count(".") + 2)):
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+    return seen
+
+
+def test_no_start_path_module_imports_set_up() -> None:
+    """Host set-up (hook install, front, divert, keeper service, doctor) never runs at a
+    guest's start or stop: no start-path module imports it, however lazily."""
+    bad = {m: sorted(t for t in closure(m) if t.startswith(SETUP))
+           for m in modules() if m.startswith(START_PATH)}
+    assert {m: t for m, t in bad.items() if t} == {}
+
+
+def test_only_the_libvirt_adapter_knows_libvirt() -> None:
+    """``kvmaccel.serve`` serves any front: nothing it imports, however lazily, knows
+    libvirt's hook, domain XML, qemu.conf or naming rules."""
+    bad = {m: sorted(t for t in closure(m) if t.startswith(LIBVIRT_ONLY))
+           for m in modules() if m.startswith(FRONT_NEUTRAL)}
+    assert {m: t for m, t in bad.items() if t} == {}
+
+
+def test_the_hook_contract_is_read_in_the_libvirt_adapter_only() -> None:
+    """The hook's operations (``prepare``/``start``/``started``/``stopped``/``release`` with
+    ``begin``/``end``) are named only in :mod:`kvmaccel.libvirt`: a module elsewhere that
+    compares against them knows the contract."""
+    ops = {"begin", "end"}
+    named = []
+    for name, path in modules().items():
+        if name.startswith("kvmaccel.libvirt"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Compare) and any(
+                    isinstance(c, ast.Constant) and c.value in ops
+                    for c in [node.left, *node.comparators])):
+                named.append(f"{name}:{node.lineno}")
+    assert named == []
+
+
+def test_the_warm_path_imports_only_json_level_modules() -> None:
+    """A warm ``prepare``/``start`` and ``started`` import (at module level) only the warm
+    modules and what ``json`` loads anyway: a heavier import on that path costs every guest's
+    start.  (``tests/test_hook.py`` runs the warm path and checks what it loaded.)"""
+    loaded = loaded_at_import(WARM_ENTRY)
+    inits = {m for m, path in modules().items() if path.name == "__init__.py"}  # import nothing
+    ours = {m: by for m, by in loaded.items() if m.split(".")[0] == "kvmaccel" and m not in inits}
+    theirs = {m: by for m, by in loaded.items() if m.split(".")[0] != "kvmaccel"}
+    assert {m: by for m, by in ours.items() if m not in WARM_MODULES} == {}
+    assert {m: by for m, by in theirs.items() if m not in WARM_STDLIB} == {}

@@ -25,17 +25,17 @@ import kvmaccel.cli.main
 import kvmaccel.cli.plan
 import kvmaccel.cli.pool
 import kvmaccel.cli.run
-import kvmaccel.hook.doctor
-import kvmaccel.hook.ops
 import kvmaccel.launch.prealloc
+import kvmaccel.libvirt.ops
 import kvmaccel.pool.keep
-from kvmaccel.hook import front
+import kvmaccel.setup.doctor
 from kvmaccel.host import facts
 from kvmaccel.model.domain import parse_domain
 from kvmaccel.plan import planner
 from kvmaccel.plan.config import read_config
 from kvmaccel.plan.planjson import plan_to_json
 from kvmaccel.plan.planner import DomainPlan
+from kvmaccel.setup import front
 
 TOP = Path(__file__).resolve().parents[1]
 FIXTURES = TOP / "vm-fixtures"
@@ -164,7 +164,7 @@ def cli(spy: Spy, *args: str) -> dict[str, object]:
 def test_every_caller_plans_a_domain_as_the_hook_does(
         case: Case, spy: Spy, monkeypatch: pytest.MonkeyPatch) -> None:
     config = read_config(case.config_path)
-    kvmaccel.hook.ops.make_plan(case.xml.encode(), config)
+    kvmaccel.libvirt.ops.make_plan(case.xml.encode(), config)
     hook = spy.only()
     domain = parse_domain(case.xml)
     got: dict[str, dict[str, object]] = {}
@@ -173,7 +173,7 @@ def test_every_caller_plans_a_domain_as_the_hook_does(
     kvmaccel.pool.keep.domain_targets(config, READ_HOST(str(TWO_NODE)), "test:///")
     got["keeper"] = spy.only()
 
-    kvmaccel.hook.doctor.check_guests(kvmaccel.hook.doctor.DoctorInput(
+    kvmaccel.setup.doctor.check_guests(kvmaccel.setup.doctor.DoctorInput(
         config_path=case.config_path, domains=[("guest", case.xml)],
         host=READ_HOST(str(TWO_NODE))))
     got["doctor"] = spy.only()

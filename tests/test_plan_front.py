@@ -16,11 +16,11 @@ import pytest
 from click.testing import CliRunner
 
 from kvmaccel.cli.main import main
-from kvmaccel.hook.front import disable_xml, enable_xml, remembered_emulator
 from kvmaccel.model.domain import parse_domain
 from kvmaccel.model.qemuconf import QemuConf
 from kvmaccel.plan.limits import Limits
 from kvmaccel.plan.planner import BackendPlan, plan_domain
+from kvmaccel.setup.front import disable_xml, enable_xml, remembered_emulator
 from tests.test_plan import FIXTURES, fixture_args
 from tests.test_plan_libvirt_cases import CASES_DIR, HARNESS_HUGETLBFS, harness_host
 

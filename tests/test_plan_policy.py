@@ -119,7 +119,7 @@ def test_plan_limits_are_what_the_engine_runs_with() -> None:
 
 def test_the_hook_runs_the_engine_with_the_plans_limits() -> None:
     """The hook's engine limits are the plan's: energy cap and tuned counts included."""
-    from kvmaccel.hook.ops import make_plan
+    from kvmaccel.libvirt.ops import make_plan
     from kvmaccel.plan.config import parse_config
 
     host = read_host()

@@ -373,8 +373,8 @@ def test_the_hooks_forked_scrub_is_detached_and_a_restart_lends_it_its_priority(
     and autogroup, both at nice 19.  A start of the same guest right after lends it its own
     priority, every thread and the autogroup (``hurry_scrub_of``, which the warm prepare
     calls), instead of waiting for a nice-19 scrub."""
-    from kvmaccel.hook import pool as hook_pool
     from kvmaccel.plan.config import HookConfig
+    from kvmaccel.serve import pool as hook_pool
 
     from .conftest import need
     from .test_hook_integration import cpu_hogs

@@ -1,4 +1,4 @@
-"""``kvmaccel pool keep --daemon`` (kvmaccel/pool/daemon.py): its start tells the truth, one
+"""``kvmaccel pool keep --daemon`` (kvmaccel/setup/keeper.py): its start tells the truth, one
 keeper runs at a time, and its pidfile never follows a symlink.
 
 Each keeper runs in a mount namespace that sees only the test's own tmpfs mounts

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmaccel.hook import install
 from kvmaccel.host.facts import read_host
 from kvmaccel.pool.manage import POOL_DIRNAME, Pool, key_for
+from kvmaccel.setup import install
 
 from .conftest import private_mount
 from .test_hook import NAME, domain_xml

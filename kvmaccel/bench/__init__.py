@@ -6,6 +6,7 @@ behind ``kvmaccel tune`` (:mod:`.tune`), and the libvirt helpers tests and bench
 (:mod:`.virsh`).  Nothing below imports it.
 
 May import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model, kvmaccel.host,
-  kvmaccel.plan, kvmaccel.engine, kvmaccel.pool, kvmaccel.hook.
-Must not import: kvmaccel.launch, kvmaccel.cli.
+  kvmaccel.plan, kvmaccel.engine, kvmaccel.pool, kvmaccel.serve, kvmaccel.libvirt,
+  kvmaccel.setup.
+Must not import: kvmaccel.launch, kvmaccel.cli, kvmaccel.hook.
 """

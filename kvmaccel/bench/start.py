@@ -66,12 +66,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..errors import CapacityError, UsageError, VirshError
-from ..hook import front as hook_front
-from ..hook import install as hook_install
 from ..host.facts import read_host
 from ..model.units import format_size
 from ..plan.limits import Limits
 from ..pool.manage import POOL_DIRNAME, Pool, PoolKey, key_for
+from ..setup import front as hook_front
+from ..setup import install as hook_install
 from . import virsh
 
 Emit = Callable[[str], None]

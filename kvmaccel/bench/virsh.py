@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 import psutil
 
 from ..errors import VirshError
-from ..hook import install as hook_install
+from ..setup import install as hook_install
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ to one line and an exit code; each other module holds one command group.  Nothin
 ``kvmaccel.__main__`` imports it.
 
 May import: kvmaccel, kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model,
-  kvmaccel.host, kvmaccel.plan, kvmaccel.engine, kvmaccel.pool, kvmaccel.hook, kvmaccel.launch,
-  kvmaccel.bench.
-Must not import: nothing.
+  kvmaccel.host, kvmaccel.plan, kvmaccel.engine, kvmaccel.pool, kvmaccel.launch, kvmaccel.bench,
+  kvmaccel.serve, kvmaccel.libvirt, kvmaccel.setup.
+Must not import: kvmaccel.hook.
 """

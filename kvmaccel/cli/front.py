@@ -1,5 +1,5 @@
 """``kvmaccel front install|uninstall|status`` and ``kvmaccel enable|disable``: a thin layer
-over :mod:`kvmaccel.hook.front`.
+over :mod:`kvmaccel.setup.front`.
 
 ``enable`` points a persistent domain's ``<emulator>`` at the front (remembering the one it
 had, in the domain's ``<metadata>``); ``disable`` puts it back.  Both go through libvirt-python,
@@ -15,8 +15,8 @@ from collections.abc import Callable
 import click
 
 from ..errors import HookError, UsageError
-from ..hook import divert as divert_mod
-from ..hook import front as hook_front
+from ..setup import divert as divert_mod
+from ..setup import front as hook_front
 from .common import quiet_libvirt, read_text_input
 
 

@@ -1,5 +1,5 @@
 """``kvmaccel hook install|uninstall|status|bench-start``: a thin layer over
-:mod:`kvmaccel.hook.install` and :mod:`kvmaccel.bench.start`.
+:mod:`kvmaccel.setup.install` and :mod:`kvmaccel.bench.start`.
 
 Errors are raised as :class:`~kvmaccel.errors.KvmaccelError`; the ``kvmaccel`` group maps them
 to one line and an exit code.
@@ -15,9 +15,9 @@ import time
 import click
 
 from ..errors import KvmaccelError
-from ..hook import install as hook_install
 from ..plan.config import DEFAULT_PATH as DEFAULT_CONFIG
 from ..plan.config import read_config
+from ..setup import install as hook_install
 from .common import load_config
 
 log = logging.getLogger(__name__)

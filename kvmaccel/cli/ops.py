@@ -1,6 +1,6 @@
 """``kvmaccel doctor`` and ``kvmaccel metrics``: what an operator asks of a host.
 
-Thin: the checks are :mod:`kvmaccel.hook.doctor`, the metrics :mod:`kvmaccel.pool.metrics`.
+Thin: the checks are :mod:`kvmaccel.setup.doctor`, the metrics :mod:`kvmaccel.pool.metrics`.
 The one thing done here is reading the defined guests' XML from libvirt, read-only, for the
 doctor (the hook's layer never calls libvirt's API).
 """
@@ -11,9 +11,9 @@ import click
 
 from ..engine import records
 from ..errors import UsageError
-from ..hook import doctor as doc
-from ..hook import install as hook_install
 from ..paths import DEFAULT_RECORD_FILE
+from ..setup import doctor as doc
+from ..setup import install as hook_install
 from .common import existing_dirs, existing_file, file_if_any, quiet_libvirt
 
 _MARK = {doc.OK: "ok", doc.INFO: "--", doc.WARN: "WARN", doc.FAIL: "FAIL"}

@@ -230,7 +230,7 @@ def list_cmd(directories: tuple[str, ...], as_json: bool) -> None:
 
 def _held_and_kept_free(entries: list[Any]) -> None:
     """Per page size and node: what the pool holds, what is free, what is kept free."""
-    from ..pool.keep import floor_bytes, free_bytes
+    from ..pool.keep import floor_bytes
 
     host, config = read_host(), read_config()
     held: dict[tuple[int, int | None], int] = {}
@@ -242,7 +242,7 @@ def _held_and_kept_free(entries: list[Any]) -> None:
                                                                         kv[0][1] or -1)):
         where = "any node" if node is None else f"node {node}"
         click.echo(f"{format_size(page_kib * 1024)} pages, {where}: the pool holds "
-                   f"{format_size(length)}, {format_size(free_bytes(host, node, page_kib))} "
+                   f"{format_size(length)}, {format_size(host.free_bytes(node, page_kib))} "
                    f"free, {format_size(floor_bytes(config, host, node, page_kib))} kept free "
                    "(keep_free_mib)")
 
@@ -332,7 +332,7 @@ def keep(once: bool, daemon: bool, pidfile: str | None, interval: float, uri: st
             click.echo(line)
         return
     if daemon:
-        from ..pool.daemon import daemonize
+        from ..setup.keeper import daemonize
 
         if pidfile is None:
             private_dirs(config.run_dir)
@@ -343,7 +343,7 @@ def keep(once: bool, daemon: bool, pidfile: str | None, interval: float, uri: st
             return
         with started:  # the daemon: a failure before ready() goes back to the caller
             logger.setLevel(logging.INFO)
-            from ..hook.full import LogFileHandler  # opened as the records are: no symlink
+            from ..libvirt.full import LogFileHandler  # opened as the records are: no symlink
 
             handler = LogFileHandler(os.path.join(os.path.dirname(config.log_file),
                                                   "pool-keep.log"))

@@ -8,5 +8,6 @@ carries out a plan; it does not make one.
 
 May import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model, kvmaccel.host,
   kvmaccel.plan.
-Must not import: kvmaccel.pool, kvmaccel.hook, kvmaccel.launch, kvmaccel.bench, kvmaccel.cli.
+Must not import: kvmaccel.pool, kvmaccel.hook, kvmaccel.launch, kvmaccel.bench, kvmaccel.cli,
+  kvmaccel.serve, kvmaccel.libvirt, kvmaccel.setup.
 """

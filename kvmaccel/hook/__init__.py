@@ -1,12 +1,12 @@
-"""The libvirt hook layer: what kvmaccel does at each step of a guest's life.
+"""The libvirt hook's entry point under its name before :mod:`kvmaccel.libvirt` (compatibility).
 
-The entry point libvirt's script runs (:mod:`.entry`), which tries the warm path
-(:mod:`.warm`) and imports the full hook (:mod:`.full`, :mod:`.ops`, :mod:`.pool`) only when
-it declines; what both paths share (:mod:`.state`); the filler's stop at ``started``
-(:mod:`.filler`); installing the script (:mod:`.install`).  Inside the layer, imports go one
-way too: entry -> filler -> warm -> state, and full -> ops -> warm.
+A hook script written by ``kvmaccel hook install`` before then runs
+``from kvmaccel.hook.entry import main``; :mod:`.entry` keeps it working, warm path
+included, until ``kvmaccel hook install`` writes ``from kvmaccel.libvirt.entry import main``.
+Nothing in kvmaccel imports it.  To be removed in kvmaccel 0.3.
 
-May import: kvmaccel, kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model,
-  kvmaccel.host, kvmaccel.plan, kvmaccel.engine, kvmaccel.pool.
-Must not import: kvmaccel.launch, kvmaccel.bench, kvmaccel.cli.
+May import: kvmaccel.libvirt.
+Must not import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model,
+  kvmaccel.host, kvmaccel.plan, kvmaccel.engine, kvmaccel.pool, kvmaccel.serve,
+  kvmaccel.setup, kvmaccel.launch, kvmaccel.bench, kvmaccel.cli.
 """

@@ -8,5 +8,5 @@ decides nothing.
 
 May import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model.
 Must not import: kvmaccel.plan, kvmaccel.engine, kvmaccel.pool, kvmaccel.hook, kvmaccel.launch,
-  kvmaccel.bench, kvmaccel.cli.
+  kvmaccel.bench, kvmaccel.cli, kvmaccel.serve, kvmaccel.libvirt, kvmaccel.setup.
 """

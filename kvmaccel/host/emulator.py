@@ -1,6 +1,6 @@
 """Whether an emulator path is kvmaccel's front: read from the script's marker line.
 
-The front (:mod:`kvmaccel.hook.front` writes and installs it) is a ``/bin/sh`` script whose
+The front (:mod:`kvmaccel.setup.front` writes and installs it) is a ``/bin/sh`` script whose
 second line is ``# kvmaccel-front: {json}`` (which QEMU it execs, kvmaccel's version, whether a
 dpkg diversion put it at QEMU's own path).  Everything that plans a guest asks this module, so
 that the hook, the keeper, ``doctor`` and ``plan`` agree on which guests go through the front.

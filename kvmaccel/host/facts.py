@@ -103,6 +103,21 @@ class HostFacts:
     def node_cpus(self, node_id: int) -> frozenset[int]:
         return self.nodes[node_id].cpus
 
+    def free_bytes(self, node: int | None, page_kib: int) -> int:
+        """What a new allocation of ``page_kib`` pages on ``node`` (None: anywhere) can get
+        now: for base pages, ``MemAvailable`` host-wide and the node's ``MemFree``; for huge
+        pages, the pool's free pages less those reserved (host-wide) or its free pages (on a
+        node: the kernel reserves per pool, not per node).  0 for a size with no pool."""
+        if page_kib == self.base_page_size_kib:
+            if node is None:
+                return self.mem_available_kib * 1024
+            return self.nodes[node].mem_free_kib * 1024
+        pools = self.hugepages if node is None else self.nodes[node].hugepages
+        pool = pools.get(page_kib)
+        if pool is None:
+            return 0
+        return (pool.available_pages if node is None else pool.free_pages) * page_kib * 1024
+
 
 def mount_of(path: str, mounts: Sequence[Mount]) -> Mount | None:
     """The mount that holds ``path``: the longest mount point that is ``path`` itself or a

@@ -6,5 +6,6 @@ argument parser (:mod:`.qemuargs`, :mod:`.objargs`), ``kvmaccel prealloc`` outsi
 
 May import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model, kvmaccel.host,
   kvmaccel.plan, kvmaccel.engine.
-Must not import: kvmaccel.pool, kvmaccel.hook, kvmaccel.bench, kvmaccel.cli.
+Must not import: kvmaccel.pool, kvmaccel.hook, kvmaccel.bench, kvmaccel.cli, kvmaccel.serve,
+  kvmaccel.libvirt, kvmaccel.setup.
 """

@@ -9,5 +9,6 @@ touches memory.
 
 May import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs.
 Must not import: kvmaccel.host, kvmaccel.plan, kvmaccel.engine, kvmaccel.pool, kvmaccel.hook,
-  kvmaccel.launch, kvmaccel.bench, kvmaccel.cli.
+  kvmaccel.launch, kvmaccel.bench, kvmaccel.cli, kvmaccel.serve, kvmaccel.libvirt,
+  kvmaccel.setup.
 """

@@ -11,6 +11,6 @@ limits, tuning, energy, whether the emulator is the front) the one way every cal
 domain.  Nothing here maps memory or starts threads; :mod:`.tuning` writes its state file.
 
 May import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model, kvmaccel.host.
-Must not import: kvmaccel.engine, kvmaccel.pool, kvmaccel.hook, kvmaccel.launch,
-  kvmaccel.bench, kvmaccel.cli.
+Must not import: kvmaccel.engine, kvmaccel.pool, kvmaccel.hook, kvmaccel.launch, kvmaccel.bench,
+  kvmaccel.cli, kvmaccel.serve, kvmaccel.libvirt, kvmaccel.setup.
 """

@@ -28,7 +28,7 @@ libvirt rules reproduced here and, for names, sizes and paths, in :mod:`kvmaccel
   ``placement='auto'`` uses numad's nodeset); none in ``mode='restrictive'``.
 
 Through kvmaccel's emulator front (``front=True``: the domain's ``<emulator>`` is the front,
-:mod:`kvmaccel.hook.front`), a huge page backend's directory and a ``hugetlb`` memfd are
+:mod:`kvmaccel.setup.front`), a huge page backend's directory and a ``hugetlb`` memfd are
 populated too: kvmaccel prepares ``<mount>/libvirt/qemu/<shortname>/.kvmaccel/kvmaccel-<id>`` on the
 mount of the backend's page size (``.kvmaccel``: a directory of root's the hook makes at each
 start, what proves to the front that the file is the hook's), and the front hands QEMU that

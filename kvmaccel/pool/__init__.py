@@ -6,5 +6,6 @@ on top of the engine (:mod:`.manage`).
 
 May import: kvmaccel.errors, kvmaccel.paths, kvmaccel.safefs, kvmaccel.model, kvmaccel.host,
   kvmaccel.plan, kvmaccel.engine.
-Must not import: kvmaccel.hook, kvmaccel.launch, kvmaccel.bench, kvmaccel.cli.
+Must not import: kvmaccel.hook, kvmaccel.launch, kvmaccel.bench, kvmaccel.cli, kvmaccel.serve,
+  kvmaccel.libvirt, kvmaccel.setup.
 """

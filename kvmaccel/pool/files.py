@@ -1,7 +1,7 @@
 """The pool's files and their states: what a start from the pool needs, and nothing more.
 
 A warm start runs this module twice, in the two hook calls that precede QEMU (see
-:mod:`kvmaccel.hook.warm`), and every millisecond of those is the guest's.  So it imports only
+:mod:`kvmaccel.libvirt.warm`), and every millisecond of those is the guest's.  So it imports only
 what ``json`` already loads; :mod:`kvmaccel.pool.manage` builds filling, scrubbing and draining on
 top (:class:`kvmaccel.pool.manage.Pool` is a :class:`PoolFiles`).
 

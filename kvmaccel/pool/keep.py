@@ -17,7 +17,7 @@ The keeper makes the pool what its targets say it should be, one pass at a time:
    that is not kvmaccel's (other guests, DPDK, QEMU's own allocations).
 
 Every action is one log line saying what and why.  ``--once`` does one pass (tests, cron,
-boot); ``--daemon`` detaches (:mod:`kvmaccel.pool.daemon`) and repeats every ``--interval``
+boot); ``--daemon`` detaches (:mod:`kvmaccel.setup.keeper`) and repeats every ``--interval``
 seconds with a pidfile, until SIGTERM; ``--install-unit`` writes a systemd unit that runs it
 in the foreground.
 """
@@ -133,22 +133,10 @@ def floor_bytes(config: HookConfig, host: HostFacts, node: int | None, page_kib:
     return (pool.nr_pages * page_kib * 1024 // FLOOR_FRACTION) if pool else 0
 
 
-def free_bytes(host: HostFacts, node: int | None, page_kib: int) -> int:
-    if page_kib == host.base_page_size_kib:
-        if node is None:
-            return host.mem_available_kib * 1024
-        return host.nodes[node].mem_free_kib * 1024
-    pools = host.hugepages if node is None else host.nodes[node].hugepages
-    pool = pools.get(page_kib)
-    if pool is None:
-        return 0
-    return (pool.available_pages if node is None else pool.free_pages) * page_kib * 1024
-
-
 def above_floor(key: PoolKey, config: HookConfig, host: HostFacts) -> str | None:
     """None when one more file of ``key`` leaves every floor intact, else why not."""
     for node, length in key.node_bytes().items():
-        free = free_bytes(host, node, key.page_size_kib)
+        free = host.free_bytes(node, key.page_size_kib)
         floor = floor_bytes(config, host, node, key.page_size_kib)
         if free - length < floor:
             where = "host-wide" if node is None else f"on node {node}"

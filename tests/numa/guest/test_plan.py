@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmaccel.hook import entry as hook_entry
+from kvmaccel.libvirt import entry as hook_entry
 
 from .conftest import MIB, record, set_node_hugepages
 

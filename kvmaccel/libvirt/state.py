@@ -1,5 +1,5 @@
-"""What the hook's warm path and its full path share: the config snapshot, the per-domain
-state files, and where a log line goes.
+"""What the libvirt hook's warm path and its full path share: the config snapshot and where
+a log line goes.
 
 Both paths import this module, and it imports neither (nor the logging module: a warm start
 cannot afford it).  It imports only what ``json`` already loads.
@@ -12,7 +12,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import paths, safefs
-from ..errors import BackingError, UnsafePathError, UsageError
+from ..errors import UnsafePathError
+from ..serve.state import read_json, write_json
 
 if TYPE_CHECKING:
     from ..plan.config import HookConfig
@@ -22,7 +23,8 @@ SNAPSHOT_FIELDS = ("enabled", "strict", "pool_enabled", "run_dir", "record_file"
                    "syslog", "log_file", "log_file_set", "log_level")
 SYSLOG_SOCKET = "/dev/log"
 LOG_BODY = "%(domain)s %(op)s: %(levelname)s: %(message)s"
-"""One log line after ``kvmaccel-hook[<pid>]: `` (:mod:`kvmaccel.hook.full` logs the same way)."""
+"""One log line after ``kvmaccel-hook[<pid>]: `` (:mod:`kvmaccel.libvirt.full` logs the same
+way)."""
 
 
 def log_prefix() -> str:
@@ -72,31 +74,6 @@ def read_config_snapshot(path: str) -> dict[str, Any] | None:
     return {**values, "config_text": record["text"]}
 
 
-def _top(path: str) -> str | None:
-    """Where the checked chain of ``path`` starts: the run dir, when it is under it."""
-    top = os.path.abspath(paths.run_dir())
-    return top if os.path.abspath(path).startswith(top.rstrip("/") + "/") else None
-
-
-def read_json(path: str) -> Any:
-    """The JSON kvmaccel left at ``path`` in its run dir; None when it is missing or not
-    JSON.  Root acts on what it reads there (files to remove, processes to stop), so the
-    file and every directory from the run dir down must be kvmaccel's own
-    (:func:`kvmaccel.safefs.read_own_json`): raises :class:`UnsafePathError` otherwise."""
-    try:
-        return safefs.read_own_json(path, top=_top(path))
-    except UnsafePathError:
-        raise
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path: str, data: object) -> None:
-    """Write what :func:`read_json` reads (atomically, by the checked directory's
-    descriptor).  Raises :class:`OSError`, :class:`UnsafePathError`."""
-    safefs.write_json_atomic(path, data, top=_top(path))
-
-
 # --- logging without the logging module -----------------------------------------------------
 
 def log_targets(syslog: bool, log_file_set: bool) -> tuple[bool, bool]:
@@ -107,7 +84,8 @@ def log_targets(syslog: bool, log_file_set: bool) -> tuple[bool, bool]:
 
 
 def log_info(values: dict[str, Any], name: str, op: str, message: str) -> None:
-    """One INFO line where :func:`kvmaccel.hook.full.setup_logging` would put it.  Never raises."""
+    """One INFO line where :func:`kvmaccel.libvirt.full.setup_logging` would put it.  Never
+    raises."""
     if values["log_level"] not in ("debug", "info"):
         return
     body = LOG_BODY % {"domain": name, "op": op, "levelname": "INFO", "message": message}
@@ -129,41 +107,3 @@ def log_info(values: dict[str, Any], name: str, op: str, message: str) -> None:
                 os.close(fd)
         except (OSError, UnsafePathError):
             pass
-
-
-# --- per-domain state ----------------------------------------------------------------------
-
-def state_path(key: str) -> str:
-    """``<run_dir>/domains/<uuid>.json`` (the run dir comes from ``$KVMACCEL_RUN_DIR``)."""
-    if not key or "/" in key or key.startswith("."):
-        raise UsageError(f"domain key {key!r} cannot name a state file")
-    return os.path.join(paths.run_dir(), "domains", f"{key}.json")
-
-
-def write_state(key: str, state: dict[str, object]) -> None:
-    write_json(state_path(key), state)
-
-
-def read_state(key: str) -> dict[str, object] | None:
-    """The guest's state as ``start`` left it; None when there is none.  The stop acts on it
-    as root (the filler's pid, the files to remove), so it is read only from kvmaccel's own
-    file in kvmaccel's own directories: raises :class:`UnsafePathError` for anything else,
-    :class:`BackingError` for a file that cannot be read."""
-    path = state_path(key)
-    try:
-        data = safefs.read_own_json(path, top=paths.run_dir())
-    except UnsafePathError:
-        raise
-    except (OSError, ValueError) as e:
-        raise BackingError(f"cannot read kvmaccel's state {path}: {e}") from None
-    return data if isinstance(data, dict) else None
-
-
-def recipe_path(domain_uuid: str) -> str:
-    """What ``prepare`` left for a fast start from the pool."""
-    return state_path(f"{domain_uuid}.prepared")
-
-
-def cache_path(domain_uuid: str) -> str:
-    """The pool-related part of the guest's last plan, for a fast ``prepare``."""
-    return state_path(f"{domain_uuid}.plan-cache")

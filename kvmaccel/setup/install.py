@@ -45,14 +45,14 @@ _TEMPLATE = '''#!/bin/sh
 # See `kvmaccel hook --help`; settings live in the config file (default
 # /etc/kvmaccel/kvmaccel.toml), not here.  This script never writes to stdout.
 #
-# The operations kvmaccel acts on (kvmaccel.hook.full.HANDLED_OPS); every other one exits 0 at
+# The operations kvmaccel acts on (kvmaccel.libvirt.full.HANDLED_OPS); every other one exits 0 at
 # once, without starting Python: each call before QEMU is part of the guest's start.
 case "$2 $3" in
     "prepare begin"|"start begin"|"started begin"|"stopped end"|"release end") ;;
     *) [ $# -eq 4 ] && exit 0 ;;
 esac
 {run_dir}# "started begin" (QEMU has preallocated: stop the filler for good) only when a start left
-# a filler: its record is in this directory (kvmaccel.hook.filler).
+# a filler: its record is in this directory (kvmaccel.serve.filler).
 export KVMACCEL_FILLER_DIR="${{KVMACCEL_RUN_DIR:-{default_run_dir}}}/fillers"
 if [ "$2 $3" = "started begin" ]; then
     for record in "$KVMACCEL_FILLER_DIR"/*.json; do
@@ -64,7 +64,7 @@ fi
 '''
 _CODE = '''
 import sys
-{path_line}from kvmaccel.hook.entry import main
+{path_line}from kvmaccel.libvirt.entry import main
 sys.exit(main(sys.argv[1:], config_path={config}))
 '''
 _FAST_START = ("# Python runs without site (-S), which it does not need: kvmaccel and its "
@@ -234,7 +234,7 @@ def forget_config(config_path: str | None, run_dir: str | None = None) -> None:
     """Remove what the hook, run by libvirt, learned from ``config_path`` (its snapshot
     under ``run_dir``, /run/kvmaccel by default), and the directories for it when they are
     empty."""
-    from .state import snapshot_path
+    from ..libvirt.state import snapshot_path
 
     run_dir = run_dir or DEFAULT_RUN_DIR
     snapshot = snapshot_path(config_path or DEFAULT_CONFIG_PATH, run_dir)

@@ -1,6 +1,6 @@
-"""The filler's identity, how it is stopped, and ``started begin``: the moment it stops for good.
+"""The filler's identity, how it is stopped, and the moment it stops for good.
 
-The filler (:mod:`kvmaccel.hook.overlap`) populates a guest's fresh file beside QEMU's own
+The filler (:mod:`kvmaccel.serve.overlap`) populates a guest's fresh file beside QEMU's own
 preallocation.  Its work is only worth anything until QEMU's preallocation of that file is
 done; after that, every range it faults in is one the guest may have given back meanwhile:
 QEMU punches a hole in fd-backed RAM (``fallocate(PUNCH_HOLE)``) when a balloon inflates,
@@ -12,9 +12,9 @@ twice over:
 
 * *by itself*: it leaves alone, for good, every file it has once seen allocated whole (QEMU
   preallocates every page; the filler checks before each step, :mod:`.overlap`);
-* *at* ``started begin`` (:func:`stop_at_started`): libvirt runs that hook after QEMU's
-  start, when every backend is preallocated (QEMU preallocates while it creates the
-  objects, before its monitor answers): after ``cont`` for a plain start, before the
+* *at* ``started begin`` (:func:`kvmaccel.libvirt.started.stop_at_started`): libvirt runs
+  that hook after QEMU's start, when every backend is preallocated (QEMU preallocates while
+  it creates the objects, before its monitor answers): after ``cont`` for a plain start, before the
   migration source sends anything for an incoming migration, after the whole saved state
   is loaded for a restore.  The hook kills the filler there (SIGKILL at once: a step in
   flight is the only thing SIGTERM would let it finish) and waits until it is gone, so no
@@ -22,7 +22,7 @@ twice over:
   start forks one, once per QEMU.
 
 Every ``started begin`` costs a hook call, on every guest's start: the installed script
-(:mod:`.install`) starts Python for it only while a *filler record* exists, the file
+(:mod:`kvmaccel.setup.install`) starts Python for it only while a *filler record* exists, the file
 ``<filler dir>/<uuid>.json`` that ``start begin`` writes when it leaves a filler, and this
 path imports no more than the warm path does (no logging, no engine).  The filler dir is the
 one the installed script looks in and names in ``$KVMACCEL_FILLER_DIR`` (``fillers/`` in the
@@ -38,13 +38,10 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
 
 from .. import paths
 from ..errors import UsageError
 from ..safefs import write_json_atomic
-from .state import read_state
-from .warm import domain_ids
 
 STOP_WAIT_S = 5.0
 """How long :func:`stop_filler` waits after each signal."""
@@ -121,21 +118,3 @@ def stop_filler(filler: object, at_once: bool = False) -> str:
                 return "stopped"
             time.sleep(0.005)
     return "stuck"
-
-
-def stop_at_started(name: str, xml: bytes, say: Callable[[str], None]) -> None:
-    """``started begin``: QEMU has preallocated every backend; stop the guest's filler for
-    good, if its start left one.  Never raises for a filler that is gone already."""
-    uuid, _ = domain_ids(xml)
-    key = uuid or f"name-{name}"
-    if not os.path.lexists(record_path(key)):
-        return
-    state = read_state(key) or {}
-    filler = state.get("filler")
-    outcome = stop_filler(filler, at_once=True)
-    pid = filler.get("pid") if isinstance(filler, dict) else None
-    if outcome == "stopped":
-        say(f"stopped the filler (pid {pid}) for good: QEMU has preallocated every backend")
-    elif outcome == "stuck":
-        say(f"the filler (pid {pid}) did not exit within {STOP_WAIT_S:g} s of SIGKILL")
-    forget_record(key)

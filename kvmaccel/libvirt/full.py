@@ -14,7 +14,7 @@ stderr; exit 0 is not logged by libvirt at all, so kvmaccel logs to syslog or it
   group of that directory, size ``file_size_bytes``) and populate it with the engine.  QEMU
   then finds the file, uses it as is, and maps pages that are already there.
 * ``started begin``: QEMU has preallocated every backend; a filler the start left populating
-  beside QEMU is stopped for good (:mod:`kvmaccel.hook.filler`).  The installed script runs
+  beside QEMU is stopped for good (:mod:`kvmaccel.serve.filler`).  The installed script runs
   Python for it only when a start left a filler.
 * ``stopped end`` / ``release end``: remove whatever kvmaccel created that is still there.
   By then libvirt has deleted the per-domain directory and the XML carries no ``id``, so the
@@ -123,7 +123,7 @@ def setup_logging(config: HookConfig, name: str, op: str) -> None:
 
 def op_prepare(xml: bytes, config: HookConfig) -> None:
     """Plan and check capacity (a warm prepare was tried before, in
-    :func:`kvmaccel.hook.entry.main`)."""
+    :func:`kvmaccel.libvirt.entry.main`)."""
     from .ops import op_prepare as plan_and_check
 
     plan_and_check(xml, config)
@@ -134,15 +134,15 @@ def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = No
     the warm path last saw it); otherwise create and populate the files."""
     if config.pool_enabled and start_from_pool(xml, log.info):
         return
-    from .ops import start_populating
+    from .ops import op_start as serve_start
 
-    start_populating(xml, config, cancel)
+    serve_start(xml, config, cancel)
 
 
 def op_started(name: str, xml: bytes) -> None:
-    """Stop the guest's filler for good (:func:`kvmaccel.hook.filler.stop_at_started`; the
+    """Stop the guest's filler for good (:func:`kvmaccel.libvirt.started.stop_at_started`; the
     entry point tried this before without logging or the config file)."""
-    from .filler import stop_at_started
+    from .started import stop_at_started
 
     stop_at_started(name, xml, log.info)
 

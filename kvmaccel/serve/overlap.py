@@ -24,13 +24,13 @@ Why this is safe, and what the tests check (``tests/test_hook_overlap.py``):
   starts, as before (:func:`why_not`).
 * *Placement*: the filler binds every range to the backend's nodes before it faults, as the
   engine always does, and QEMU binds its mapping to the same host-nodes.
-* *It stops for good once QEMU's preallocation is done* (:mod:`kvmaccel.hook.filler` says
+* *It stops for good once QEMU's preallocation is done* (:mod:`kvmaccel.serve.filler` says
   why a range faulted in after that can break a guest): it leaves alone every file it has
   once seen allocated whole (:class:`Complete`), and ``started begin`` kills it.
 * *Its own cgroup from the start*: the hook moves it into the config's ``cgroup`` before it
   runs an instruction (:func:`fork_detached`), and it sizes its helpers from there.
 * *Lifetime*: the filler's pid and start time are in the guest's state; ``started``,
-  ``stopped`` and ``release`` stop it (:func:`kvmaccel.hook.filler.stop_filler`) before
+  ``stopped`` and ``release`` stop it (:func:`kvmaccel.serve.filler.stop_filler`) before
   the files are released or scrubbed, and it exits by itself when done, or after
   ``populate_timeout_s``.
 
@@ -151,8 +151,8 @@ def no_touch(addr: int, length: int, page_size: int) -> None:
 def start_filler(backings: Sequence[Backing], threads: Sequence[int], host: HostFacts,
                  limits: Limits, config: HookConfig, domain: str, key: str) -> dict[str, int]:
     """Fork the filler for ``backings`` (named, sized, owned: QEMU may open them from now on),
-    record it for ``started begin`` (:func:`kvmaccel.hook.filler.stop_at_started`) and
-    return what :func:`~kvmaccel.hook.filler.stop_filler` needs to find it again: its pid
+    record it for ``started begin`` (:func:`kvmaccel.serve.filler.stop_at_started`) and
+    return what :func:`~kvmaccel.serve.filler.stop_filler` needs to find it again: its pid
     and start time.  The filler runs in the config's cgroup from its first instruction on
     (:func:`fork_detached`)."""
     items = [item for backing, t in zip(backings, threads, strict=True)
@@ -173,7 +173,7 @@ def start_filler(backings: Sequence[Backing], threads: Sequence[int], host: Host
 class Complete:
     """Which of the filler's files have been allocated whole, by QEMU's preallocation or the
     filler: the filler leaves each of those alone for good (the module docstring of
-    :mod:`kvmaccel.hook.filler` says why).  :meth:`populate` stands in for the engine's
+    :mod:`kvmaccel.serve.filler` says why).  :meth:`populate` stands in for the engine's
     ``MADV_POPULATE_WRITE`` step (``EngineOps.populate``): before each step it looks at
     every file not yet seen whole, then skips the step if its own file was.
 

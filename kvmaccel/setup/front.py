@@ -14,7 +14,7 @@ What proves a file is the hook's: the guest's directory ``D`` (``<mount>/libvirt
 <shortname>``) belongs to the qemu user, who may put anything in it, so a name there proves
 nothing.  At each start the hook (root) makes ``D/.kvmaccel`` (root's, mode 0755; any one
 left from before is removed first, one it did not make refused) and puts ``kvmaccel-<id>``
-in it (:mod:`kvmaccel.hook.memdir`).  The qemu user cannot create, rename or remove a name
+in it (:mod:`kvmaccel.serve.memdir`).  The qemu user cannot create, rename or remove a name
 in a directory of root's, cannot chown, and cannot move a directory of root's into ``D``
 from elsewhere (a directory changing parent needs write permission on itself).  The front
 takes only ``D`` of this guest (its shortname from ``$HOME``, which libvirt sets to

@@ -1,13 +1,13 @@
-"""The warm pool at a guest's start and stop: what the hook does with :mod:`kvmaccel.pool.manage`.
+"""The warm pool at a guest's start and stop: what a start does with :mod:`kvmaccel.pool.manage`.
 
-* ``prepare begin``: a backend a clean pool file can serve needs no free pages; the capacity
-  check counts only the rest.
-* ``start begin``: for each backend the plan populates, link a clean pool file of the same
+* before the start (libvirt's ``prepare begin``): a backend a clean pool file can serve needs
+  no free pages; the capacity check counts only the rest (:mod:`.room`).
+* at the start: for each backend the plan populates, link a clean pool file of the same
   :class:`~kvmaccel.pool.manage.PoolKey` at the path libvirt hands QEMU (owner, group and mode as
   the hook's own files); the backends no pool file serves are populated fresh, and each fresh
   file then joins the pool, in use by this guest (within the pool's limits), so that the
   guest's next start comes from the pool.
-* ``stopped end`` / ``release end``: the guest's pool files still hold its memory: mark them
+* at the stop: the guest's pool files still hold its memory: mark them
   dirty and start a detached scrub at nice 19.
 """
 
@@ -18,48 +18,27 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .. import safefs
 from ..errors import UnsafePathError, UsageError
-from ..model.units import format_size
-from ..pool.discovery import existing_pools, refused_line
+from ..pool.discovery import refused_line
 from ..pool.manage import (
     Pool,
     PoolEntry,
     PoolKey,
-    key_for,
     pool_dir_for,
-    reserved_first,
     spawn_scrub,
 )
+from .job import Fresh, Linked
 
 if TYPE_CHECKING:  # a start from a cached plan imports neither the planner nor the config
     from ..engine.backing import Backing, BackingSpec
     from ..host.facts import HostFacts
     from ..plan.config import HookConfig
-    from ..plan.planner import BackendPlan, CapacityCheck, DomainPlan
-
-Fresh = tuple[str, PoolKey, "BackingSpec"]
-"""A backend to populate: its id, the pool key its file would have, and its spec."""
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Linked:
-    """A pool file linked at ``link_path`` for one backend."""
-
-    backend_id: str
-    link_path: str
-    pool_path: str
-    pool_dir: str
-
-
-def backend_key(backend: BackendPlan) -> PoolKey:
-    return key_for(backend.file_size_bytes, backend.page_size_kib, backend.host_nodes or (),
-                   backend.policy)
 
 
 def pool_for(path: str, host: HostFacts, config: HookConfig) -> Pool | None:
@@ -92,122 +71,6 @@ def refused(e: UnsafePathError) -> None:
     if e.path not in _refused:
         _refused.add(str(e.path))
         log.warning("%s", refused_line(e))
-
-
-def served_by_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
-                   ) -> tuple[set[str], dict[str, list[PoolEntry]]]:
-    """The backends a pool file will serve at start (a clean one, or this guest's own file
-    that a scrub is finishing), and per pool the clean files left over."""
-    served: set[str] = set()
-    clean: dict[str, list[PoolEntry]] = {}  # per pool: clean files not yet spoken for
-    own: dict[str, list[PoolEntry]] = {}  # per pool: this guest's files a scrub finishes
-    for backend in plan.populated:
-        assert backend.file_path is not None
-        pool = pool_for(backend.file_path, host, config)
-        if pool is None:
-            continue
-        if pool.directory not in clean:
-            try:
-                entries = pool.entries()
-            except UnsafePathError as e:  # made by another user since pool_for looked
-                refused(e)
-                entries = []
-            clean[pool.directory] = [e for e in entries if e.state == "clean"]
-            own[pool.directory] = [e for e in entries if plan.uuid is not None
-                                   and e.domain_uuid == plan.uuid
-                                   and e.state in ("dirty", "scrubbing")]
-        key = backend_key(backend)
-        for candidates in (clean[pool.directory], own[pool.directory]):
-            match = next((e for e in reserved_first(candidates)
-                          if e.key.serves(key, plan.uuid)), None)
-            if match is not None:
-                candidates.remove(match)
-                served.add(backend.backend_id)
-                break
-    return served, clean
-
-
-def room_for_everything(plan: DomainPlan, host: HostFacts, config: HookConfig) -> int:
-    """A pool must never be the reason a start fails.  Count what the guest will allocate of
-    each page size on each node, whatever allocates it (kvmaccel, or QEMU itself for the
-    backends kvmaccel does not populate), less what pool files will serve; where the host
-    has less free, give back unused, unreserved pool files of that page size on that node,
-    oldest first, until it fits.  Returns the bytes given back."""
-    from ..plan.limits import split_across_nodes
-    from ..pool.keep import free_bytes
-
-    if not config.pool_enabled:
-        return 0
-    served, _ = served_by_pool(plan, host, config)
-    need: dict[tuple[int | None, int], int] = {}
-    for b in plan.backends:
-        if b.backend_id in served:
-            continue
-        for node, _, length in split_across_nodes(b.size_bytes, b.host_nodes or (),
-                                                  b.page_size_kib * 1024):
-            need[(node, b.page_size_kib)] = need.get((node, b.page_size_kib), 0) + length
-    freed = 0
-    for (node, page_kib), wanted in need.items():
-        short = wanted - free_bytes(host, node, page_kib)
-        for pool in _pools_of_page(page_kib, host, config) if short > 0 else []:
-
-            def fits(e: PoolEntry, node: int | None = node, page_kib: int = page_kib) -> bool:
-                nodes = e.key.node_bytes()
-                return (e.key.page_size_kib == page_kib and e.key.reserved_uuid is None
-                        and (node is None or node in nodes or None in nodes))
-
-            try:
-                got = pool.drain(at_least_bytes=short, matching=fits)
-            except UnsafePathError as e:
-                refused(e)
-                continue
-            if got:
-                log.info("pool %s: gave back %s of %s pages%s so that guest %s fits",
-                         pool.directory, format_size(got), format_size(page_kib * 1024),
-                         "" if node is None else f" on node {node}", plan.name)
-            freed += got
-            short -= got
-            if short <= 0:
-                break
-    return freed
-
-
-def _pools_of_page(page_kib: int, host: HostFacts, config: HookConfig) -> list[Pool]:
-    pools = []
-    for mount in host.mounts:
-        if (mount.fs_type == "hugetlbfs" and mount.page_size_kib == page_kib) or (
-                mount.fs_type == "tmpfs" and page_kib == host.base_page_size_kib):
-            for directory in existing_pools([mount]):
-                pool = pool_for(directory, host, config)
-                if pool is not None:
-                    pools.append(pool)
-    return pools
-
-
-def capacity_after_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
-                        ) -> tuple[CapacityCheck, ...]:
-    """The plan's capacity checks less what pool files would serve (:func:`served_by_pool`),
-    with the clean pool files nobody would use counted as available (:func:`make_room` gives
-    them back)."""
-    served_ids, left = served_by_pool(plan, host, config)
-    served: dict[tuple[int | None, int], int] = {}
-    spare: dict[tuple[int | None, int], int] = {}
-    for backend in plan.populated:
-        if backend.backend_id in served_ids:
-            _add(served, backend_key(backend))
-    for entries in left.values():
-        for entry in entries:
-            _add(spare, entry.key)
-    return tuple(replace(c, needed_bytes=max(0, c.needed_bytes
-                                             - served.get((c.node, c.page_size_kib), 0)),
-                         available_bytes=c.available_bytes
-                         + spare.get((c.node, c.page_size_kib), 0))
-                 for c in plan.capacity)
-
-
-def _add(totals: dict[tuple[int | None, int], int], key: PoolKey) -> None:
-    for node, length in key.node_bytes().items():
-        totals[(node, key.page_size_kib)] = totals.get((node, key.page_size_kib), 0) + length
 
 
 def take(domain_uuid: str | None, backends: Sequence[Fresh], host: HostFacts,

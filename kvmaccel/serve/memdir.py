@@ -3,7 +3,7 @@
 * **The proof directory** ``D/.kvmaccel``: ``D`` (``<mount>/libvirt/qemu/<shortname>``)
   belongs to the qemu user, so a name in it proves nothing; at each start the hook (root)
   makes ``D/.kvmaccel``, root's, mode 0755, and puts the files the front may hand QEMU in it
-  (:mod:`kvmaccel.hook.front` says what the front checks).  One found there already is
+  (:mod:`kvmaccel.setup.front` says what the front checks).  One found there already is
   removed whole when it is root's (a start or stop of kvmaccel's that did not finish: only
   root can make a directory of root's there) and refused otherwise; it is removed whole at
   stop too.

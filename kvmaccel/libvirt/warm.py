@@ -6,7 +6,7 @@ a clean pool file for every backend) all they do is check the cached plan, link 
 two small state files.  This module does that with only what ``json`` loads anyway: no logging,
 tomllib, dataclasses or hashlib, which cost about 60 ms a call, and the installed script starts
 Python without ``site`` (``-S``; it puts kvmaccel's and its dependencies' directories on
-``sys.path`` itself).  Every other case goes to :func:`kvmaccel.hook.full.main`, which
+``sys.path`` itself).  Every other case goes to :func:`kvmaccel.libvirt.full.main`, which
 reads the config, logs, plans and populates.
 
 What a warm start reads, all written by the full hook:
@@ -27,20 +27,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
-from ..engine import records
-from ..errors import KvmaccelError
-from ..pool.files import PoolEntry, PoolFiles, PoolKey
-from . import memdir
-from .state import cache_path, file_text, read_json, recipe_path, write_json, write_state
-
-FILE_MODE = 0o600
-RECIPE_MAX_AGE_S = 600
-"""A ``prepare`` older than this is not trusted by ``start`` (the pool may have changed)."""
-
+from ..serve.state import cache_path, read_json, recipe_path
+from ..serve.take import hurry_own_scrub, start_from_recipe, write_recipe_if_clean
+from .state import file_text
 
 # --- a warm prepare: the plan as before, a clean pool file for every backend ----------------
 
@@ -79,24 +71,6 @@ def plan_inputs(xml: bytes, qemu_conf: str, config_text: str | None) -> dict[str
     return {"xml": _DOMAIN_ID.sub(rb"\1", xml, count=1).decode("utf-8", "replace"),
             "emulator": emulator_identity(xml),
             "qemu_conf": [qemu_conf, file_text(qemu_conf)], "config": config_text}
-
-
-def write_recipe_if_clean(domain_uuid: str, domain_id: int, name: str, shortname: str,
-                          backends: list[dict[str, Any]]) -> bool:
-    """Write the start recipe when a clean pool file waits for every backend."""
-    wanted: dict[tuple[str, str, PoolKey], int] = {}
-    for b in backends:
-        if not b["pool_dir"]:
-            return False
-        slot = (b["pool_dir"], b["state_dir"], PoolKey.from_dict(b["key"]))
-        wanted[slot] = wanted.get(slot, 0) + 1
-    for (pool_dir, state_dir, key), count in wanted.items():
-        if len(PoolFiles(pool_dir, state_dir=state_dir).clean_for(key, domain_uuid)) < count:
-            return False
-    write_json(recipe_path(domain_uuid), {
-        "uuid": domain_uuid, "id": domain_id, "name": name, "shortname": shortname,
-        "written_unix": time.time(), "backends": backends})
-    return True
 
 
 def cached_plan(xml: bytes, qemu_conf: str, config_text: str | None
@@ -140,76 +114,10 @@ def prepare_from_cache(xml: bytes, values: dict[str, Any], say: Callable[[str], 
     return True
 
 
-def hurry_own_scrub(uuid: str, backends: list[dict[str, Any]],
-                    say: Callable[[str], None]) -> None:
-    """A guest started again right after it stopped: its own last file is being scrubbed at
-    nice 19, and ``start`` will wait for that.  Lend the scrub this hook's priority from
-    now on, not only once ``start`` waits (the pool's manager is imported only then)."""
-    for pool_dir, state_dir in {(b["pool_dir"], b["state_dir"]) for b in backends
-                                if b.get("pool_dir")}:
-        if not any(e.domain_uuid == uuid and e.state == "scrubbing"
-                   for e in PoolFiles(pool_dir, state_dir=state_dir).entries()):
-            continue
-        from ..pool.manage import Pool
-
-        if Pool(pool_dir, state_dir=state_dir).hurry_scrub_of(uuid):
-            say(f"the scrub of this guest's last file in {pool_dir} runs at this priority now")
-
-
 # --- a warm start: link what prepare found ----------------------------------------------------
 
 def start_from_pool(xml: bytes, say: Callable[[str], None]) -> bool:
-    """Link the clean pool files ``prepare`` found at the paths libvirt hands QEMU; True when
-    every backend is served.  Anything unexpected (no recipe, another domain id, a file
-    taken meanwhile, an error) gives back what was linked and returns False: the full path
-    runs."""
-    t0 = time.monotonic()
+    """Link the clean pool files ``prepare`` found at the paths libvirt hands QEMU
+    (:func:`kvmaccel.serve.take.start_from_recipe`); True when every backend is served."""
     uuid, domain_id = domain_ids(xml)
-    if uuid is None:
-        return False
-    recipe = read_json(recipe_path(uuid))
-    try:
-        os.unlink(recipe_path(uuid))
-        fresh = (recipe["id"] == domain_id
-                 and time.time() - float(recipe["written_unix"]) < RECIPE_MAX_AGE_S)
-        backends = list(recipe["backends"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if not fresh or not backends or any(b.get("make_dir") for b in backends):
-        return False  # a memfd guest's directory is made by the full path
-    proofs: dict[str, memdir.ProofDir] = {}
-    taken: list[tuple[PoolFiles, PoolEntry, str, str]] = []
-    try:
-        for b in backends:
-            pool = PoolFiles(b["pool_dir"], state_dir=b["state_dir"])
-            target = b["mem_path"]
-            guest = memdir.guest_dir_of(target)
-            uid = gid = None  # owned like its directory
-            if guest is not None:  # the front's file: in this start's proof directory, owned
-                if guest not in proofs:  # like the guest's directory
-                    proofs[guest] = memdir.make_proof_dir(guest)
-                uid, gid = proofs[guest].uid, proofs[guest].gid
-            entry = pool.take(PoolKey.from_dict(b["key"]), target, domain_uuid=uuid,
-                              backend_id=b["backend_id"], uid=uid, gid=gid, mode=FILE_MODE)
-            if entry is None:
-                say(f"pool: no clean file for {target} any more; populating instead")
-                raise LookupError(target)
-            taken.append((pool, entry, target, b["backend_id"]))
-        write_state(uuid, {
-            "name": recipe.get("name"), "uuid": uuid, "id": recipe["id"],
-            "shortname": recipe.get("shortname"), "files": [], "start_unix": time.time(),
-            "pool_links": [{"backend_id": bid, "link_path": t, "pool_path": e.path,
-                            "pool_dir": p.directory} for p, e, t, bid in taken],
-            "proof_dirs": [p.as_dict() for p in proofs.values()]})
-    except Exception as e:  # noqa: BLE001 -- give back and let the full path decide
-        for p, entry_, t, _ in taken:
-            p.give_back(entry_, t)
-        if isinstance(e, KvmaccelError):
-            say(f"warm start: {e}; the full start decides")
-        return False
-    say("started from the pool: " + ", ".join(t for _, _, t, _ in taken))
-    records.append("start", domain=recipe.get("name"), uuid=uuid, source="pool",
-                   bytes=sum(e.key.size_bytes for _, e, _, _ in taken),
-                   seconds=round(time.monotonic() - t0, 4), helpers_per_node={},
-                   page_size_kib=sorted({e.key.page_size_kib for _, e, _, _ in taken}))
-    return True
+    return uuid is not None and start_from_recipe(uuid, domain_id, say)

@@ -1,0 +1,169 @@
+"""The libvirt hook's operations that plan and serve (``prepare``, the full ``start``, ``stop``).
+
+Each turns what libvirt hands the hook (the domain XML) into what :mod:`kvmaccel.serve`
+takes: a :class:`~kvmaccel.serve.job.StartJob` from the guest's plan, or from the plan cache
+when the same XML was planned before (:func:`cached_job`: then neither the planner nor the
+domain parser is imported), and the guest's key for the stop.
+
+:mod:`kvmaccel.libvirt.full` imports this module only when an operation needs it: a start
+that the warm pool serves runs without it (see :func:`write_recipe`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from ..errors import CapacityError
+from ..host.facts import read_host
+from ..model.units import format_size
+from ..plan.config import HookConfig
+from ..plan.limits import Limits
+from ..pool.files import PoolKey
+from ..serve import room
+from ..serve.job import JobBackend, StartJob, job_from_plan
+from ..serve.pool import pool_for
+from ..serve.state import cache_path, guest_key, recipe_path, write_json
+from ..serve.take import write_recipe_if_clean
+from .warm import cached_plan, plan_inputs
+
+if TYPE_CHECKING:  # prepare needs neither the engine nor the backings: not imported then
+    from ..model.domain import Domain
+    from ..plan.planner import DomainPlan
+
+log = logging.getLogger(__name__)
+
+
+def cached_job(xml: bytes, config: HookConfig) -> StartJob | None:
+    """The job of the cached plan when it still holds for ``xml``, else None."""
+    found = cached_plan(xml, config.qemu_conf, config.source)
+    if found is None:
+        return None
+    uuid, domain_id, shortname, cache, backends = found
+    try:
+        limits = dict(cache["limits"])
+        limits["tuned_helpers_per_node"] = tuple(
+            (int(n), int(h)) for n, h in limits.get("tuned_helpers_per_node", ()))
+        return StartJob(uuid, cache["name"], domain_id, shortname, Limits(**limits), tuple(
+            JobBackend(b["backend_id"], b["mem_path"], int(b["size_bytes"]),
+                       tuple(int(n) for n in b["host_nodes"]), b["policy"], b["alias"],
+                       PoolKey.from_dict(b["key"]), bool(b.get("make_dir")),
+                       bool(b.get("prealloc")), _int_or_none(b.get("prealloc_threads")))
+            for b in backends))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def write_recipe(plan: DomainPlan, limits: Limits, config: HookConfig, xml: bytes) -> None:
+    """Leave what the next calls need so that they do not plan again:
+
+    * ``<uuid>.plan-cache.json``: the part of this plan a start needs, for the next
+      ``prepare`` of the same XML (:func:`kvmaccel.libvirt.warm.prepare_from_cache`);
+    * ``<uuid>.prepared.json`` when a clean pool file waits for every backend, for this
+      start (:func:`kvmaccel.libvirt.warm.start_from_pool`).
+    """
+    if not (plan.uuid and plan.populated):
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(recipe_path(plan.uuid))
+    host = read_host()
+    backends = []
+    for b in job_from_plan(plan, limits).backends:
+        pool = pool_for(b.mem_path, host, config)
+        head, sep, tail = b.mem_path.partition(f"/{plan.shortname}/")
+        if not sep:
+            return
+        backends.append({**dataclasses.asdict(b), "key": b.key._asdict(),
+                         "path_around_shortname": [head, tail],
+                         "pool_dir": pool.directory if pool else None,
+                         "state_dir": pool.state_dir if pool else None})
+    id_text = str(plan.domain_id)
+    write_json(cache_path(plan.uuid), {
+        "inputs": plan_inputs(xml, config.qemu_conf, config.source),
+        "name": plan.name, "limits": dataclasses.asdict(limits),
+        "shortname_tail": plan.shortname[len(id_text) + 1:], "backends": backends})
+    if config.pool_enabled:
+        write_recipe_if_clean(plan.uuid, plan.domain_id, plan.name, plan.shortname, backends)
+
+
+def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:
+    """Parse and plan the guest on this host; also return the limits the engine runs with:
+    the config's, with ``<allocation threads='N'/>``, the energy policy and the tuned
+    per-node counts applied exactly as the planner applies them (the plan's ``limits``).
+    Raises :class:`KvmaccelError` subclasses."""
+    from ..model.domain import parse_domain
+    from ..plan.forhost import for_host
+
+    domain = parse_domain(xml)
+    planning = for_host(config)
+    if planning.energy.max_threads is not None:
+        log.info("%s", planning.energy.reason)
+    plan = planning.plan(domain)
+    return plan, plan.limits
+
+
+def op_prepare(xml: bytes, config: HookConfig) -> None:
+    """Plan and check capacity.  Raises :class:`CapacityError` with the numbers."""
+    plan, limits = make_plan(xml, config)
+    room.room_for_everything(plan, read_host(), config)
+    if not plan.populated:
+        reasons = "; ".join(f"{b.backend_id}: {b.skip_reason}" for b in plan.backends)
+        log.info("nothing for kvmaccel to populate (%s)", reasons or "no memory backends")
+        return
+    for check in room.capacity_after_pool(plan, read_host(), config):
+        if not check.ok:
+            where = "host-wide" if check.node is None else f"on node {check.node}"
+            raise CapacityError(
+                f"guest {plan.name} needs {format_size(check.needed_bytes)} of "
+                f"{format_size(check.page_size_kib * 1024)} pages {where} but only "
+                f"{format_size(check.available_bytes)} is free ({check.source}); reserve more "
+                "huge pages or free memory",
+                node_id=check.node, page_size_kib=check.page_size_kib,
+                needed_bytes=check.needed_bytes, available_bytes=check.available_bytes)
+    write_recipe(plan, limits, config, xml)
+    log.info("plan: populate %s with %d thread(s)",
+             ", ".join(f"{b.file_path} ({format_size(b.file_size_bytes)})"
+                       for b in plan.populated), plan.helpers.threads)
+
+
+def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = None) -> None:
+    """The full ``start begin``: serve the guest (:func:`kvmaccel.serve.start.serve`) from
+    its cached plan when that still holds, else from a new plan."""
+    from ..serve.start import serve
+
+    t0 = time.monotonic()
+    job = cached_job(xml, config)
+    if job is None:
+        plan, limits = make_plan(xml, config)
+        job = job_from_plan(plan, limits)
+    owner = None
+    if any(b.make_dir for b in job.backends):  # a memfd guest's directory is made here
+        from ..model.qemuconf import read_qemu_conf
+        from ..serve.memdir import qemu_owner
+
+        conf = read_qemu_conf(config.qemu_conf)
+        owner = qemu_owner(conf.user, conf.group)
+    serve(job, config, cancel, dir_owner=owner, t0=t0)
+
+
+def op_stop(xml: bytes, config: HookConfig) -> None:
+    """``stopped end`` / ``release end``: take back what the guest's start made
+    (:func:`kvmaccel.serve.stop.stop`)."""
+    from ..model.domain import parse_domain
+    from ..serve.stop import stop
+
+    domain = parse_domain(xml)
+    stop(_domain_key(domain), domain.name, domain.uuid, config)
+
+
+def _domain_key(domain: Domain) -> str:
+    return guest_key(domain.uuid, domain.name)
