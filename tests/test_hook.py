@@ -20,8 +20,8 @@ from kvmaccel.engine import records
 from kvmaccel.engine.backing import created_by_us
 from kvmaccel.libvirt import entry, warm
 from kvmaccel.libvirt import full as hook
-from kvmaccel.libvirt import state as hook_state
 from kvmaccel.plan.config import HookConfig
+from kvmaccel.serve import state as serve_state
 
 NAME = "kvtest-hook"
 UUID = "0e6c4c39-51b0-4b0e-9d7e-6b1d2a3c4d5e"
@@ -168,7 +168,7 @@ def test_strict_refuses_with_one_line(env: Env, capsys: pytest.CaptureFixture[st
     err = capsys.readouterr()
     assert err.out == ""
     assert err.err.startswith("kvmaccel: ") and err.err.count("\n") == 1
-    assert "libvirt should have created it" in err.err
+    assert "should have been made before the start" in err.err
     assert "strict = true: refusing the start" in env.log()
 
 
@@ -221,7 +221,7 @@ def test_nothing_to_populate(env: Env) -> None:
 
 def test_state_key_cannot_leave_the_directory() -> None:
     with pytest.raises(Exception, match="cannot name a state file"):
-        hook_state.state_path("../x")
+        serve_state.state_path("../x")
 
 
 # --- the warm pool through the hook -----------------------------------------------------------
@@ -252,7 +252,7 @@ def test_second_start_takes_the_fast_path_from_the_pool(env: Env, run_dir: str,
                                                         shm_dir: str) -> None:
     # First start: populated fresh, joins the pool in use; no recipe (nothing was clean).
     assert env.run("prepare", "begin") == 0
-    assert not os.path.exists(hook_state.recipe_path(UUID))
+    assert not os.path.exists(serve_state.recipe_path(UUID))
     os.makedirs(env.domain_dir)
     assert env.run("start", "begin") == 0
     assert os.stat(env.file_path).st_nlink == 2
@@ -262,17 +262,17 @@ def test_second_start_takes_the_fast_path_from_the_pool(env: Env, run_dir: str,
 
     # Second start: prepare finds the clean file and leaves a recipe; start links it
     # without planning (no populate, no import of the planner needed).
-    with open(hook_state.cache_path(UUID)) as f:
+    with open(serve_state.cache_path(UUID)) as f:
         assert json.load(f)["shortname_tail"] == NAME
     assert env.run("prepare", "begin") == 0
     assert "plan: as before; the pool serves" in env.log()  # no planning at all
-    with open(hook_state.recipe_path(UUID)) as f:
+    with open(serve_state.recipe_path(UUID)) as f:
         recipe = json.load(f)
     assert recipe["id"] == 7 and [b["mem_path"] for b in recipe["backends"]] == [env.file_path]
     os.makedirs(env.domain_dir)
     assert env.run("start", "begin") == 0
-    assert not os.path.exists(hook_state.recipe_path(UUID))
-    with open(hook_state.state_path(UUID)) as f:
+    assert not os.path.exists(serve_state.recipe_path(UUID))
+    with open(serve_state.state_path(UUID)) as f:
         state = json.load(f)
     assert state["files"] == [] and "result" not in state
     [link] = state["pool_links"]
@@ -293,7 +293,7 @@ def test_a_stale_recipe_is_not_trusted(env: Env, run_dir: str, shm_dir: str) -> 
     # The guest got another id between prepare and start: the recipe's paths are wrong.
     os.makedirs(f"{shm_dir}/libvirt/qemu/8-{NAME}")
     assert env.run("start", "begin", domain_xml(domain_id=8)) == 0
-    with open(hook_state.state_path(UUID)) as f:
+    with open(serve_state.state_path(UUID)) as f:
         state = json.load(f)
     assert state["id"] == 8 and state["files"] == []  # the full path, from the pool too
     assert state["pool_links"][0]["link_path"] == f"{shm_dir}/libvirt/qemu/8-{NAME}/pc.ram"
@@ -321,7 +321,7 @@ def test_a_changed_xml_or_qemu_conf_is_planned_again(env: Env, run_dir: str,
     # Another size: the cached plan does not hold; planned again, nothing from the pool.
     assert env.run("prepare", "begin", domain_xml(size_mib=32)) == 0
     assert "plan: as before" not in env.log()
-    assert not os.path.exists(hook_state.recipe_path(UUID))
+    assert not os.path.exists(serve_state.recipe_path(UUID))
     # qemu.conf rewritten as it was: the plan holds.  Edited: planned again (the pool still
     # serves: a recipe is written).
     qemu_conf = os.path.join(os.path.dirname(env.config_path), "qemu.conf")
@@ -332,16 +332,16 @@ def test_a_changed_xml_or_qemu_conf_is_planned_again(env: Env, run_dir: str,
         f.write(text)
     assert env.run("prepare", "begin") == 0
     assert env.log().count("plan: as before") == 1
-    os.unlink(hook_state.recipe_path(UUID))
+    os.unlink(serve_state.recipe_path(UUID))
     with open(qemu_conf, "a") as f:
         f.write("# edited\n")
     assert env.run("prepare", "begin") == 0
-    assert env.log().count("plan: as before") == 1 and os.path.exists(hook_state.recipe_path(UUID))
-    os.unlink(hook_state.recipe_path(UUID))
+    assert env.log().count("plan: as before") == 1 and os.path.exists(serve_state.recipe_path(UUID))
+    os.unlink(serve_state.recipe_path(UUID))
     # kvmaccel's config edited: its snapshot no longer holds; the full hook reads and plans.
     env.write_config("# edited\n")
     assert env.run("prepare", "begin") == 0
-    assert env.log().count("plan: as before") == 1 and os.path.exists(hook_state.recipe_path(UUID))
+    assert env.log().count("plan: as before") == 1 and os.path.exists(serve_state.recipe_path(UUID))
     assert env.run("prepare", "begin") == 0
     assert env.log().count("plan: as before") == 2
 
@@ -429,7 +429,7 @@ def test_an_unchanged_guest_is_not_planned_again_without_a_pool(env: Env, run_di
     assert env.log().count("plan: populate") == 1
     assert env.log().count("populated 64M") == 2
     assert "plan: as before; start populates " + env.file_path in env.log()
-    assert not os.path.exists(hook_state.recipe_path(UUID))
+    assert not os.path.exists(serve_state.recipe_path(UUID))
 
 
 def test_a_disabled_config_stops_the_warm_path_too(env: Env, run_dir: str) -> None:
@@ -437,7 +437,7 @@ def test_a_disabled_config_stops_the_warm_path_too(env: Env, run_dir: str) -> No
     assert env.run("prepare", "begin") == 0  # the full hook reads it and saves the snapshot
     os.makedirs(env.domain_dir)
     assert env.run("start", "begin") == 0  # the warm path: disabled, nothing done
-    assert not os.path.exists(env.file_path) and not os.path.exists(hook_state.state_path(UUID))
+    assert not os.path.exists(env.file_path) and not os.path.exists(serve_state.state_path(UUID))
 
 
 def test_pool_gives_back_unused_files_to_make_room(tmp_path: object, run_dir: str,

@@ -27,6 +27,7 @@ import pytest
 
 from kvmaccel.host import sysmem
 from kvmaccel.libvirt import entry
+from kvmaccel.serve.state import FillerRef, GuestState
 from kvmaccel.setup import install as hook_install
 from tests.conftest import need
 from tests.test_hook import HEAVY, run_hook_without_site
@@ -283,12 +284,13 @@ def leave_a_filler(run_dir: str, key: str, pid: int, ticks: int) -> None:
     """What ``start begin`` leaves for a filler: the pid and start time in the guest's state,
     and the filler record the installed script looks for."""
     os.makedirs(f"{run_dir}/domains", exist_ok=True)
-    filler = {"pid": pid, "start_ticks": ticks}
+    filler = FillerRef(pid, ticks)
+    state = GuestState("kvtest-hook", key, 7, "7-kvtest-hook", time.time(), filler=filler)
     with open(f"{run_dir}/domains/{key}.json", "w") as f:
-        json.dump({"name": "kvtest-hook", "filler": filler}, f)
+        json.dump(state.to_json(), f)
     os.makedirs(f"{run_dir}/fillers", exist_ok=True)
     with open(f"{run_dir}/fillers/{key}.json", "w") as f:
-        json.dump(filler, f)
+        json.dump(filler.to_json(), f)
 
 
 def test_started_kills_the_filler_by_pid_and_start_time_without_heavy_imports(

@@ -319,7 +319,7 @@ def test_the_hook_populates_nothing_in_a_proof_dir_swapped_in(shm_dir: str) -> N
     is populated or named, and nothing is left."""
     from kvmaccel.engine.backing import BackingSpec, open_backings
     from kvmaccel.host.facts import read_host
-    from kvmaccel.libvirt.ops import check_in_proof_dirs
+    from kvmaccel.serve.start import check_in_proof_dirs
 
     os.makedirs(f"{shm_dir}/libvirt/qemu", 0o755)
     d = f"{shm_dir}/libvirt/qemu/5-g"

@@ -198,8 +198,9 @@ LIBVIRT_ONLY = ("kvmaccel.libvirt", "kvmaccel.model.domain", "kvmaccel.model.dom
 WARM_ENTRY = "kvmaccel.libvirt.entry"
 WARM_MODULES = {"kvmaccel", "kvmaccel.errors", "kvmaccel.paths", "kvmaccel.safefs",
                 "kvmaccel.libvirt.entry", "kvmaccel.libvirt.warm", "kvmaccel.libvirt.state",
-                "kvmaccel.libvirt.started", "kvmaccel.serve.take", "kvmaccel.serve.state",
-                "kvmaccel.serve.filler", "kvmaccel.serve.job_json", "kvmaccel.serve.memdir",
+                "kvmaccel.libvirt.started", "kvmaccel.libvirt.cache", "kvmaccel.serve.take",
+                "kvmaccel.serve.state",
+                "kvmaccel.serve.filler", "kvmaccel.serve.memdir",
                 "kvmaccel.pool.files", "kvmaccel.engine.records"}
 """The warm path: a warm ``prepare``/``start`` and ``started`` import these and no more."""
 WARM_STDLIB = {"__future__", "collections", "collections.abc", "contextlib", "errno", "fcntl",

@@ -70,6 +70,7 @@ from ..host.facts import read_host
 from ..model.units import format_size
 from ..plan.limits import Limits
 from ..pool.manage import POOL_DIRNAME, Pool, PoolKey, key_for
+from ..serve.state import GuestState
 from ..setup import front as hook_front
 from ..setup import install as hook_install
 from . import virsh
@@ -275,16 +276,14 @@ def _bench_hook(workdir: str) -> Iterator[Callable[[bool], None]]:
         yield enable
 
 
-def _state(bench: _Bench, name: str) -> dict[str, object]:
+def _state(bench: _Bench, name: str) -> GuestState:
     key = str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, name + ".kvmaccel"))
     try:
         with open(os.path.join(bench.run_dir, "domains", f"{key}.json"), encoding="utf-8") as f:
-            state = json.load(f)
+            return GuestState.from_json(json.load(f))
     except (OSError, ValueError):
-        state = None
-    if not isinstance(state, dict):
-        raise VirshError(f"{name}: the hook left no state; see {bench.workdir}/hook.log")
-    return state
+        raise VirshError(f"{name}: the hook left no state; see {bench.workdir}/hook.log"
+                         ) from None
 
 
 def _hook_seconds(bench: _Bench, cfg: StartConfig, name: str) -> float | None:
@@ -294,17 +293,16 @@ def _hook_seconds(bench: _Bench, cfg: StartConfig, name: str) -> float | None:
         return None
     state = _state(bench, name)
     if cfg.pool:
-        if state.get("files") or not state.get("pool_links"):
+        if state.files or not state.pool_links:
             raise VirshError(f"{cfg.name}: the start did not come from the pool; see "
                              f"{bench.workdir}/hook.log")
         return 0.0
-    if "filler" in state:  # filled alongside QEMU: the hook itself populated nothing
+    if state.filler is not None:  # filled alongside QEMU: the hook itself populated nothing
         return 0.0
-    try:
-        return float(state["result"]["seconds"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):
+    if state.populated is None:
         raise VirshError(f"{cfg.name}: the hook did not populate the guest; see "
-                         f"{bench.workdir}/hook.log") from None
+                         f"{bench.workdir}/hook.log")
+    return state.populated.seconds
 
 
 def _settle_pool(pool: Pool, timeout_s: float = 300) -> float:

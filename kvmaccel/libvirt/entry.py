@@ -37,28 +37,31 @@ def main(argv: Sequence[str], stdin: BinaryIO | None = None,
 
 
 def _main(argv: Sequence[str], stdin: BinaryIO | None, config_path: str | None) -> int:
+    declined = None
     if len(argv) == 4 and argv[2] == "begin" and argv[1] in ("prepare", "start", "started"):
         data = (stdin or sys.stdin.buffer).read()
         try:
-            if _warm(argv[0], argv[1], data, config_path):
-                return 0
-        except Exception:  # noqa: BLE001 -- the full hook decides, logs, and honours strict
-            pass
+            declined = _warm(argv[0], argv[1], data, config_path)
+        except Exception as e:  # noqa: BLE001 -- the full hook decides, logs, honours strict
+            declined = f"{type(e).__name__}: {e}"
+        if declined is None:
+            return 0
         stdin = io.BytesIO(data)
     from .full import main as full_main
 
-    return full_main(argv, stdin, config_path)
+    return full_main(argv, stdin, config_path, warm_declined=declined)
 
 
-def _warm(name: str, op: str, xml: bytes, config_path: str | None) -> bool:
-    """True when the warm path did the whole operation (or kvmaccel is disabled)."""
+def _warm(name: str, op: str, xml: bytes, config_path: str | None) -> str | None:
+    """None when the warm path did the whole operation (or kvmaccel is disabled), else why
+    it declined (the full hook logs that at debug level)."""
     values = read_config_snapshot(paths.config_path(config_path))
     if values is None:
-        return False
+        return "no snapshot of the config as it is now (changed, or never read by the hook)"
     if not values["enabled"] and op != "started":  # a filler left running is stopped anyway
-        return True
+        return None
     if op == "start" and not values["pool_enabled"]:
-        return False
+        return "the pool is disabled"
     os.environ["KVMACCEL_RUN_DIR"] = values["run_dir"]
     os.environ.setdefault("KVMACCEL_RECORD_FILE", values["record_file"])  # libvirt: unset
 
@@ -69,5 +72,5 @@ def _warm(name: str, op: str, xml: bytes, config_path: str | None) -> bool:
         return prepare_from_cache(xml, values, say)
     if op == "started":
         stop_at_started(name, xml, say)
-        return True
+        return None
     return start_from_pool(xml, say)

@@ -132,8 +132,11 @@ def op_prepare(xml: bytes, config: HookConfig) -> None:
 def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = None) -> None:
     """Start from the pool when ``prepare`` left a recipe (say, the config changed since
     the warm path last saw it); otherwise create and populate the files."""
-    if config.pool_enabled and start_from_pool(xml, log.info):
-        return
+    if config.pool_enabled:
+        declined = start_from_pool(xml, log.info)
+        if declined is None:
+            return
+        log.debug("not from the pool's recipe: %s", declined)
     from .ops import op_start as serve_start
 
     serve_start(xml, config, cancel)
@@ -162,8 +165,10 @@ def _operation(op: str, name: str) -> Callable[[bytes, HookConfig], None]:
 # --- entry point ----------------------------------------------------------------------------
 
 def main(argv: Sequence[str], stdin: BinaryIO | None = None,
-         config_path: str | None = None) -> int:
+         config_path: str | None = None, warm_declined: str | None = None) -> int:
     """Run the hook for ``argv`` (without the program name).  Returns the exit status.
+    ``warm_declined``: why the warm path (:mod:`kvmaccel.libvirt.entry`) did not do this
+    call, logged at debug level.
 
     0 for every operation kvmaccel does not act on, for success, and for any failure unless
     ``strict``; 1 with ``kvmaccel: <reason>`` on stderr for a strict failure at a start
@@ -184,7 +189,7 @@ def main(argv: Sequence[str], stdin: BinaryIO | None = None,
     # stops and the partly populated files are removed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return _run(name, op, stdin, config_path)
+        return _run(name, op, stdin, config_path, warm_declined)
     finally:
         sys.stdout = saved[0]
         for h in list(logger.handlers):
@@ -198,7 +203,8 @@ def main(argv: Sequence[str], stdin: BinaryIO | None = None,
         signal.signal(signal.SIGTERM, saved[4])
 
 
-def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) -> int:
+def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None,
+         warm_declined: str | None = None) -> int:
     path = paths.config_path(config_path)
     try:
         config = read_config(path)
@@ -207,6 +213,8 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None) ->
         log.error("%s; failing open: the guest starts without kvmaccel", e)
         return 0
     setup_logging(config, name, op)
+    if warm_declined is not None:
+        log.debug("the warm path declined: %s", warm_declined)
     # Everything kvmaccel keeps goes in the config's run_dir, the warm path's snapshot too
     # (``kvmaccel hook install`` tells the installed script where that is).
     os.environ["KVMACCEL_RUN_DIR"] = config.run_dir

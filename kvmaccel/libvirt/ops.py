@@ -12,7 +12,6 @@ that the warm pool serves runs without it (see :func:`write_recipe`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -24,13 +23,13 @@ from ..host.facts import read_host
 from ..model.units import format_size
 from ..plan.config import HookConfig
 from ..plan.limits import Limits
-from ..pool.files import PoolKey
 from ..serve import room
-from ..serve.job import JobBackend, StartJob, job_from_plan
+from ..serve.job import StartJob, job_from_plan
 from ..serve.pool import pool_for
-from ..serve.state import cache_path, guest_key, recipe_path, write_json
+from ..serve.state import guest_key, recipe_path
 from ..serve.take import write_recipe_if_clean
-from .warm import cached_plan, plan_inputs
+from .cache import CachedBackend, PlanCache, write_cache
+from .warm import CachedPlan, cached_plan, plan_inputs
 
 if TYPE_CHECKING:  # prepare needs neither the engine nor the backings: not imported then
     from ..model.domain import Domain
@@ -40,27 +39,19 @@ log = logging.getLogger(__name__)
 
 
 def cached_job(xml: bytes, config: HookConfig) -> StartJob | None:
-    """The job of the cached plan when it still holds for ``xml``, else None."""
+    """The job of the cached plan when it still holds for ``xml``, else None (and why not,
+    in a debug line)."""
     found = cached_plan(xml, config.qemu_conf, config.source)
-    if found is None:
+    if isinstance(found, str):
+        log.debug("planning again: %s", found)
         return None
-    uuid, domain_id, shortname, cache, backends = found
     try:
-        limits = dict(cache["limits"])
-        limits["tuned_helpers_per_node"] = tuple(
-            (int(n), int(h)) for n, h in limits.get("tuned_helpers_per_node", ()))
-        return StartJob(uuid, cache["name"], domain_id, shortname, Limits(**limits), tuple(
-            JobBackend(b["backend_id"], b["mem_path"], int(b["size_bytes"]),
-                       tuple(int(n) for n in b["host_nodes"]), b["policy"], b["alias"],
-                       PoolKey.from_dict(b["key"]), bool(b.get("make_dir")),
-                       bool(b.get("prealloc")), _int_or_none(b.get("prealloc_threads")))
-            for b in backends))
-    except (KeyError, TypeError, ValueError):
+        limits = Limits.from_json(found.cache.limits)
+    except ValueError as e:
+        log.debug("planning again: the cached plan's limits are not this kvmaccel's (%s)", e)
         return None
-
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return StartJob(found.uuid, found.cache.name, found.domain_id, found.shortname, limits,
+                    tuple(b.backend for b in found.backends))
 
 
 def write_recipe(plan: DomainPlan, limits: Limits, config: HookConfig, xml: bytes) -> None:
@@ -82,17 +73,16 @@ def write_recipe(plan: DomainPlan, limits: Limits, config: HookConfig, xml: byte
         head, sep, tail = b.mem_path.partition(f"/{plan.shortname}/")
         if not sep:
             return
-        backends.append({**dataclasses.asdict(b), "key": b.key._asdict(),
-                         "path_around_shortname": [head, tail],
-                         "pool_dir": pool.directory if pool else None,
-                         "state_dir": pool.state_dir if pool else None})
-    id_text = str(plan.domain_id)
-    write_json(cache_path(plan.uuid), {
-        "inputs": plan_inputs(xml, config.qemu_conf, config.source),
-        "name": plan.name, "limits": dataclasses.asdict(limits),
-        "shortname_tail": plan.shortname[len(id_text) + 1:], "backends": backends})
+        backends.append(CachedBackend(b, (head, tail), pool.directory if pool else None,
+                                      pool.state_dir if pool else None))
+    cache = PlanCache(plan_inputs(xml, config.qemu_conf, config.source), plan.name,
+                      limits.to_json(), plan.shortname[len(str(plan.domain_id)) + 1:],
+                      tuple(backends))
+    write_cache(plan.uuid, cache)
     if config.pool_enabled:
-        write_recipe_if_clean(plan.uuid, plan.domain_id, plan.name, plan.shortname, backends)
+        found = CachedPlan(plan.uuid, plan.domain_id, plan.shortname, cache, cache.backends)
+        write_recipe_if_clean(plan.uuid, plan.domain_id, plan.name, plan.shortname,
+                              found.recipe_backends())
 
 
 def make_plan(xml: bytes, config: HookConfig) -> tuple[DomainPlan, Limits]:

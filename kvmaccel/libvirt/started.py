@@ -21,10 +21,10 @@ def stop_at_started(name: str, xml: bytes, say: Callable[[str], None]) -> None:
     key = guest_key(uuid, name)
     if not os.path.lexists(record_path(key)):
         return
-    state = read_state(key) or {}
-    filler = state.get("filler")
+    state = read_state(key)
+    filler = state.filler if state is not None else None
     outcome = stop_filler(filler, at_once=True)
-    pid = filler.get("pid") if isinstance(filler, dict) else None
+    pid = filler.pid if filler is not None else None
     if outcome == "stopped":
         say(f"stopped the filler (pid {pid}) for good: QEMU has preallocated every backend")
     elif outcome == "stuck":

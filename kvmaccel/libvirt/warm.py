@@ -28,10 +28,11 @@ import contextlib
 import os
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..serve.state import cache_path, read_json, recipe_path
+from ..serve.state import RecipeBackend, SchemaError, recipe_path
 from ..serve.take import hurry_own_scrub, start_from_recipe, write_recipe_if_clean
+from .cache import CachedBackend, PlanCache, read_cache
 from .state import file_text
 
 # --- a warm prepare: the plan as before, a clean pool file for every backend ----------------
@@ -73,51 +74,70 @@ def plan_inputs(xml: bytes, qemu_conf: str, config_text: str | None) -> dict[str
             "qemu_conf": [qemu_conf, file_text(qemu_conf)], "config": config_text}
 
 
-def cached_plan(xml: bytes, qemu_conf: str, config_text: str | None
-                ) -> tuple[str, int, str, dict[str, Any], list[dict[str, Any]]] | None:
-    """(uuid, id, shortname, cache, backends with this start's paths) when the guest's
-    cached plan still holds for ``xml``, else None."""
+class CachedPlan(NamedTuple):
+    """The guest's cached plan, for this start: its backends with this start's paths."""
+
+    uuid: str
+    domain_id: int
+    shortname: str
+    cache: PlanCache
+    backends: tuple[CachedBackend, ...]
+
+    def recipe_backends(self) -> list[RecipeBackend | None]:
+        """What a recipe keeps of each backend (None: no pool on its filesystem)."""
+        return [None if c.pool_dir is None else RecipeBackend(
+            c.backend.backend_id, c.backend.mem_path, c.backend.key, c.pool_dir, c.state_dir,
+            c.backend.make_dir) for c in self.backends]
+
+
+def cached_plan(xml: bytes, qemu_conf: str, config_text: str | None) -> CachedPlan | str:
+    """The guest's cached plan when it still holds for ``xml``, else why not."""
     uuid, domain_id = domain_ids(xml)
     if uuid is None or domain_id is None:
-        return None
-    cache = read_json(cache_path(uuid))
+        return "the domain XML has no uuid or no id"
     try:
-        if cache["inputs"] != plan_inputs(xml, qemu_conf, config_text):
-            return None
-        shortname = f"{domain_id}-{cache['shortname_tail']}"
-        backends = [{**b, "mem_path": f"/{shortname}/".join(b["path_around_shortname"])}
-                    for b in cache["backends"]]
-    except (KeyError, TypeError):
-        return None
-    return uuid, domain_id, shortname, cache, backends
+        cache = read_cache(uuid)
+    except SchemaError as e:
+        return f"the plan cache is not this kvmaccel's ({e})"
+    if cache is None:
+        return "no plan cache (the guest was never planned here)"
+    if cache.inputs != plan_inputs(xml, qemu_conf, config_text):
+        return "the XML, the emulator, qemu.conf or the config changed since the last plan"
+    shortname = f"{domain_id}-{cache.shortname_tail}"
+    return CachedPlan(uuid, domain_id, shortname, cache, cache.for_start(shortname))
 
 
-def prepare_from_cache(xml: bytes, values: dict[str, Any], say: Callable[[str], None]) -> bool:
-    """True when the cached plan still holds: the guest is planned as before.  When the pool
-    serves every backend, the recipe for ``start`` is written; otherwise ``start``
-    populates from the cached plan, and checks the host's room then (a failing check
-    refuses the start there, under ``strict``, as it would have here)."""
+def prepare_from_cache(xml: bytes, values: dict[str, Any], say: Callable[[str], None]
+                       ) -> str | None:
+    """None when the cached plan still holds: the guest is planned as before, else why not.
+    When the pool serves every backend, the recipe for ``start`` is written; otherwise
+    ``start`` populates from the cached plan, and checks the host's room then (a failing
+    check refuses the start there, under ``strict``, as it would have here)."""
     found = cached_plan(xml, values["qemu_conf"], values["config_text"])
-    if found is None:
-        return False
-    uuid, domain_id, shortname, cache, backends = found
-    files = ", ".join(b["mem_path"] for b in backends)
+    if isinstance(found, str):
+        return found
+    files = ", ".join(b.backend.mem_path for b in found.backends)
     with_pool = values["pool_enabled"]
-    if with_pool and write_recipe_if_clean(uuid, domain_id, cache["name"], shortname, backends):
+    if with_pool and write_recipe_if_clean(found.uuid, found.domain_id, found.cache.name,
+                                           found.shortname, found.recipe_backends()):
         say(f"plan: as before; the pool serves {files}")
     else:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(recipe_path(uuid))  # one a start that never came left behind
+            os.unlink(recipe_path(found.uuid))  # one a start that never came left behind
         say(f"plan: as before; start populates {files}")
         if with_pool:
-            hurry_own_scrub(uuid, backends, say)
-    return True
+            hurry_own_scrub(found.uuid, {(b.pool_dir, b.state_dir) for b in found.backends
+                                         if b.pool_dir is not None}, say)
+    return None
 
 
 # --- a warm start: link what prepare found ----------------------------------------------------
 
-def start_from_pool(xml: bytes, say: Callable[[str], None]) -> bool:
+def start_from_pool(xml: bytes, say: Callable[[str], None]) -> str | None:
     """Link the clean pool files ``prepare`` found at the paths libvirt hands QEMU
-    (:func:`kvmaccel.serve.take.start_from_recipe`); True when every backend is served."""
+    (:func:`kvmaccel.serve.take.start_from_recipe`); None when every backend is served,
+    else why not."""
     uuid, domain_id = domain_ids(xml)
-    return uuid is not None and start_from_recipe(uuid, domain_id, say)
+    if uuid is None:
+        return "the domain XML has no uuid"
+    return start_from_recipe(uuid, domain_id, say)

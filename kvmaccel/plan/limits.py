@@ -16,6 +16,7 @@ helpers a run will start (less any host-wide slots other processes hold at that 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,41 @@ class Limits:
             raise UsageError(f"nice must be between -20 and 19, not {self.nice}")
         if self.min_chunk_bytes <= 0:
             raise UsageError("min-chunk must be greater than zero")
+
+    def to_json(self) -> dict[str, object]:
+        return {"threads": self.threads, "max_helpers_per_node": self.max_helpers_per_node,
+                "max_helpers_host": self.max_helpers_host, "nice": self.nice,
+                "min_chunk_bytes": self.min_chunk_bytes, "idle_cpus_only": self.idle_cpus_only,
+                "tuned_helpers_per_node": [list(p) for p in self.tuned_helpers_per_node]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Limits:
+        """The inverse of :meth:`to_json`.  Raises :class:`ValueError` for a field this
+        kvmaccel does not know or of the wrong type (a cache written by another version is
+        not trusted); a field missing takes its default."""
+        default = cls()
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"limits {sorted(unknown)} unknown to this kvmaccel")
+
+        def number(name: str, fallback: int | None) -> int | None:
+            value = data.get(name, fallback)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name}: {value!r} is not an integer")
+            return value
+
+        tuned = data.get("tuned_helpers_per_node", [])
+        idle = data.get("idle_cpus_only", default.idle_cpus_only)
+        if not isinstance(tuned, list) or not isinstance(idle, bool):
+            raise ValueError(f"tuned_helpers_per_node {tuned!r} or idle_cpus_only {idle!r}")
+        try:
+            return cls(number("threads", None), number("max_helpers_per_node", None),
+                       number("max_helpers_host", None),
+                       number("nice", default.nice) or 0,
+                       number("min_chunk_bytes", default.min_chunk_bytes) or 0, idle,
+                       tuple((int(n), int(h)) for n, h in tuned))
+        except UsageError as e:
+            raise ValueError(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ import time
 from .. import paths
 from ..errors import UsageError
 from ..safefs import write_json_atomic
+from .state import VERSION, FillerRef
 
 STOP_WAIT_S = 5.0
 """How long :func:`stop_filler` waits after each signal."""
@@ -56,8 +57,10 @@ def record_path(key: str) -> str:
     return os.path.join(directory, f"{key}.json")
 
 
-def write_record(key: str, filler: dict[str, int]) -> None:
-    write_json_atomic(record_path(key), filler)
+def write_record(key: str, filler: FillerRef) -> None:
+    """The filler record: its content is the filler (:class:`FillerRef`, versioned); what the
+    installed script checks is only that it exists."""
+    write_json_atomic(record_path(key), {"v": VERSION, **filler.to_json()})
 
 
 def forget_record(key: str) -> None:
@@ -94,18 +97,17 @@ def _gone(pid: int, ticks: int) -> bool:
     return fields[0] in ("Z", "X")
 
 
-def stop_filler(filler: object, at_once: bool = False) -> str:
-    """Stop the filler recorded as ``filler`` (``{"pid", "start_ticks"}``) if it still runs,
-    and wait until it is gone (it maps the guest's files: a scrub must not start before).
-    SIGTERM first (the filler logs why it stopped), then SIGKILL; ``at_once``: SIGKILL only.
+def stop_filler(filler: FillerRef | None, at_once: bool = False) -> str:
+    """Stop ``filler`` if it still runs, and wait until it is gone (it maps the guest's
+    files: a scrub must not start before).  SIGTERM first (the filler logs why it stopped),
+    then SIGKILL; ``at_once``: SIGKILL only.
 
     Returns ``"not running"``, ``"stopped"``, or ``"stuck"`` (still there after
     :data:`STOP_WAIT_S` s of SIGKILL: its files are released when it exits)."""
-    if not isinstance(filler, dict):
+    if filler is None:
         return "not running"
-    pid, ticks = filler.get("pid"), filler.get("start_ticks")
-    if (not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0
-            or not isinstance(ticks, int) or start_ticks(pid) != ticks or _gone(pid, ticks)):
+    pid, ticks = filler
+    if start_ticks(pid) != ticks or _gone(pid, ticks):
         return "not running"
     for sig in (signal.SIGKILL,) if at_once else (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):

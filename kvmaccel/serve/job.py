@@ -1,6 +1,7 @@
 """What a start serves: a guest's backends, the files they need, and the limits to fill them.
 
-A :class:`StartJob` is front-neutral: a backend's id, the file QEMU is handed, its size,
+A :class:`StartJob` (its backends are :class:`~kvmaccel.serve.state.JobBackend`, which the
+caches keep) is front-neutral: a backend's id, the file QEMU is handed, its size,
 nodes, policy and pool key, and whether QEMU preallocates it.  An adapter builds it (the
 libvirt hook from its plan or its plan cache, :mod:`kvmaccel.libvirt.ops`); everything
 :mod:`kvmaccel.serve` does at a start or a stop takes it, or the guest's state, as it is.
@@ -12,29 +13,13 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from ..plan.limits import Limits
-from ..pool.files import PoolKey
 from ..pool.manage import key_for
-from .state import guest_key
+from .state import JobBackend, guest_key
 
 if TYPE_CHECKING:  # a start from a cached plan does not import the planner
     from ..engine.backing import BackingSpec
     from ..plan.planner import BackendPlan, DomainPlan
-
-
-@dataclasses.dataclass(frozen=True)
-class JobBackend:
-    """One file a start creates and populates (or takes from the pool)."""
-
-    backend_id: str
-    mem_path: str
-    size_bytes: int
-    host_nodes: tuple[int, ...]
-    policy: str  # bind or preferred: how the engine binds the pages
-    alias: str
-    key: PoolKey
-    make_dir: bool = False  # a hugetlb memfd through the front: libvirt makes no directory
-    prealloc: bool = False  # QEMU preallocates it itself: a fresh file can overlap that
-    prealloc_threads: int | None = None
+    from ..pool.files import PoolKey
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,18 +39,8 @@ class StartJob:
         return guest_key(self.uuid, self.name)
 
 
-Fresh = tuple[str, PoolKey, "BackingSpec"]
+Fresh = tuple[str, "PoolKey", "BackingSpec"]
 """A backend to populate: its id, the pool key its file would have, and its spec."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Linked:
-    """A pool file linked at ``link_path`` for one backend."""
-
-    backend_id: str
-    link_path: str
-    pool_path: str
-    pool_dir: str
 
 
 def engine_policy(policy: str | None) -> str:
@@ -89,3 +64,5 @@ def job_from_plan(plan: DomainPlan, limits: Limits) -> StartJob:
             b.front and b.qom_type == "memory-backend-memfd", b.prealloc, b.prealloc_threads))
     return StartJob(plan.uuid, plan.name, plan.domain_id, plan.shortname, limits,
                     tuple(backends))
+
+__all__ = ["Fresh", "JobBackend", "StartJob", "backend_key", "engine_policy", "job_from_plan"]

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 from .. import safefs
 from ..errors import BackingError
+from .state import ProofRef
 
 PARENT_SUFFIX = "/libvirt/qemu"
 PROOF_DIR = ".kvmaccel"  # keep in step with kvmaccel.plan.planner and the front's script
@@ -82,8 +83,9 @@ class ProofDir(NamedTuple):
     uid: int
     gid: int
 
-    def as_dict(self) -> dict[str, object]:
-        return {"path": self.path, "dev": self.dev, "ino": self.ino}
+    def ref(self) -> ProofRef:
+        """What the guest's state keeps of it, for the stop."""
+        return ProofRef(self.path, self.dev, self.ino)
 
     def holds(self, dir_fd: int) -> bool:
         """True when the open directory ``dir_fd`` is this one (not one swapped in)."""

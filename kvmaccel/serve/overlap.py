@@ -55,6 +55,7 @@ from ..errors import KvmaccelError
 from ..host import sysmem
 from ..model.units import format_size
 from .filler import start_ticks, stop_filler, write_record
+from .state import FillerRef
 
 if TYPE_CHECKING:
     from ..engine.backing import Backing
@@ -149,9 +150,9 @@ def no_touch(addr: int, length: int, page_size: int) -> None:
 
 
 def start_filler(backings: Sequence[Backing], threads: Sequence[int], host: HostFacts,
-                 limits: Limits, config: HookConfig, domain: str, key: str) -> dict[str, int]:
+                 limits: Limits, config: HookConfig, domain: str, key: str) -> FillerRef:
     """Fork the filler for ``backings`` (named, sized, owned: QEMU may open them from now on),
-    record it for ``started begin`` (:func:`kvmaccel.serve.filler.stop_at_started`) and
+    record it for ``started begin`` (:func:`kvmaccel.libvirt.started.stop_at_started`) and
     return what :func:`~kvmaccel.serve.filler.stop_filler` needs to find it again: its pid
     and start time.  The filler runs in the config's cgroup from its first instruction on
     (:func:`fork_detached`)."""
@@ -161,7 +162,7 @@ def start_filler(backings: Sequence[Backing], threads: Sequence[int], host: Host
     pid = fork_detached("kvmaccel-fill", limits.nice,
                         lambda: _fill(backings, items, host, limits, config, domain),
                         cgroup=config.cgroup)
-    filler = {"pid": pid, "start_ticks": start_ticks(pid) or 0}
+    filler = FillerRef(pid, start_ticks(pid) or 0)
     try:
         write_record(key, filler)
     except BaseException:

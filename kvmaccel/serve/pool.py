@@ -31,7 +31,8 @@ from ..pool.manage import (
     pool_dir_for,
     spawn_scrub,
 )
-from .job import Fresh, Linked
+from .job import Fresh
+from .state import PoolLink
 
 if TYPE_CHECKING:  # a start from a cached plan imports neither the planner nor the config
     from ..engine.backing import Backing, BackingSpec
@@ -74,9 +75,9 @@ def refused(e: UnsafePathError) -> None:
 
 
 def take(domain_uuid: str | None, backends: Sequence[Fresh], host: HostFacts,
-         config: HookConfig) -> tuple[list[Linked], list[Fresh]]:
+         config: HookConfig) -> tuple[list[PoolLink], list[Fresh]]:
     """Link clean pool files for what they can serve; return (linked, still to populate)."""
-    linked: list[Linked] = []
+    linked: list[PoolLink] = []
     fresh: list[Fresh] = []
     for backend_id, key, spec in backends:
         assert spec.path is not None
@@ -90,7 +91,7 @@ def take(domain_uuid: str | None, backends: Sequence[Fresh], host: HostFacts,
         if entry is None or pool is None:
             fresh.append((backend_id, key, spec))
             continue
-        linked.append(Linked(backend_id, spec.path, entry.path, pool.directory))
+        linked.append(PoolLink(backend_id, spec.path, entry.path, pool.directory))
         log.info("%s: from the pool (%s)", spec.path, entry.path)
     return linked, fresh
 
@@ -111,7 +112,7 @@ def _take_one(pool: Pool, key: PoolKey, spec: BackingSpec, domain_uuid: str, bac
 
 
 def adopt(domain_uuid: str | None, fresh: Sequence[Fresh], backings: Sequence[Backing],
-          host: HostFacts, config: HookConfig) -> list[Linked]:
+          host: HostFacts, config: HookConfig) -> list[PoolLink]:
     """Add freshly populated files, still open as ``backings``, to the pool, in use by this
     guest (within its limits).  Each is linked by its descriptor: the guest's directory
     belongs to the qemu user, who may have put anything at the file's path by now."""
@@ -128,7 +129,7 @@ def adopt(domain_uuid: str | None, fresh: Sequence[Fresh], backings: Sequence[Ba
             refused(e)
             continue
         if entry is not None:
-            adopted.append(Linked(backend_id, spec.path, entry.path, pool.directory))
+            adopted.append(PoolLink(backend_id, spec.path, entry.path, pool.directory))
     return adopted
 
 
@@ -142,18 +143,13 @@ def own_file_wait_s(config: HookConfig) -> float:
     return min(timeout, OWN_FILE_WAIT_S) if timeout > 0 else OWN_FILE_WAIT_S
 
 
-def release(domain_uuid: str, links: Sequence[dict[str, object]],
+def release(domain_uuid: str, links: Sequence[PoolLink],
             config: HookConfig | None = None) -> list[str]:
     """The guest stopped: unlink its pool links that libvirt left, mark its pool files dirty
     and start a detached scrub of those pools (forked from the hook with ``config``, else
     ``kvmaccel pool scrub``).  Returns the pool directories touched."""
     pool_dirs: list[str] = []
-    for link in links:
-        link_path, pool_path, pool_dir = (link.get("link_path"), link.get("pool_path"),
-                                          link.get("pool_dir"))
-        if not (isinstance(link_path, str) and isinstance(pool_path, str)
-                and isinstance(pool_dir, str)):
-            continue
+    for _, link_path, pool_path, pool_dir in links:
         # Unlink the guest's name only if it is still the pool file (lstat, relative to the
         # directory opened O_NOFOLLOW: whatever the qemu user put there is left alone).
         with contextlib.suppress(OSError):

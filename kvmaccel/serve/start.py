@@ -23,8 +23,8 @@ from ..errors import BackingError, CancelledError
 from ..host.facts import read_cpu_quota, read_host
 from ..model.units import format_size
 from . import memdir, overlap, pool
-from .job import Fresh, JobBackend, Linked, StartJob
-from .state import write_state
+from .job import Fresh, JobBackend, StartJob
+from .state import GuestState, PoolLink, Populated, write_state
 from .stop import remove_made_dirs
 from .take import FILE_MODE
 
@@ -70,8 +70,9 @@ def backing_specs(job: StartJob, dir_owner: tuple[int, int] | None = None,
             try:
                 st = os.stat(directory)
             except OSError as e:
-                raise BackingError(f"{directory}: {e.strerror}; the platform (libvirt) "
-                                   "makes it before the start", path=b.mem_path) from None
+                raise BackingError(f"{directory}: {e.strerror}; it should have been made "
+                                   "before the start (libvirt makes it just before 'start "
+                                   "begin')", path=b.mem_path) from None
             uid, gid = st.st_uid, st.st_gid
         specs.append(BackingSpec(
             path=b.mem_path, size_bytes=b.size_bytes, nodes=b.host_nodes, policy=b.policy,
@@ -115,17 +116,15 @@ def serve(job: StartJob, config: HookConfig, cancel: threading.Event | None = No
         raise
     host = read_host()
     # Record first what this start is about to create, so that a crash leaves a trail.
-    state: dict[str, object] = {
-        "name": job.name, "uuid": job.uuid, "id": job.domain_id, "shortname": job.shortname,
-        "files": [s.path for s in specs], "pool_links": [], "start_unix": time.time(),
-        "made_dirs": made, "proof_dirs": [p.as_dict() for p in proofs],
-    }
+    state = GuestState(job.name, job.uuid, job.domain_id, job.shortname, time.time(),
+                       files=tuple(str(s.path) for s in specs), made_dirs=tuple(made),
+                       proof_dirs=tuple(p.ref() for p in proofs))
     write_state(key, state)
     linked, fresh = pool.take(
         job.uuid, [(b.backend_id, b.key, spec) for b, spec in zip(job.backends, specs,
                                                                   strict=True)], host, config)
-    state["files"] = [spec.path for _, _, spec in fresh]
-    state["pool_links"] = [dataclasses.asdict(link) for link in linked]
+    state = state._replace(files=tuple(str(spec.path) for _, _, spec in fresh),
+                           pool_links=tuple(linked))
     write_state(key, state)
     if not fresh:
         log.info("started from the pool: %s", ", ".join(link.link_path for link in linked))
@@ -166,7 +165,7 @@ def serve(job: StartJob, config: HookConfig, cancel: threading.Event | None = No
             specs, host, limits, cancel=cancel, keep_open=True,
             on_open=lambda opened: check_in_proof_dirs(opened, proofs))
     except CancelledError:
-        write_state(key, {**state, "files": [], "cancelled": True})  # pool links stay
+        write_state(key, state._replace(files=(), cancelled=True))  # pool links stay
         if timed_out.is_set():
             records.append("start", "timeout", domain=job.name, uuid=job.uuid,
                            source="fresh", seconds=round(time.monotonic() - t0, 4),
@@ -178,7 +177,7 @@ def serve(job: StartJob, config: HookConfig, cancel: threading.Event | None = No
             return
         raise
     except BaseException:
-        write_state(key, {**state, "files": []})
+        write_state(key, state._replace(files=()))
         raise
     finally:
         if timer is not None:
@@ -193,8 +192,8 @@ def serve(job: StartJob, config: HookConfig, cancel: threading.Event | None = No
     finally:
         for backing in backings:
             backing.close()
-    state["pool_links"] = [dataclasses.asdict(link) for link in [*linked, *adopted]]
-    write_state(key, {**state, "populated_unix": time.time(), "result": result.as_dict()})
+    write_state(key, state._replace(pool_links=(*linked, *adopted), populated_unix=time.time(),
+                                    populated=Populated(result.bytes_total, result.seconds)))
     records.append("start", domain=job.name, uuid=job.uuid,
                    source="mixed" if linked else "fresh",
                    **{**records.from_result(result.as_dict()),
@@ -208,16 +207,16 @@ def serve(job: StartJob, config: HookConfig, cancel: threading.Event | None = No
              describe_helpers(result), ", ".join(str(s.path) for s in specs))
 
 
-def _discard(backings: list[Backing], key: str, state: dict[str, object]) -> None:
+def _discard(backings: list[Backing], key: str, state: GuestState) -> None:
     """Remove the files this start created and recorded; the guest's state keeps no file."""
     for backing in backings:
         backing.discard()
-    write_state(key, {**state, "files": []})
+    write_state(key, state._replace(files=()))
 
 
 def start_overlapped(job: StartJob, fresh: list[Fresh],
-                     backends: list[JobBackend], linked: list[Linked],
-                     state: dict[str, object], host: HostFacts, config: HookConfig,
+                     backends: list[JobBackend], linked: list[PoolLink],
+                     state: GuestState, host: HostFacts, config: HookConfig,
                      t0: float, proofs: list[memdir.ProofDir] | None = None) -> None:
     """Create and name the fresh files now and leave a detached filler populating them while
     QEMU starts and preallocates them too (:mod:`kvmaccel.serve.overlap` says why that is
@@ -234,12 +233,12 @@ def start_overlapped(job: StartJob, fresh: list[Fresh],
         for backing in backings:
             backing.publish()
         adopted = pool.adopt(job.uuid, fresh, backings, host, config)
-        state["pool_links"] = [dataclasses.asdict(link) for link in [*linked, *adopted]]
+        state = state._replace(pool_links=(*linked, *adopted))
         threads = [overlap.qemu_threads(b.size_bytes, b.prealloc_threads,
                                         len(host.online_cpus)) for b in backends]
         filler = overlap.start_filler(backings, threads, host, job.limits, config, job.name,
                                       key)
-        state["filler"] = filler
+        state = state._replace(filler=filler)
     except BaseException:
         _discard(backings, key, state)
         raise
@@ -253,12 +252,12 @@ def start_overlapped(job: StartJob, fresh: list[Fresh],
                    seconds=round(time.monotonic() - t0, 4))
     log.info("created %s (%s) and left the filler (pid %s) populating them while QEMU "
              "preallocates them too", ", ".join(str(s.path) for s in specs), format_size(size),
-             filler["pid"])
+             filler.pid)
 
 
 def _remove_dirs(proofs: list[memdir.ProofDir], made: list[str]) -> None:
     """A start that failed before it recorded anything: what it made goes again."""
-    remove_made_dirs({"proof_dirs": [p.as_dict() for p in proofs], "made_dirs": made})
+    remove_made_dirs(tuple(p.ref() for p in proofs), tuple(made))
 
 
 def check_placement(backings: list[Backing]) -> None:

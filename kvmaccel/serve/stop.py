@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..engine import records
@@ -19,7 +20,7 @@ from . import memdir
 from . import pool as serve_pool
 from .filler import STOP_WAIT_S, forget_record
 from .filler import stop_filler as stop_the_filler
-from .state import read_state, state_path
+from .state import FillerRef, ProofRef, read_state, state_path
 
 if TYPE_CHECKING:
     from ..plan.config import HookConfig
@@ -27,27 +28,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def remove_made_dirs(state: dict[str, object]) -> None:
+def remove_made_dirs(proofs: Sequence[ProofRef], made: Sequence[str]) -> None:
     """The proof directories and the memfd guests' directories a start recorded, each
     removed whole (libvirt has usually removed the guest's directories already)."""
-    proofs = state.get("proof_dirs")
-    for proof in proofs if isinstance(proofs, list) else []:
-        if not isinstance(proof, dict) or not isinstance(proof.get("path"), str):
-            continue
-        dev, ino = proof.get("dev"), proof.get("ino")
-        if memdir.remove_proof_dir(proof["path"], dev if isinstance(dev, int) else None,
-                                   ino if isinstance(ino, int) else None):
-            log.info("removed %s", proof["path"])
-    made = state.get("made_dirs")
-    for directory in made if isinstance(made, list) else []:
-        if isinstance(directory, str) and memdir.remove_guest_dir(directory):
+    for proof in proofs:
+        if memdir.remove_proof_dir(proof.path, proof.dev, proof.ino):
+            log.info("removed %s", proof.path)
+    for directory in made:
+        if memdir.remove_guest_dir(directory):
             log.info("removed %s", directory)
 
 
-def _stop_filler(filler: object) -> None:
+def _stop_filler(filler: FillerRef | None) -> None:
     """Stop the guest's filler if it still runs (SIGTERM, then SIGKILL) and say so."""
     outcome = stop_the_filler(filler)
-    pid = filler.get("pid") if isinstance(filler, dict) else None
+    pid = filler.pid if filler is not None else None
     if outcome == "stopped":
         log.info("stopped the filler (pid %s)", pid)
     elif outcome == "stuck":
@@ -65,12 +60,9 @@ def stop(key: str, name: str, uuid: str | None, config: HookConfig) -> None:
     if state is None:
         log.debug("no kvmaccel state for %s", key)
         return
-    _stop_filler(state.get("filler"))  # it maps the files: stopped before they go
+    _stop_filler(state.filler)  # it maps the files: stopped before they go
     freed = 0
-    files = state.get("files")
-    for path in files if isinstance(files, list) else []:
-        if not isinstance(path, str):
-            continue
+    for path in state.files:
         try:
             ours = created_by_us(path)
         except KvmaccelError as e:  # a creation record another user could have written
@@ -83,13 +75,13 @@ def stop(key: str, name: str, uuid: str | None, config: HookConfig) -> None:
         elif os.path.lexists(path):
             log.warning("%s is no longer the file kvmaccel created; left alone", path)
         forget(path)
-    links = state.get("pool_links")
-    if uuid and isinstance(links, list) and links:
-        serve_pool.release(uuid, [x for x in links if isinstance(x, dict)], config)
-    remove_made_dirs(state)
+    links = state.pool_links
+    if uuid and links:
+        serve_pool.release(uuid, links, config)
+    remove_made_dirs(state.proof_dirs, state.made_dirs)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state_path(key))
     records.append("stop", domain=name, uuid=uuid, bytes=freed,
-                   pool_files=len(links) if isinstance(links, list) else 0)
+                   pool_files=len(links))
     log.info("released %s", format_size(freed) if freed else "nothing (libvirt removed the "
              "files with the domain directory)")
