@@ -488,3 +488,30 @@ def test_a_front_installed_or_removed_at_the_emulators_path_is_planned_again(
     assert warm.plan_inputs(xml, "/q", None) != before
     os.unlink(emulator)
     assert warm.plan_inputs(xml, "/q", None)["emulator"] is None
+
+
+def test_plan_says_what_the_hook_will_take_from_the_pool(env: Env, run_dir: str,
+                                                        shm_dir: str, tmp_path: Path) -> None:
+    """``kvmaccel plan`` decides "pool or fresh" as the start does (one rule,
+    :func:`kvmaccel.serve.room.served_by_pool`): a clean file serves the guest, and with the
+    pool disabled in the config nothing does (``plan`` once said "pool" there)."""
+    import subprocess
+    import sys
+
+    assert env.run("prepare", "begin") == 0
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin") == 0
+    stop(env)
+    wait_clean(run_dir, shm_dir)
+    xml = tmp_path / "guest.xml"
+    xml.write_bytes(domain_xml())
+
+    def plan_row() -> str:
+        proc = subprocess.run([sys.executable, "-m", "kvmaccel", "plan", str(xml), "--config",
+                               env.config_path], capture_output=True, text=True, check=True)
+        [row] = [line for line in proc.stdout.splitlines() if "pc.ram" in line]
+        return row
+
+    assert "yes, pool" in plan_row()
+    env.write_config("[pool]\nenabled = false\n")
+    assert "yes, fresh" in plan_row()

@@ -16,15 +16,16 @@ import os
 
 import click
 
-from ..errors import KvmaccelError, UsageError
+from ..errors import UsageError
 from ..host.facts import read_host
 from ..model.domain import parse_domain
 from ..model.units import format_cpu_spec, format_size
+from ..plan.config import HookConfig
 from ..plan.energy import MODES
 from ..plan.forhost import for_host
 from ..plan.planjson import plan_to_json
 from ..plan.planner import BackendPlan, DomainPlan
-from ..pool.manage import Pool, PoolEntry, key_for, pool_dir_for, reserved_first
+from ..serve.room import served_by_pool
 from .common import check_domain_id, load_config, read_input
 
 log = logging.getLogger(__name__)
@@ -38,28 +39,17 @@ def _node(node: int | None) -> str:
     return "any node" if node is None else f"node {node}"
 
 
-def pool_sources(plan: DomainPlan) -> dict[str, str]:
-    """``pool`` or ``fresh`` per populated backend: whether a clean pool file on its
-    filesystem would serve it now (best effort: a pool this user cannot read counts as
-    none)."""
-    host = read_host()
-    left: dict[str, list[PoolEntry]] = {}
-    out = {}
-    for b in plan.populated:
-        assert b.file_path is not None
-        out[b.backend_id] = "fresh"
-        try:
-            directory = pool_dir_for(b.file_path, host.mounts)
-            entries = left.setdefault(directory, Pool(directory).entries())
-        except (KvmaccelError, OSError):
-            continue
-        key = key_for(b.file_size_bytes, b.page_size_kib, b.host_nodes or (), b.policy)
-        match = next((e for e in reserved_first(entries)
-                      if e.state == "clean" and e.key.serves(key, plan.uuid)), None)
-        if match is not None:
-            entries.remove(match)
-            out[b.backend_id] = "pool"
-    return out
+def pool_sources(plan: DomainPlan, config: HookConfig) -> dict[str, str]:
+    """``pool`` or ``fresh`` per populated backend: whether a pool file would serve it at a
+    start now, as the hook decides it (:func:`kvmaccel.serve.room.served_by_pool`: a clean
+    file, or this guest's own that a scrub finishes).  A pool this user cannot read counts
+    as none."""
+    try:
+        served, _ = served_by_pool(plan, read_host(), config)
+    except OSError:
+        served = set()
+    return {b.backend_id: "pool" if b.backend_id in served else "fresh"
+            for b in plan.populated}
 
 
 def _where(b: BackendPlan) -> str:
@@ -152,4 +142,4 @@ def plan(domain_xml: str, qemu_conf: str | None, domain_id: int | None, root: st
     if as_json:
         click.echo(json.dumps(plan_to_json(result), indent=2))
     else:
-        click.echo(format_plan(result, pool_sources(result) if root == "/" else None))
+        click.echo(format_plan(result, pool_sources(result, config) if root == "/" else None))
