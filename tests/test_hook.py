@@ -515,3 +515,19 @@ def test_plan_says_what_the_hook_will_take_from_the_pool(env: Env, run_dir: str,
     assert "yes, pool" in plan_row()
     env.write_config("[pool]\nenabled = false\n")
     assert "yes, fresh" in plan_row()
+
+
+def test_the_warm_path_says_why_it_declined(env: Env, run_dir: str, shm_dir: str) -> None:
+    """Every call the warm path hands to the full hook leaves one debug line saying why (it
+    used to swallow even exceptions): a regression there shows in the log, not only as a
+    slower start."""
+    assert env.run("prepare", "begin") == 0  # the first call: no snapshot of the config yet
+    assert "the warm path declined: no snapshot of the config" in env.log()
+    assert env.run("prepare", "begin", domain_xml(size_mib=2 * SIZE_MIB)) == 0
+    assert ("the warm path declined: the XML, the emulator, qemu.conf or the config changed"
+            in env.log())
+    os.makedirs(env.domain_dir)
+    assert env.run("start", "begin", domain_xml(size_mib=2 * SIZE_MIB)) == 0  # no recipe
+    assert "the warm path declined: no recipe from prepare" in env.log()
+    shutil.rmtree(env.domain_dir)
+    assert env.run("stopped", "end", domain_xml(size_mib=2 * SIZE_MIB, domain_id=None)) == 0
