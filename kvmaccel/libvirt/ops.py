@@ -147,8 +147,8 @@ def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = No
         job = job_from_plan(plan, limits)
     owner = None
     if any(b.make_dir for b in job.backends):  # a memfd guest's directory is made here
+        from ..host.owner import qemu_owner
         from ..model.qemuconf import read_qemu_conf
-        from ..serve.memdir import qemu_owner
 
         conf = read_qemu_conf(config.qemu_conf)
         owner = qemu_owner(conf.user, conf.group)
