@@ -86,12 +86,14 @@ def test_unbound_and_bound_add_up_host_wide_zero_needs_drop() -> None:
     assert first_short(checks) is None
 
 
-def test_the_first_failure_reported_is_huge_host_wide_first() -> None:
-    host = dataclasses.replace(with_2m(two_node(), (0, 0), 0, 0), mem_available_kib=0)
-    checks = capacity_checks(host, {(0, host.base_page_size_kib): MIB, (0, 2048): 2 * MIB})
-    short = first_short(checks)
+def test_the_first_failure_reported_is_a_nodes_then_host_wide() -> None:
+    host = with_2m(two_node(), (100, 0), 50, 0)
+    short = first_short(capacity_checks(host, {(0, 2048): 60 * 2 * MIB, (1, 2048): 2 * MIB}))
+    assert short is not None and (short.node, short.page_size_kib) == (1, 2048)
+    short = first_short(capacity_checks(host, {(0, 2048): 60 * 2 * MIB}))
     assert short is not None and (short.node, short.page_size_kib) == (None, 2048)
-    base = check(host, None, host.base_page_size_kib, 64 * MIB)
+    base = check(dataclasses.replace(host, mem_available_kib=0), None, host.base_page_size_kib,
+                 64 * MIB)
     assert base.reason() == ("need 64M of 4K pages host-wide but only 0B is free "
                              "(MemAvailable); free memory or ask for less")
     assert "; or choose a smaller --size" in str(base.error(hint="or choose a smaller --size"))

@@ -126,11 +126,10 @@ def capacity_checks(host: HostFacts, needs: Needs) -> tuple[CapacityCheck, ...]:
 
 
 def first_short(checks: Iterable[CapacityCheck]) -> CapacityCheck | None:
-    """The check to report when some fail: huge pages before base pages, host-wide before a
-    node's (the host-wide pool is what to raise first); None when all pass."""
-    short = [c for c in checks if not c.ok]
-    return min(short, key=lambda c: (not c.huge, c.node is not None, c.node or 0,
-                                     c.page_size_kib), default=None)
+    """The first check that fails, in :func:`capacity_checks`' order (a node's before the
+    host-wide total: the more telling of two, and raising a node's pool raises the host's);
+    None when all pass."""
+    return next((c for c in checks if not c.ok), None)
 
 
 def require(checks: Iterable[CapacityCheck], who: str = "", hint: str = "") -> None:
