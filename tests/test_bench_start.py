@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from kvmaccel.bench.start import StartResult, configurations, domain_xml, format_table
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from kvmaccel.bench.start import (
+    StartResult,
+    _check_room,
+    configurations,
+    domain_xml,
+    format_table,
+)
 from kvmaccel.bench.virsh import render_qemu_conf
+from kvmaccel.errors import CapacityError
+from kvmaccel.host.facts import HugePagePool, read_host
 from kvmaccel.model.domain import parse_domain
+
+SYSFS = Path(__file__).resolve().parent / "data" / "sysfs"
 
 
 def test_configurations_and_their_xml() -> None:
@@ -65,3 +80,19 @@ def test_table_ratios() -> None:
     assert "| kvmaccel-shm | 4.00 | 3.00 | - | 4.00x | 0.80x |" in table
     assert "failed: boom" in table
     assert "| kvmaccel-restart-shm | 0.60 | - | - | 0.60x | 1.20x of kvmaccel-pool-shm |" in table
+
+
+def test_room_counts_free_pages_less_the_reserved() -> None:
+    """Pages promised to mappings that exist (resv_hugepages) are not there for a new guest:
+    the bench counted free_hugepages alone, where every start (the engine) counts them out,
+    so it went on to a start that then failed."""
+    config = configurations(2, "/dev/hugepages", "/dev/shm", [])
+    hugepages = [c for c in config if c.name == "qemu-hugepages-2"]
+    host = read_host(str(SYSFS / "two-node"))
+    free_60_resv = dataclasses.replace(host, hugepages={
+        **host.hugepages, 2048: HugePagePool(2048, 100, 100, reserved_pages=60)})
+    _check_room(80 << 20, hugepages, "/dev/hugepages", free_60_resv)  # 40 pages of 40
+    with pytest.raises(CapacityError, match=r"a 100M bench guest needs 100M of 2M pages "
+                       r"host-wide but only 80M is free \(free_hugepages - resv_hugepages"
+                       r".*; or choose a smaller --size"):
+        _check_room(100 << 20, hugepages, "/dev/hugepages", free_60_resv)

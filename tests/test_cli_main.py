@@ -42,7 +42,8 @@ def test_populate_json_and_release(shm_dir: str) -> None:
     (["--size", "8M", "--nodes", "7"], "node 7 does not exist; this host has node(s) 0", 2),
     (["--size", "8M", "--threads", "0"], "threads must be at least 1", 2),
     (["--size", "8M", "--mode", "rw"], "invalid --mode", 2),
-    (["--size", "8M", "--owner", "no-such-user-kv"], "unknown user or group", 2),
+    (["--size", "8M", "--owner", "no-such-user-kv"], "unknown user 'no-such-user-kv' in --owner",
+     2),
     (["--size", "64T"], "free but 64T is needed", 3),
 ])
 def test_bad_input_one_line_nothing_left(shm_dir: str, args: list[str], message: str,

@@ -13,6 +13,7 @@ from kvmaccel.engine.backing import BackingSpec, created_by_us, populate_backing
 from kvmaccel.engine.slots import HostSlots
 from kvmaccel.errors import BackingError, CapacityError
 from kvmaccel.host.facts import HugePagePool, read_host
+from kvmaccel.model.units import format_size
 from kvmaccel.plan.limits import Limits
 
 from .conftest import free_hugepages_2m
@@ -26,8 +27,10 @@ def test_too_few_huge_pages_refused_before_creating(hugetlbfs: str) -> None:
     with pytest.raises(CapacityError) as info:
         populate_backings([BackingSpec(path, (free + 10) * 2 * MIB)], read_host())
     message = str(info.value)
-    assert f"need {free + 10} free 2048 KiB huge pages" in message
-    assert f"has {free}" in message and "nr_hugepages" in message
+    assert (f"need {format_size((free + 10) * 2 * MIB)} of 2M pages host-wide but only "
+            f"{format_size(free * 2 * MIB)} is free (free_hugepages - resv_hugepages") in message
+    nr = read_host().hugepages[2048].nr_pages
+    assert f"reserve more huge pages: echo {nr + 10} > /sys/kernel/mm/hugepages/" in message
     assert not os.path.exists(path)
     assert free_hugepages_2m() == free
 
@@ -39,8 +42,9 @@ def test_too_few_huge_pages_on_a_node(hugetlbfs: str) -> None:
     real = read_host()
     node0 = dataclasses.replace(real.nodes[0], hugepages={2048: HugePagePool(2048, 10, 3)})
     host = dataclasses.replace(real, nodes={0: node0})
-    with pytest.raises(CapacityError, match="need 8 free 2048 KiB huge pages on node 0 "
-                       r"\(16M\) but it has 3; reserve more") as info:
+    with pytest.raises(CapacityError, match=r"need 16M of 2M pages on node 0 but only 6M is "
+                       r"free \(free_hugepages \(2048 kB\) of node 0\); reserve more huge pages: "
+                       "echo 15 > /sys/devices/system/node/node0/") as info:
         populate_backings([BackingSpec(path, 16 * MIB, nodes=(0,))], host)
     assert info.value.node_id == 0 and info.value.page_size_kib == 2048
     assert not os.path.exists(path)
@@ -63,7 +67,8 @@ def test_pool_exhausted_midway_removes_the_file(hugetlbfs: str) -> None:
 def test_memavailable_checked_for_tmpfs(shm_dir: str) -> None:
     host = dataclasses.replace(read_host(), mem_available_kib=1024)
     path = os.path.join(shm_dir, "guest")
-    with pytest.raises(CapacityError, match="MemAvailable is 1M"):
+    with pytest.raises(CapacityError, match=r"need 64M of 4K pages host-wide but only 1M is "
+                       r"free \(MemAvailable\); free memory"):
         populate_backings([BackingSpec(path, 64 * MIB)], host)
     assert not os.path.exists(path)
 

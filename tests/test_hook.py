@@ -179,7 +179,7 @@ def test_capacity_checked_at_prepare(env: Env, capsys: pytest.CaptureFixture[str
     env.write_config("strict = true\n")
     assert env.run("prepare", "begin", huge) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"kvmaccel: guest {NAME} needs 64T") and "reserve more" in err
+    assert err.startswith(f"kvmaccel: guest {NAME} needs 64T") and "free memory" in err
 
 
 def test_time_budget_cancels_and_removes_the_file(env: Env, run_dir: str) -> None:

@@ -159,13 +159,6 @@ def test_a_directory_of_another_user_is_refused(parent: Path) -> None:
         memdir.make_guest_dir(str(d), NOBODY)
 
 
-def test_qemu_owner_names_and_numbers() -> None:
-    assert memdir.qemu_owner("root", "root") == (0, 0)
-    assert memdir.qemu_owner("+107", "+64055") == (107, 64055)
-    with pytest.raises(BackingError, match="not known"):
-        memdir.qemu_owner("no-such-user-kvmaccel", "root")
-
-
 # --- issue 20, finding 2: the memfd guest's directory, through the hook and the front -------
 
 QEMU_USER = "libvirt-qemu"

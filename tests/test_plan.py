@@ -93,7 +93,7 @@ def test_gpu_guest_plan() -> None:
     assert b0["populate"] and b1["populate"] and b1["host_nodes"] == [1]
     assert data["helpers"]["threads"] == 16  # <allocation threads='16'/>
     assert data["libvirt"]["created_dirs"] == ["/dev/hugepages/libvirt/qemu/7-gpu-render-01"]
-    assert [c["ok"] for c in data["capacity"]] == [True, True]
+    assert [c["ok"] for c in data["capacity"]] == [True, True, True]  # nodes 0, 1, host-wide
     assert any("VFIO" in n for n in data["notes"])
 
 

@@ -29,6 +29,7 @@ from ..engine.backing import BackingSpec, open_backings, populate_backings, rele
 from ..engine.populate import PopulateResult
 from ..errors import HostError, UsageError
 from ..host import sysmem
+from ..host.capacity import check
 from ..host.facts import HostFacts
 from ..model.units import GIB, format_size
 from ..plan.limits import Limits
@@ -66,8 +67,7 @@ def choose_backing(kind: str, size_bytes: int, page_size_kib: int | None, direct
     enough free huge pages, else tmpfs.  Raises :class:`UsageError` or :class:`HostError`."""
     if kind == "auto":
         page = page_size_kib or host.default_hugepage_kib or 2048
-        pool = host.hugepages.get(page)
-        fits = pool is not None and pool.available_pages * page * 1024 >= size_bytes
+        fits = check(host, None, page, size_bytes).ok
         mounted = any(m.page_size_kib == page for m in host.hugetlbfs_mounts)
         kind = "hugetlbfs" if fits and mounted else "tmpfs"
     if kind == "hugetlbfs":

@@ -32,7 +32,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import CapacityError, HostError
+from ..errors import HostError
+from ..host.capacity import CapacityCheck, check
 from ..host.facts import read_host
 from ..model.units import format_size
 
@@ -77,9 +78,9 @@ def _kill(pidfile: str) -> None:
         time.sleep(0.01)
 
 
-def _available(page_kib: int) -> int:
-    pool = read_host().hugepages.get(page_kib)
-    return pool.available_pages if pool else 0
+def _room(page_kib: int, size_bytes: int) -> CapacityCheck:
+    """One guest's ``size_bytes`` of ``page_kib`` pages against what is free host-wide now."""
+    return check(read_host(), None, page_kib, size_bytes)
 
 
 def start_once(config: str, qemu: str, directory: str, size_bytes: int, threads: int,
@@ -121,14 +122,11 @@ def bench_run(qemu: str, directory: str, size_bytes: int, threads: int, runs: in
         order = CONFIGS[round_no % 3:] + CONFIGS[:round_no % 3]
         for config in order:
             deadline = time.monotonic() + wait_s
-            while (free := _available(page_kib)) < pages and time.monotonic() < deadline:
+            while not (room := _room(page_kib, pages * page_kib * 1024)).ok and (
+                    time.monotonic() < deadline):
                 time.sleep(0.5)  # the pool is shared: wait for other users to give pages back
-            if free < pages:
-                raise CapacityError(
-                    f"need {pages} free {page_kib} KiB huge pages for one guest, the pool has "
-                    f"{free}; wait for other users or reserve more",
-                    page_size_kib=page_kib, needed_bytes=pages * page_kib * 1024,
-                    available_bytes=free * page_kib * 1024)
+            if not room.ok:
+                raise room.error("one guest", hint="or wait for other users")
             t = start_once(config, qemu, directory, size_bytes, threads, nice)
             if round_no:
                 seconds[config].append(t)

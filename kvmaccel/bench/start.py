@@ -65,8 +65,9 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from ..errors import CapacityError, UsageError, VirshError
-from ..host.facts import read_host
+from ..errors import UsageError, VirshError
+from ..host.capacity import capacity_checks, require
+from ..host.facts import HostFacts, read_host
 from ..model.units import format_size
 from ..plan.limits import Limits
 from ..pool.manage import POOL_DIRNAME, Pool, PoolKey, key_for
@@ -200,29 +201,23 @@ def domain_xml(cfg: StartConfig, name: str, size_bytes: int) -> str:
 """
 
 
-def _check_room(size_bytes: int, configs: Sequence[StartConfig], hugetlbfs_dir: str) -> None:
-    host = read_host()
-    pool = host.hugepages.get(2048)
-    needed = max((c.guest_bytes(size_bytes) * c.guest_files() for c in configs
-                  if (c.hugepages and not c.page_kib) or c.backing_dir == hugetlbfs_dir),
-                 default=0)
-    gig = host.hugepages.get(GIB_KIB)
-    gig_needed = max((c.guest_bytes(size_bytes) for c in configs if c.page_kib == GIB_KIB),
-                     default=0)
-    if gig_needed and (gig.free_pages if gig else 0) < gig_needed >> 30:
-        raise CapacityError(f"a {format_size(gig_needed)} guest needs {gig_needed >> 30} free "
-                            f"1G huge pages; {gig.free_pages if gig else 0} are free; reserve "
-                            "more (/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages)",
-                            page_size_kib=GIB_KIB, needed_bytes=gig_needed)
-    have = pool.free_pages * 2048 * 1024 if pool else 0
-    if have < needed:
-        raise CapacityError(f"a {format_size(needed)} guest needs {needed >> 21} free "
-                            f"2M huge pages; {have >> 21} are free; choose a smaller --size",
-                            page_size_kib=2048, needed_bytes=needed, available_bytes=have)
-    on_tmpfs = any(c.backing_dir and c.backing_dir != hugetlbfs_dir for c in configs)
-    if on_tmpfs and host.mem_available_kib * 1024 < size_bytes * 3 // 2:
-        raise CapacityError(f"MemAvailable {format_size(host.mem_available_kib * 1024)} is "
-                            f"too little for a {format_size(size_bytes)} guest on tmpfs")
+def _check_room(size_bytes: int, configs: Sequence[StartConfig], hugetlbfs_dir: str,
+                host: HostFacts | None = None) -> None:
+    """Raise :class:`CapacityError` unless the host has room for the biggest guest of
+    ``configs`` (on tmpfs, half as much again), counted as every start counts it
+    (:mod:`kvmaccel.host.capacity`): free huge pages less those promised to mappings."""
+    host = read_host() if host is None else host
+    needs: dict[tuple[int | None, int], int] = {
+        (None, 2048): max((c.guest_bytes(size_bytes) * c.guest_files() for c in configs
+                           if (c.hugepages and not c.page_kib) or c.backing_dir == hugetlbfs_dir),
+                          default=0),
+        (None, GIB_KIB): max((c.guest_bytes(size_bytes) for c in configs
+                              if c.page_kib == GIB_KIB), default=0),
+    }
+    if any(c.backing_dir and c.backing_dir != hugetlbfs_dir for c in configs):
+        needs[(None, host.base_page_size_kib)] = size_bytes * 3 // 2
+    require(capacity_checks(host, needs), who=f"a {format_size(size_bytes)} bench guest",
+            hint="or choose a smaller --size")
 
 
 @dataclass

@@ -78,20 +78,19 @@ def plan_scratch(host: HostFacts, node_id: int, threads: int, size_bytes: int | 
                  ) -> tuple[list[Scratch], list[str]]:
     """The scratch backings to measure ``threads`` counts on ``node_id``, and a note for
     every page size skipped.  Pure."""
-    node = host.nodes[node_id]
     candidates: list[tuple[int, str | None, int]] = []  # (page KiB, mount, free bytes)
-    base_free = min(node.mem_free_kib, host.mem_available_kib) * 1024
-    candidates.append((host.base_page_size_kib, None, base_free))
+
+    def free_here(kib: int) -> int:  # on the node, and not more than host-wide
+        return min(host.free_bytes(node_id, kib), host.free_bytes(None, kib))
+
+    candidates.append((host.base_page_size_kib, None, free_here(host.base_page_size_kib)))
     seen: set[int] = set()
     for m in host.hugetlbfs_mounts:
         kib = m.page_size_kib
         if not kib or kib in seen:
             continue
         seen.add(kib)
-        pool = node.hugepages.get(kib)
-        wide = host.hugepages.get(kib)
-        free_pages = min(pool.free_pages if pool else 0, wide.available_pages if wide else 0)
-        candidates.append((kib, m.path, free_pages * kib * 1024))
+        candidates.append((kib, m.path, free_here(kib)))
     scratch: list[Scratch] = []
     notes: list[str] = []
     for kib, mount, free in candidates:

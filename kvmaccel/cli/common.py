@@ -4,10 +4,8 @@ that the command modules can import them without importing the group)."""
 from __future__ import annotations
 
 import contextlib
-import grp
 import logging
 import os
-import pwd
 import signal
 import stat
 import sys
@@ -18,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..engine.populate import ProgressFn
-from ..errors import UsageError
+from ..errors import HostError, UsageError
 from ..model.textfile import MAX_TEXT_BYTES, read_regular
 from ..model.units import format_size, parse_node_list, parse_size
 from ..plan.limits import DEFAULT_MIN_CHUNK_BYTES, DEFAULT_NICE, Limits
@@ -31,10 +29,6 @@ log = logging.getLogger(__name__)
 
 def size_option(text: str | None) -> int | None:
     return None if text is None else parse_size(text)
-
-
-MAX_ID = (1 << 32) - 2
-"""The largest user or group id (``(uid_t) -1`` means "no change" to chown)."""
 
 
 def parse_nodes(text: str | None, what: str = "--nodes") -> tuple[int, ...]:
@@ -185,21 +179,20 @@ class Seconds(_FloatParam):
 
 
 def parse_owner(text: str | None) -> tuple[int | None, int | None]:
-    """``USER[:GROUP]`` (names or numbers) -> (uid, gid)."""
+    """``USER[:GROUP]`` -> (uid, gid), each a name or a number as ``chown`` and libvirt read
+    them (:mod:`kvmaccel.host.owner`: a name first, digits that name no one as an id, ``+N``
+    always an id)."""
+    from ..host.owner import group_id, user_id
+
     if not text:
         return None, None
     user, _, group = text.partition(":")
+    hint = "give USER[:GROUP] that exist on this host"
     try:
-        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
-        gid = (int(group) if group.isdigit() else grp.getgrnam(group).gr_gid) if group else None
-    except KeyError:
-        raise UsageError(f"unknown user or group in --owner {text[:40]!r}; give USER[:GROUP] "
-                         "that exist on this host") from None
-    for value in (uid, gid):
-        if value is not None and value > MAX_ID:
-            raise UsageError(f"--owner {text[:40]!r}: id {value} is above the largest "
-                             f"possible, {MAX_ID}; give a user and group of this host")
-    return uid, gid
+        return (user_id(user, "--owner", hint),
+                group_id(group, "--owner", hint) if group else None)
+    except HostError as e:
+        raise UsageError(str(e)) from None
 
 
 def parse_mode(text: str) -> int:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from .. import safefs
 from ..errors import BackingError, CapacityError, KvmaccelError, TargetError, UsageError
 from ..host import sysmem
+from ..host.capacity import capacity_checks, require
 from ..host.facts import HostFacts
 from ..model.units import format_cpu_spec, format_size
 from ..paths import run_dir
@@ -307,9 +308,7 @@ def check_room(specs: Sequence[BackingSpec], host: HostFacts) -> int:
 
 def check_capacity(targets: Sequence[_Target], host: HostFacts) -> None:
     """Raise :class:`CapacityError`, with the numbers, unless every target fits at once."""
-    huge_need: dict[tuple[int | None, int], int] = defaultdict(int)  # (node, page) -> pages
-    huge_total: dict[int, int] = defaultdict(int)
-    base_need = 0
+    needs: dict[tuple[int | None, int], int] = defaultdict(int)  # (node, page KiB) -> bytes
     for t in targets:
         missing = sorted(set(t.spec.nodes) - set(host.nodes))
         if missing:
@@ -323,43 +322,14 @@ def check_capacity(targets: Sequence[_Target], host: HostFacts) -> None:
                 f"but {format_size(need)} is needed; raise its size= limit or free space",
                 needed_bytes=need, available_bytes=t.fs_available_bytes)
         if t.fs_kind != "hugetlbfs":
-            base_need += need
+            # Counted host-wide, bound or not: a node's MemFree leaves out the page cache the
+            # kernel reclaims there for a bound tmpfs file or memfd.
+            needs[(None, host.base_page_size_kib)] += need
             continue
-        for node, _, length in split_across_nodes(need, t.spec.nodes, t.page_size_bytes):
-            pages = math.ceil(length / t.page_size_bytes)
-            huge_need[(node, t.page_size_bytes)] += pages
-            huge_total[t.page_size_bytes] += pages
-    for page, pages in huge_total.items():
-        kib = page >> 10
-        pool = host.hugepages.get(kib)
-        have = pool.available_pages if pool else 0
-        if pages > have:
-            target = pages - have + (pool.nr_pages if pool else 0)
-            raise CapacityError(
-                f"need {pages} free {kib} KiB huge pages ({format_size(pages * page)}) but the "
-                f"host has {have}; reserve more: echo {target}"
-                f" > /sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages",
-                page_size_kib=kib, needed_bytes=pages * page, available_bytes=have * page)
-    for (node, page), pages in huge_need.items():
-        if node is None:
-            continue
-        kib = page >> 10
-        pool = host.nodes[node].hugepages.get(kib)
-        have = pool.free_pages if pool else 0
-        if pages > have:
-            raise CapacityError(
-                f"need {pages} free {kib} KiB huge pages on node {node} "
-                f"({format_size(pages * page)}) but it has {have}; reserve more: echo "
-                f"{pages - have + (pool.nr_pages if pool else 0)} > /sys/devices/system/node/"
-                f"node{node}/hugepages/hugepages-{kib}kB/nr_hugepages",
-                node_id=node, page_size_kib=kib, needed_bytes=pages * page,
-                available_bytes=have * page)
-    available = host.mem_available_kib * 1024
-    if base_need > available:
-        raise CapacityError(
-            f"need {format_size(base_need)} of memory but MemAvailable is "
-            f"{format_size(available)}; free memory or ask for less",
-            needed_bytes=base_need, available_bytes=available)
+        page = t.page_size_bytes
+        for node, _, length in split_across_nodes(need, t.spec.nodes, page):
+            needs[(node, page >> 10)] += math.ceil(length / page) * page
+    require(capacity_checks(host, needs))
 
 
 # --- opening -------------------------------------------------------------------------------

@@ -14,9 +14,7 @@ guest will get.
 
 from __future__ import annotations
 
-import grp
 import logging
-import pwd
 import threading
 from dataclasses import dataclass
 
@@ -24,8 +22,8 @@ from .. import safefs
 from ..engine.backing import Backing, BackingSpec, populate_backings
 from ..engine.populate import PopulateResult, ProgressFn
 from ..errors import HostError, NotPopulatedError, UnsafePathError, UsageError
+from ..host.owner import qemu_owner
 from ..model.domain import parse_domain
-from ..model.qemuconf import QemuConf
 from ..plan.forhost import HostPlanning
 from ..plan.planner import DomainPlan
 
@@ -89,17 +87,6 @@ def domain_xml(name: str, uri: str | None) -> tuple[str, int]:
         conn.close()
 
 
-def _owner(conf: QemuConf) -> tuple[int, int]:
-    try:
-        uid = int(conf.user) if conf.user.lstrip("+").isdigit() else pwd.getpwnam(conf.user).pw_uid
-        gid = (int(conf.group) if conf.group.lstrip("+").isdigit()
-               else grp.getgrnam(conf.group).gr_gid)
-    except KeyError:
-        raise HostError(f"qemu.conf user {conf.user!r} or group {conf.group!r} does not exist "
-                        "on this host; install libvirt or set user/group in qemu.conf") from None
-    return uid, gid
-
-
 def _make_domain_dir(plan: DomainPlan, uid: int, gid: int) -> None:
     """Create ``<memory_backing_dir>/<shortname>`` as libvirt would (0700, the qemu user's),
     by descriptor (:func:`kvmaccel.safefs.make_owned_dir`): the qemu user owns
@@ -137,7 +124,7 @@ def preallocate(
     populated = plan.populated
     if not populated:
         return PreallocResult(plan, (), None), []
-    uid, gid = _owner(qemu_conf)
+    uid, gid = qemu_owner(qemu_conf.user, qemu_conf.group)
     specs = []
     for b in populated:
         assert b.mem_path is not None  # the planner populates files only

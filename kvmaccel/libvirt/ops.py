@@ -18,7 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import CapacityError
+from ..host.capacity import require
 from ..host.facts import read_host
 from ..model.units import format_size
 from ..plan.config import HookConfig
@@ -109,16 +109,7 @@ def op_prepare(xml: bytes, config: HookConfig) -> None:
         reasons = "; ".join(f"{b.backend_id}: {b.skip_reason}" for b in plan.backends)
         log.info("nothing for kvmaccel to populate (%s)", reasons or "no memory backends")
         return
-    for check in room.capacity_after_pool(plan, read_host(), config):
-        if not check.ok:
-            where = "host-wide" if check.node is None else f"on node {check.node}"
-            raise CapacityError(
-                f"guest {plan.name} needs {format_size(check.needed_bytes)} of "
-                f"{format_size(check.page_size_kib * 1024)} pages {where} but only "
-                f"{format_size(check.available_bytes)} is free ({check.source}); reserve more "
-                "huge pages or free memory",
-                node_id=check.node, page_size_kib=check.page_size_kib,
-                needed_bytes=check.needed_bytes, available_bytes=check.available_bytes)
+    require(room.capacity_after_pool(plan, read_host(), config), who=f"guest {plan.name}")
     write_recipe(plan, limits, config, xml)
     log.info("plan: populate %s with %d thread(s)",
              ", ".join(f"{b.file_path} ({format_size(b.file_size_bytes)})"
@@ -137,8 +128,8 @@ def op_start(xml: bytes, config: HookConfig, cancel: threading.Event | None = No
         job = job_from_plan(plan, limits)
     owner = None
     if any(b.make_dir for b in job.backends):  # a memfd guest's directory is made here
+        from ..host.owner import qemu_owner
         from ..model.qemuconf import read_qemu_conf
-        from ..serve.memdir import qemu_owner
 
         conf = read_qemu_conf(config.qemu_conf)
         owner = qemu_owner(conf.user, conf.group)

@@ -50,6 +50,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from ..errors import PlanError
+from ..host.capacity import CapacityCheck, capacity_checks
 from ..host.facts import HostFacts
 from ..model.domain import Domain
 from ..model.qemuconf import QemuConf
@@ -98,21 +99,6 @@ class BackendPlan:
     skip_reason: str | None
     file_path: str | None = None  # the file kvmaccel populates (mem_path, or the front's)
     front: bool = False  # the front hands QEMU ``file_path`` in place of what libvirt passes
-
-
-@dataclass(frozen=True)
-class CapacityCheck:
-    """Bytes one node (None: anywhere) must supply in one page size, against what it has."""
-
-    node: int | None
-    page_size_kib: int
-    needed_bytes: int
-    available_bytes: int
-    source: str
-
-    @property
-    def ok(self) -> bool:
-        return self.needed_bytes <= self.available_bytes
 
 
 @dataclass(frozen=True)
@@ -330,26 +316,7 @@ def _capacity(host: HostFacts, backends: tuple[BackendPlan, ...]) -> tuple[Capac
         for node, size in split_by_node(b).items():
             key = (node, b.page_size_kib)
             needed[key] = needed.get(key, 0) + size
-    checks = []
-    for (node, page_kib), size in sorted(needed.items(), key=lambda kv: (_node_key(kv[0][0]),
-                                                                          kv[0][1])):
-        if page_kib > host.base_page_size_kib:
-            if node is None:
-                pool = host.hugepages.get(page_kib)
-                avail = pool.available_pages if pool else 0
-                source = f"free_hugepages - resv_hugepages ({page_kib} kB), host-wide"
-            else:
-                pool = host.nodes[node].hugepages.get(page_kib) if node in host.nodes else None
-                avail = pool.free_pages if pool else 0
-                source = f"free_hugepages ({page_kib} kB) of node {node}"
-            available = avail * page_kib * 1024
-        elif node is None:
-            available, source = host.mem_available_kib * 1024, "MemAvailable"
-        else:
-            available = host.nodes[node].mem_free_kib * 1024
-            source = f"MemFree of node {node}"
-        checks.append(CapacityCheck(node, page_kib, size, available, source))
-    return tuple(checks)
+    return capacity_checks(host, needed)
 
 
 def plan_domain(

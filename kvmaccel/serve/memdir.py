@@ -27,9 +27,7 @@ open (QEMU allocates the memory itself) unless ``strict``.
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
-import pwd
 import stat
 from typing import Any, NamedTuple
 
@@ -53,18 +51,6 @@ def guest_dir_of(path: str) -> str | None:
     """``D`` for a file the front serves (``D/.kvmaccel/kvmaccel-<id>``), else None."""
     proof = os.path.dirname(path)
     return os.path.dirname(proof) if os.path.basename(proof) == PROOF_DIR else None
-
-
-def qemu_owner(user: str, group: str) -> tuple[int, int]:
-    """qemu.conf's ``user``/``group`` (names, or ``+N`` for a number) as ids.  Raises
-    :class:`BackingError` for a name this host does not know."""
-    try:
-        uid = int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid
-        gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid
-    except (KeyError, ValueError):
-        raise BackingError(f"qemu.conf's user {user!r} or group {group!r} is not known on "
-                           "this host") from None
-    return uid, gid
 
 
 def _log(level: str, message: str, *args: Any) -> None:

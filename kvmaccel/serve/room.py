@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..errors import UnsafePathError
+from ..host.capacity import capacity_checks
 from ..model.units import format_size
 from ..pool.discovery import existing_pools
 from ..pool.manage import Pool, PoolEntry, PoolKey, reserved_first
@@ -19,9 +20,10 @@ from .job import backend_key
 from .pool import pool_for, refused
 
 if TYPE_CHECKING:
+    from ..host.capacity import CapacityCheck
     from ..host.facts import HostFacts
     from ..plan.config import HookConfig
-    from ..plan.planner import CapacityCheck, DomainPlan
+    from ..plan.planner import DomainPlan
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,8 @@ def room_for_everything(plan: DomainPlan, host: HostFacts, config: HookConfig) -
                                                   b.page_size_kib * 1024):
             need[(node, b.page_size_kib)] = need.get((node, b.page_size_kib), 0) + length
     freed = 0
-    for (node, page_kib), wanted in need.items():
-        short = wanted - host.free_bytes(node, page_kib)
+    for check in capacity_checks(host, need):
+        node, page_kib, short = check.node, check.page_size_kib, check.shortfall_bytes
         for pool in _pools_of_page(page_kib, host, config) if short > 0 else []:
 
             def fits(e: PoolEntry, node: int | None = node, page_kib: int = page_kib) -> bool:
@@ -137,5 +139,9 @@ def capacity_after_pool(plan: DomainPlan, host: HostFacts, config: HookConfig
 
 
 def _add(totals: dict[tuple[int | None, int], int], key: PoolKey) -> None:
+    """Add ``key``'s bytes per node, and to the host-wide total (a check with node None counts
+    every node's: :func:`kvmaccel.host.capacity.capacity_checks`)."""
     for node, length in key.node_bytes().items():
-        totals[(node, key.page_size_kib)] = totals.get((node, key.page_size_kib), 0) + length
+        for where in {node, None}:
+            totals[(where, key.page_size_kib)] = totals.get((where, key.page_size_kib),
+                                                            0) + length
