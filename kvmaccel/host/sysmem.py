@@ -228,22 +228,6 @@ def set_autogroup_nice(nice: int, pid: int | None = None) -> None:
         pass
 
 
-def start_ticks(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (field 22 of
-    ``/proc/<pid>/stat``; None when there is no such process).  A pid and this identify one
-    process, whatever reuses the pid later."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2:].split()  # the name in () may hold spaces
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
 def lower_priority(nice: int) -> None:
     """``nice`` for this process and for its scheduler autogroup."""
     os.setpriority(os.PRIO_PROCESS, 0, nice)

@@ -51,10 +51,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..engine import records
-from ..errors import KvmaccelError
-from ..host import sysmem
+from ..errors import KvmaccelError, ProcessGoneError
+from ..host import proc, sysmem
 from ..model.units import format_size
-from .filler import start_ticks, stop_filler, write_record
+from .filler import stop_filler, write_record
 from .state import FillerRef
 
 if TYPE_CHECKING:
@@ -162,7 +162,11 @@ def start_filler(backings: Sequence[Backing], threads: Sequence[int], host: Host
     pid = fork_detached("kvmaccel-fill", limits.nice,
                         lambda: _fill(backings, items, host, limits, config, domain),
                         cgroup=config.cgroup)
-    filler = FillerRef(pid, start_ticks(pid) or 0)
+    try:
+        ticks = proc.start_ticks(pid)
+    except ProcessGoneError:  # our child, a zombie until reaped: only if SIGCHLD is ignored
+        ticks = 0
+    filler = FillerRef(pid, ticks)
     try:
         write_record(key, filler)
     except BaseException:
@@ -222,22 +226,9 @@ def _mapped(backings: Sequence[Backing]) -> list[tuple[int, int, int]]:
     ids = {}
     for i, b in enumerate(backings):
         st = os.fstat(b.fd)
-        ids[(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)] = i
-    found = []
-    with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            if len(fields) < 5:
-                continue
-            major, _, minor = fields[3].partition(":")
-            try:
-                dev_ino = (int(major, 16), int(minor, 16), int(fields[4]))
-                lo, _, hi = fields[0].partition("-")
-                if dev_ino in ids:
-                    found.append((int(lo, 16), int(hi, 16), ids[dev_ino]))
-            except ValueError:
-                continue
-    return found
+        ids[(st.st_dev, st.st_ino)] = i
+    return [(a.start, a.end, ids[(a.dev, a.inode)]) for a in proc.maps(proc.SELF)
+            if (a.dev, a.inode) in ids]
 
 
 def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, limits: Limits,
