@@ -215,25 +215,6 @@ def set_thread_name(name: str) -> None:
     _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
-def set_autogroup_nice(nice: int, pid: int | None = None) -> None:
-    """The nice of the scheduler autogroup of ``pid`` (None: this process).  A new session is
-    a new autogroup, and between autogroups only the group's nice counts: a nice-19 process
-    in a group of nice 0 competes with everyone else as an equal.  A kernel without
-    autogroups (``kernel.sched_autogroup_enabled``) is left as it is."""
-    try:
-        with open(f"/proc/{'self' if pid is None else pid}/autogroup", "w",
-                  encoding="ascii") as f:
-            f.write(str(nice))
-    except OSError:
-        pass
-
-
-def lower_priority(nice: int) -> None:
-    """``nice`` for this process and for its scheduler autogroup."""
-    os.setpriority(os.PRIO_PROCESS, 0, nice)
-    set_autogroup_nice(nice)
-
-
 def resident_pages(addr: int, length: int, page_size: int) -> int:
     """How many pages of the mapping are resident (mincore)."""
     count = (length + page_size - 1) // page_size

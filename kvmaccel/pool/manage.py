@@ -430,27 +430,14 @@ def key_for(size_bytes: int, page_size_kib: int, host_nodes: Sequence[int] = (),
                    policy if host_nodes else None, reserved_uuid)
 
 
-AUTOGROUP = "/proc/self/autogroup"
-
-
 def spawn_scrub(directories: Sequence[str] = (), nice: int = 19) -> int:
-    """Start ``kvmaccel pool scrub`` detached (its own session, at ``nice``, no terminal, no
-    inherited descriptors); return its pid.  The hook calls this after a guest stops.
-
-    A new session is a new scheduler autogroup (``kernel.sched_autogroup_enabled``), and
-    between autogroups only the group's nice counts: a nice-19 scrub in a group of nice 0
-    would take a full share of the CPU from the guests.  So the group gets ``nice`` too."""
-    import subprocess
-
-    from ..host import sysmem
-
-    def lower_priority() -> None:
-        sysmem.lower_priority(nice)
+    """Start ``kvmaccel pool scrub`` detached (its own session, at ``nice``, its scheduler
+    autogroup too, no terminal, no inherited descriptors:
+    :func:`kvmaccel.host.process.spawn_detached`); return its pid.  The hook calls this
+    after a guest stops."""
+    from ..host.process import spawn_detached
 
     args = [sys.executable, "-m", "kvmaccel", "pool", "scrub", "--nice", str(nice)]
     for d in directories:
         args += ["--dir", d]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-                            preexec_fn=lower_priority)
-    return proc.pid
+    return spawn_detached(args, nice)

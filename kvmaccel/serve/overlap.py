@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +51,7 @@ from typing import TYPE_CHECKING
 
 from ..engine import records
 from ..errors import KvmaccelError, ProcessGoneError
-from ..host import proc, sysmem
+from ..host import proc, process, sysmem
 from ..model.units import format_size
 from .filler import stop_filler, write_record
 from .state import FillerRef
@@ -283,12 +282,12 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
 def fork_detached(name: str, nice: int, work: Callable[[], int],
                   cgroup: str | None = None) -> int:
     """Fork a child of the hook that runs ``work`` and exits with what it returns; return
-    its pid.  The child first detaches: a session of its own (out of libvirt's process
-    group), stdio on /dev/null (libvirt waits for the hook's pipes to close, not for the
-    hook), SIGTERM as KeyboardInterrupt (the engine then stops), the name ``name``, and
-    ``nice`` for the process and for its new scheduler autogroup.  Forked, not a new
-    interpreter: it works within milliseconds.  An exception ``work`` lets through is
-    logged, never raised into the hook.
+    its pid.  The child first detaches (:func:`kvmaccel.host.process.detach`): a session of
+    its own (out of libvirt's process group), stdio on /dev/null (libvirt waits for the
+    hook's pipes to close, not for the hook), SIGTERM as KeyboardInterrupt (the engine then
+    stops), the name ``name``, and ``nice`` for the process and for its new scheduler
+    autogroup.  Forked, not a new interpreter: it works within milliseconds.  An exception
+    ``work`` lets through is logged, never raised into the hook.
 
     With ``cgroup``, the hook moves the child into that cgroup
     (:func:`kvmaccel.engine.cgroup.enter`) before it lets the child do anything at all, and
@@ -318,14 +317,7 @@ def fork_detached(name: str, nice: int, work: Callable[[], int],
             if os.read(gate[0], 1) != b"\x01":  # the hook died before it placed us
                 os._exit(1)
             os.close(gate[0])
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        sysmem.set_thread_name(name)
-        sysmem.lower_priority(nice)
+        process.detach(nice, name)
         code = work()
     except BaseException:  # noqa: BLE001 - a child: logged, never raised into the hook
         log.exception("%s failed", name)
