@@ -24,6 +24,16 @@ class HostError(KvmaccelError):
     """A fact about the host could not be read, or the host lacks something needed."""
 
 
+class ProcessGoneError(HostError):
+    """The process asked about no longer exists (it exited and was reaped, or never was):
+    its ``/proc/<pid>`` entry is gone.  ``pid`` names it.  A zombie still exists: its
+    ``stat`` reads, in state ``Z``."""
+
+    def __init__(self, message: str, *, pid: int | str) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
 class CapacityError(KvmaccelError):
     """Not enough free memory or huge pages for the request.
 

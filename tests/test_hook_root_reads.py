@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import pytest
 
 from kvmaccel.errors import HostError
-from kvmaccel.host import sysmem
+from kvmaccel.host import proc as host_proc
 from kvmaccel.host.facts import read_host
 from kvmaccel.launch import prealloc
 from kvmaccel.pool.manage import POOL_DIRNAME, Pool, key_for
@@ -120,7 +120,7 @@ def test_a_stop_never_acts_on_a_state_another_user_planted(base: str, victim_own
     doomed, linked = victim_file(victims, "doomed"), victim_file(victims, "linked")
     proc = sleeper(victim_owner == "nobody")
     try:
-        ticks = sysmem.start_ticks(proc.pid)
+        ticks = host_proc.start_ticks(proc.pid)
         assert ticks is not None
         st = os.stat(doomed)
         plant_as_nobody(os.path.join(run_dir, "files", f"{record_digest(doomed)}.json"),
@@ -267,7 +267,7 @@ def test_priority_is_never_lent_to_a_process_that_reused_a_scrubs_pid(shm_dir: s
     name = os.path.basename(entry.path)
     other = subprocess.Popen(["sleep", "300"], preexec_fn=lambda: os.nice(19))
     try:
-        ticks = sysmem.start_ticks(other.pid)
+        ticks = host_proc.start_ticks(other.pid)
         assert ticks is not None and os.getpriority(os.PRIO_PROCESS, other.pid) == 19
         pool._write_state(name, "scrubbing", domain_uuid="u", pid=other.pid,
                           start_ticks=ticks - 1)  # the dead scrub's: the pid was reused

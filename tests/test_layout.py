@@ -201,7 +201,7 @@ WARM_MODULES = {"kvmaccel", "kvmaccel.errors", "kvmaccel.paths", "kvmaccel.safef
                 "kvmaccel.libvirt.started", "kvmaccel.libvirt.cache", "kvmaccel.serve.take",
                 "kvmaccel.serve.state",
                 "kvmaccel.serve.filler", "kvmaccel.serve.memdir",
-                "kvmaccel.pool.files", "kvmaccel.engine.records"}
+                "kvmaccel.pool.files", "kvmaccel.engine.records", "kvmaccel.host.proc"}
 """The warm path: a warm ``prepare``/``start`` and ``started`` import these and no more."""
 WARM_STDLIB = {"__future__", "collections", "collections.abc", "contextlib", "errno", "fcntl",
                "grp", "io", "json", "os", "pwd", "re", "signal", "stat", "sys", "time",

@@ -296,7 +296,8 @@ def test_the_detached_scrub_is_niced_and_so_is_its_autogroup(tmp_path: object) -
     """spawn_scrub starts a new session, which is a new scheduler autogroup; only the
     group's nice counts between groups, so it must be 19 too, or the scrub competes with
     the guests as an equal."""
-    from kvmaccel.pool.manage import AUTOGROUP, spawn_scrub
+    from kvmaccel.host.process import AUTOGROUP
+    from kvmaccel.pool.manage import spawn_scrub
 
     from .conftest import need
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import HostError
+from ..host import proc as host_proc
 from ..host.capacity import CapacityCheck, check
 from ..host.facts import read_host
 from ..model.units import format_size
@@ -74,7 +75,7 @@ def _kill(pidfile: str) -> None:
         pid = int(f.read().strip())
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+    while host_proc.exists(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 import psutil
 
 from ..errors import VirshError
+from ..host import proc as host_proc
 from ..setup import install as hook_install
 
 log = logging.getLogger(__name__)
@@ -171,13 +172,8 @@ def qemu_pid(name: str) -> int:
 
 def mapped_files(pid: int) -> dict[str, int]:
     """Path -> inode of every shared file mapping of ``pid`` (``/proc/<pid>/maps``)."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[1].endswith("s") and parts[5].startswith("/"):
-                out[parts[5].strip()] = int(parts[4])
-    return out
+    return {a.path.strip(): a.inode for a in host_proc.maps(pid)
+            if a.shared and a.path.startswith("/")}
 
 
 @contextlib.contextmanager

@@ -215,41 +215,6 @@ def set_thread_name(name: str) -> None:
     _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
-def set_autogroup_nice(nice: int, pid: int | None = None) -> None:
-    """The nice of the scheduler autogroup of ``pid`` (None: this process).  A new session is
-    a new autogroup, and between autogroups only the group's nice counts: a nice-19 process
-    in a group of nice 0 competes with everyone else as an equal.  A kernel without
-    autogroups (``kernel.sched_autogroup_enabled``) is left as it is."""
-    try:
-        with open(f"/proc/{'self' if pid is None else pid}/autogroup", "w",
-                  encoding="ascii") as f:
-            f.write(str(nice))
-    except OSError:
-        pass
-
-
-def start_ticks(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (field 22 of
-    ``/proc/<pid>/stat``; None when there is no such process).  A pid and this identify one
-    process, whatever reuses the pid later."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2:].split()  # the name in () may hold spaces
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def lower_priority(nice: int) -> None:
-    """``nice`` for this process and for its scheduler autogroup."""
-    os.setpriority(os.PRIO_PROCESS, 0, nice)
-    set_autogroup_nice(nice)
-
-
 def resident_pages(addr: int, length: int, page_size: int) -> int:
     """How many pages of the mapping are resident (mincore)."""
     count = (length + page_size - 1) // page_size

@@ -23,22 +23,21 @@ Needs read access to the process's /proc files (root, or the same user).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+import stat
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import HostError, UsageError
+from ..errors import HostError, ProcessGoneError, UsageError
+from ..host import proc as host_proc
+from ..host.proc import PROC
 from .objargs import MEMFD
 from .qemuargs import MemoryBackend, parse_qemu_argv
 
 log = logging.getLogger(__name__)
-
-_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)"
-                     r"\s*(.*)$")
-_FIELD = re.compile(r"^(\w+):\s+(\d+) kB$")
-
 
 @dataclass(frozen=True)
 class VmArea:
@@ -91,60 +90,42 @@ class BackendStatus:
         }
 
 
-def _read(path: str) -> str:
+@contextlib.contextmanager
+def _reading(pid: int, proc: str) -> Iterator[None]:
+    """Errors of reading process ``pid`` as :class:`UsageError` (no such process) or
+    :class:`HostError` (its files cannot be read)."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such process; give the pid of a running QEMU") from None
+        yield
+    except ProcessGoneError:
+        raise UsageError(f"{proc}/{pid}: no such process; give the pid of a running "
+                         "QEMU") from None
     except OSError as e:
-        raise HostError(f"cannot read {path}: {e.strerror}; run as root or as QEMU's user") from e
+        raise HostError(f"cannot read {e.filename or f'{proc}/{pid}'}: {e.strerror}; run as "
+                        "root or as QEMU's user") from e
 
 
-def read_vm_areas(pid: int, proc: str = "/proc") -> list[VmArea]:
+def read_vm_areas(pid: int, proc: str = PROC) -> list[VmArea]:
     """Every mapping of ``pid`` with its resident bytes and per-node pages.
 
     Raises :class:`UsageError` for a missing process, :class:`HostError` when /proc cannot be
     read.
     """
-    areas: list[dict[str, object]] = []
-    for line in _read(f"{proc}/{pid}/smaps").splitlines():
-        m = _HEADER.match(line)
-        if m:
-            areas.append({"start": int(m.group(1), 16), "end": int(m.group(2), 16),
-                          "inode": int(m.group(7)), "path": m.group(8), "kib": {}})
-            continue
-        f = _FIELD.match(line)
-        if f and areas:
-            kib = areas[-1]["kib"]
-            assert isinstance(kib, dict)
-            kib[f.group(1)] = int(f.group(2))
-    numa: dict[int, tuple[str, dict[int, int]]] = {}
-    for line in _read(f"{proc}/{pid}/numa_maps").splitlines():
-        words = line.split()
-        if len(words) < 2:
-            continue
-        nodes = {int(w[1:w.index("=")]): int(w[w.index("=") + 1:])
-                 for w in words[2:] if re.fullmatch(r"N\d+=\d+", w)}
-        numa[int(words[0], 16)] = (words[1], nodes)
+    with _reading(pid, proc):
+        areas = host_proc.smaps(pid, proc)
+        numa = host_proc.numa_maps(pid, proc)
     result = []
-    for a in areas:
-        kib = a["kib"]
-        assert isinstance(kib, dict)
-        start, end, inode, path = a["start"], a["end"], a["inode"], a["path"]
-        assert isinstance(start, int) and isinstance(end, int) and isinstance(inode, int)
+    for a, kib in areas:
         resident = kib.get("Rss", 0) + kib.get("Shared_Hugetlb", 0) + kib.get("Private_Hugetlb", 0)
-        policy, nodes = numa.get(start, ("", {}))
-        result.append(VmArea(start, end, str(path), inode, resident * 1024,
+        policy, nodes = numa.get(a.start, ("", {}))
+        result.append(VmArea(a.start, a.end, a.path, a.inode, resident * 1024,
                              kib.get("KernelPageSize", 4), nodes, policy))
     return result
 
 
-def qemu_argv(pid: int, proc: str = "/proc") -> list[str]:
+def qemu_argv(pid: int, proc: str = PROC) -> list[str]:
     """The command line of process ``pid``.  Raises UsageError for a missing process."""
-    argv = _read(f"{proc}/{pid}/cmdline").split("\0")
-    if argv and argv[-1] == "":
-        argv.pop()
+    with _reading(pid, proc):
+        argv = host_proc.cmdline(pid, proc)
     if not argv:
         raise UsageError(f"process {pid} has no command line (a kernel thread?); give QEMU's pid")
     return argv
@@ -153,21 +134,19 @@ def qemu_argv(pid: int, proc: str = "/proc") -> list[str]:
 def _fd_identity(pid: int, mem_path: str, proc: str) -> tuple[int, int] | None:
     """(st_dev, st_ino) of a file backend's mem-path as QEMU sees it, or None."""
     m = re.fullmatch(r"/proc/self/fd/(\d+)", mem_path)
-    target = f"{proc}/{pid}/fd/{m.group(1)}" if m else mem_path
-    if not os.path.isabs(target):
-        target = os.path.join(f"{proc}/{pid}/cwd", target)
     try:
-        st = os.stat(target)
-    except OSError:
+        st = (host_proc.fd_stat(pid, int(m.group(1)), proc) if m
+              else host_proc.cwd_stat(pid, mem_path, proc))
+    except (ProcessGoneError, OSError):
         return None
-    return None if os.path.isdir(target) else (st.st_dev, st.st_ino)
+    return None if stat.S_ISDIR(st.st_mode) else (st.st_dev, st.st_ino)
 
 
 def _area_identity(pid: int, area: VmArea, proc: str) -> tuple[int, int, int] | None:
     """(st_dev, st_ino, allocated bytes) of the file mapped at ``area``, or None."""
     try:
-        st = os.stat(f"{proc}/{pid}/map_files/{area.start:x}-{area.end:x}")
-    except OSError:
+        st = host_proc.map_file_stat(pid, area.start, area.end, proc)
+    except (ProcessGoneError, OSError):
         return None
     return st.st_dev, st.st_ino, st.st_blocks * 512
 
@@ -185,7 +164,7 @@ def _matches(b: MemoryBackend, area: VmArea, identity: tuple[int, int] | None,
 
 
 def qemu_status(pid: int, requested: Mapping[str, Sequence[int]] | None = None,
-                proc: str = "/proc") -> list[BackendStatus]:
+                proc: str = PROC) -> list[BackendStatus]:
     """Status of every memory backend of the QEMU process ``pid``.
 
     ``requested`` maps backend ids to the host nodes asked for (a domain plan's); without it,
@@ -222,26 +201,23 @@ def qemu_status(pid: int, requested: Mapping[str, Sequence[int]] | None = None,
     return out
 
 
-def libvirt_qemu_pid(name: str, run_dir: str = "/run/libvirt/qemu", proc: str = "/proc") -> int:
+def libvirt_qemu_pid(name: str, run_dir: str = "/run/libvirt/qemu", proc: str = PROC) -> int:
     """The pid of the QEMU libvirt runs for domain ``name``: its pidfile, else the process whose
     command line has ``-name guest=NAME``.  Raises UsageError when it is not running."""
     try:
         with open(os.path.join(run_dir, f"{name}.pid"), encoding="ascii") as f:
             pid = int(f.read().strip())
-        if os.path.exists(f"{proc}/{pid}"):
+        if host_proc.exists(pid, proc):
             return pid
     except (OSError, ValueError):
         pass
-    for entry in os.listdir(proc):
-        if not entry.isdigit():
-            continue
+    for pid in host_proc.pids(proc):
         try:
-            with open(f"{proc}/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
+            args = host_proc.cmdline(pid, proc)
+        except (ProcessGoneError, OSError):
             continue
         for option, value in zip(args, args[1:], strict=False):
-            if option == b"-name" and (value == f"guest={name}".encode() or value.startswith(
-                    f"guest={name},".encode())):
-                return int(entry)
+            if option == "-name" and (value == f"guest={name}"
+                                      or value.startswith(f"guest={name},")):
+                return pid
     raise UsageError(f"domain {name!r} is not running (no QEMU process found); start it first")

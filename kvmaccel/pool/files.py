@@ -382,9 +382,11 @@ class PoolFiles:
             if not self._placed_right(dfd, entry, fd, st):
                 return None
             if not safefs.nobody_else_holds(fd):
+                from ..host.proc import holders
+
                 self._write_state(pool_name, "dirty", st)
                 log_warning(f"pool: {entry.path} is still open or mapped by "
-                            f"{', '.join(safefs.holders(st)) or 'another process'}; "
+                            f"{', '.join(map(str, holders(st))) or 'another process'}; "
                             "not handed out, and not scrubbed while it is")
                 return None
             self._write_state(pool_name, "in_use", st, **fields)

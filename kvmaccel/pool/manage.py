@@ -14,7 +14,6 @@ adds filling, adopting, releasing, scrubbing and draining.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -31,6 +30,8 @@ from .. import safefs
 from ..engine import records
 from ..errors import KvmaccelError, UsageError
 from ..host.facts import mount_of
+from ..host.proc import holders
+from ..host.process import lend_priority, own_start_ticks
 from ..model.units import format_size
 from ..plan.limits import Limits, split_across_nodes
 from .files import (
@@ -244,11 +245,11 @@ class Pool(PoolFiles):
                 if not safefs.nobody_else_holds(fd):
                     log.warning("pool: %s is still open or mapped by %s; not scrubbed or "
                                 "served until they let it go", entry.path,
-                                ", ".join(safefs.holders(os.fstat(fd))) or "another process")
+                                ", ".join(map(str, holders(os.fstat(fd)))) or "another process")
                     return False
                 own(fd)  # back from the guest: ours again, before anything else
                 self._write_state(name, "scrubbing", st, domain_uuid=entry.domain_uuid,
-                                  pid=os.getpid(), start_ticks=_own_start_ticks())
+                                  pid=os.getpid(), start_ticks=own_start_ticks())
             finally:
                 os.close(fd)
             # Nobody else has it open, and nobody else can reach its name: this is the
@@ -368,34 +369,6 @@ class Pool(PoolFiles):
         return freed
 
 
-def _own_start_ticks() -> int | None:
-    from ..host import sysmem
-
-    return sysmem.start_ticks(os.getpid())
-
-
-def lend_priority(pid: int | None, start_ticks: int | None) -> bool:
-    """Give every thread of process ``pid`` this thread's priority, when theirs is lower (a
-    higher nice), and its scheduler autogroup too: a nice-19 scrub that a start waits for
-    must not run at nice 19 meanwhile.  Only to the process that started at ``start_ticks``
-    (:func:`kvmaccel.host.sysmem.start_ticks`, recorded by the scrub): a scrub that died
-    left its pid to whatever process gets it next.  True when lent."""
-    if pid is None or start_ticks is None:
-        return False
-    from ..host import sysmem
-
-    if sysmem.start_ticks(pid) != start_ticks:
-        return False
-    mine = os.getpriority(os.PRIO_PROCESS, 0)
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                if os.getpriority(os.PRIO_PROCESS, int(tid)) > mine:
-                    os.setpriority(os.PRIO_PROCESS, int(tid), mine)
-        sysmem.set_autogroup_nice(mine, pid)
-    return True
-
-
 def _same(a: PoolEntry, b: PoolEntry) -> bool:
     return (a.dev, a.ino) == (b.dev, b.ino)
 
@@ -457,27 +430,14 @@ def key_for(size_bytes: int, page_size_kib: int, host_nodes: Sequence[int] = (),
                    policy if host_nodes else None, reserved_uuid)
 
 
-AUTOGROUP = "/proc/self/autogroup"
-
-
 def spawn_scrub(directories: Sequence[str] = (), nice: int = 19) -> int:
-    """Start ``kvmaccel pool scrub`` detached (its own session, at ``nice``, no terminal, no
-    inherited descriptors); return its pid.  The hook calls this after a guest stops.
-
-    A new session is a new scheduler autogroup (``kernel.sched_autogroup_enabled``), and
-    between autogroups only the group's nice counts: a nice-19 scrub in a group of nice 0
-    would take a full share of the CPU from the guests.  So the group gets ``nice`` too."""
-    import subprocess
-
-    from ..host import sysmem
-
-    def lower_priority() -> None:
-        sysmem.lower_priority(nice)
+    """Start ``kvmaccel pool scrub`` detached (its own session, at ``nice``, its scheduler
+    autogroup too, no terminal, no inherited descriptors:
+    :func:`kvmaccel.host.process.spawn_detached`); return its pid.  The hook calls this
+    after a guest stops."""
+    from ..host.process import spawn_detached
 
     args = [sys.executable, "-m", "kvmaccel", "pool", "scrub", "--nice", str(nice)]
     for d in directories:
         args += ["--dir", d]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-                            preexec_fn=lower_priority)
-    return proc.pid
+    return spawn_detached(args, nice)

@@ -41,6 +41,7 @@ import time
 
 from .. import paths
 from ..errors import UsageError
+from ..host import proc
 from ..safefs import write_json_atomic
 from .state import VERSION, FillerRef
 
@@ -68,35 +69,6 @@ def forget_record(key: str) -> None:
         os.unlink(record_path(key))
 
 
-def start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks): a pid and this identify one
-    process, whatever reuses the pid later.  None when there is no such process."""
-    fields = _stat_fields(pid)
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """The fields of /proc/<pid>/stat after the command name: [state, ppid, ...]."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return []
-    return text[text.rfind(")") + 2:].split()
-
-
-def _gone(pid: int, ticks: int) -> bool:
-    """True once process (``pid``, ``ticks``) has exited: reaped, or a zombie (a zombie
-    has released its memory and its mappings already)."""
-    fields = _stat_fields(pid)
-    if len(fields) < 20 or fields[19] != str(ticks):
-        return True
-    return fields[0] in ("Z", "X")
-
-
 def stop_filler(filler: FillerRef | None, at_once: bool = False) -> str:
     """Stop ``filler`` if it still runs, and wait until it is gone (it maps the guest's
     files: a scrub must not start before).  SIGTERM first (the filler logs why it stopped),
@@ -107,7 +79,7 @@ def stop_filler(filler: FillerRef | None, at_once: bool = False) -> str:
     if filler is None:
         return "not running"
     pid, ticks = filler
-    if start_ticks(pid) != ticks or _gone(pid, ticks):
+    if not proc.running(pid, ticks):
         return "not running"
     for sig in (signal.SIGKILL,) if at_once else (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
@@ -116,7 +88,7 @@ def stop_filler(filler: FillerRef | None, at_once: bool = False) -> str:
         while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)  # our own child when the same process stops it
-            if _gone(pid, ticks):
+            if not proc.running(pid, ticks):  # reaped, or a zombie: its mappings are gone
                 return "stopped"
             time.sleep(0.005)
     return "stuck"

@@ -44,17 +44,16 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..engine import records
-from ..errors import KvmaccelError
-from ..host import sysmem
+from ..errors import KvmaccelError, ProcessGoneError
+from ..host import proc, process, sysmem
 from ..model.units import format_size
-from .filler import start_ticks, stop_filler, write_record
+from .filler import stop_filler, write_record
 from .state import FillerRef
 
 if TYPE_CHECKING:
@@ -162,7 +161,11 @@ def start_filler(backings: Sequence[Backing], threads: Sequence[int], host: Host
     pid = fork_detached("kvmaccel-fill", limits.nice,
                         lambda: _fill(backings, items, host, limits, config, domain),
                         cgroup=config.cgroup)
-    filler = FillerRef(pid, start_ticks(pid) or 0)
+    try:
+        ticks = proc.start_ticks(pid)
+    except ProcessGoneError:  # our child, a zombie until reaped: only if SIGCHLD is ignored
+        ticks = 0
+    filler = FillerRef(pid, ticks)
     try:
         write_record(key, filler)
     except BaseException:
@@ -222,22 +225,9 @@ def _mapped(backings: Sequence[Backing]) -> list[tuple[int, int, int]]:
     ids = {}
     for i, b in enumerate(backings):
         st = os.fstat(b.fd)
-        ids[(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)] = i
-    found = []
-    with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            if len(fields) < 5:
-                continue
-            major, _, minor = fields[3].partition(":")
-            try:
-                dev_ino = (int(major, 16), int(minor, 16), int(fields[4]))
-                lo, _, hi = fields[0].partition("-")
-                if dev_ino in ids:
-                    found.append((int(lo, 16), int(hi, 16), ids[dev_ino]))
-            except ValueError:
-                continue
-    return found
+        ids[(st.st_dev, st.st_ino)] = i
+    return [(a.start, a.end, ids[(a.dev, a.inode)]) for a in proc.maps(proc.SELF)
+            if (a.dev, a.inode) in ids]
 
 
 def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, limits: Limits,
@@ -292,12 +282,12 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
 def fork_detached(name: str, nice: int, work: Callable[[], int],
                   cgroup: str | None = None) -> int:
     """Fork a child of the hook that runs ``work`` and exits with what it returns; return
-    its pid.  The child first detaches: a session of its own (out of libvirt's process
-    group), stdio on /dev/null (libvirt waits for the hook's pipes to close, not for the
-    hook), SIGTERM as KeyboardInterrupt (the engine then stops), the name ``name``, and
-    ``nice`` for the process and for its new scheduler autogroup.  Forked, not a new
-    interpreter: it works within milliseconds.  An exception ``work`` lets through is
-    logged, never raised into the hook.
+    its pid.  The child first detaches (:func:`kvmaccel.host.process.detach`): a session of
+    its own (out of libvirt's process group), stdio on /dev/null (libvirt waits for the
+    hook's pipes to close, not for the hook), SIGTERM as KeyboardInterrupt (the engine then
+    stops), the name ``name``, and ``nice`` for the process and for its new scheduler
+    autogroup.  Forked, not a new interpreter: it works within milliseconds.  An exception
+    ``work`` lets through is logged, never raised into the hook.
 
     With ``cgroup``, the hook moves the child into that cgroup
     (:func:`kvmaccel.engine.cgroup.enter`) before it lets the child do anything at all, and
@@ -327,14 +317,7 @@ def fork_detached(name: str, nice: int, work: Callable[[], int],
             if os.read(gate[0], 1) != b"\x01":  # the hook died before it placed us
                 os._exit(1)
             os.close(gate[0])
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        sysmem.set_thread_name(name)
-        sysmem.lower_priority(nice)
+        process.detach(nice, name)
         code = work()
     except BaseException:  # noqa: BLE001 - a child: logged, never raised into the hook
         log.exception("%s failed", name)

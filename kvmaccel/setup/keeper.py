@@ -24,14 +24,13 @@ import fcntl
 import logging
 import os
 import re
-import signal
 import stat
 import time
 from dataclasses import dataclass
 
 from .. import safefs
 from ..errors import KvmaccelError, UsageError
-from ..host import sysmem
+from ..host import process
 
 log = logging.getLogger("kvmaccel.pool.keep")
 
@@ -101,16 +100,12 @@ def daemonize(pidfile: str) -> Daemon | int:
     if child == 0:
         try:
             os.close(read_fd)
-            os.setsid()
+            # A session of its own, nice 19 (its autogroup too), stdio on /dev/null, and
+            # SIGTERM, before the keeper's loop takes it over, as a clean stop (the pidfile
+            # goes); then forked again: the daemon is no session leader (no terminal).
+            process.detach(19)
             if os.fork() > 0:
                 os._exit(0)
-            # SIGTERM before the keeper's loop takes it over: stop cleanly (the pidfile goes).
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
-            sysmem.lower_priority(19)
-            devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(devnull, fd)
-            os.close(devnull)
             claim.write_pid()
         except BaseException as e:  # noqa: BLE001 -- a child: reported, never raised
             with contextlib.suppress(OSError):
