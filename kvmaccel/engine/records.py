@@ -1,7 +1,8 @@
 """One JSON line per start, stop, scrub and fill: the record monitoring reads.
 
-The file is ``$KVMACCEL_RECORD_FILE``, else ``/var/log/kvmaccel/records.jsonl``; the hook
-sets the variable from the config's ``record_file``.  Each line is
+The file is the one this process's entry point chose (:mod:`kvmaccel.paths`:
+``$KVMACCEL_RECORD_FILE``, else the config's ``record_file``, else
+``/var/log/kvmaccel/records.jsonl``), or the one a caller names.  Each line is
 an object with at least ``time`` (Unix seconds), ``event`` (``start``, ``stop``, ``scrub``,
 ``fill``) and ``result`` (``ok``, or what went wrong: ``failed_open``, ``refused``,
 ``timeout``, ``error``); the others as they apply:
@@ -37,26 +38,16 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .. import safefs
-from ..paths import DEFAULT_RECORD_FILE
+from .. import paths, safefs
 
 MAX_BYTES = 4 << 20  # then rotated to <file>.1: at most about 8 MiB of records, ~25k lines
 EVENTS = ("start", "stop", "scrub", "fill")
 
 
 def record_file() -> str:
-    """``$KVMACCEL_RECORD_FILE`` (the hook sets it from its config), else the config's
-    ``record_file`` (read only then: the commands), else the default."""
-    chosen = os.environ.get("KVMACCEL_RECORD_FILE")
-    if chosen:
-        return chosen
-    from ..errors import KvmaccelError
-    from ..plan.config import read_config
-
-    try:
-        return read_config().record_file
-    except KvmaccelError:
-        return DEFAULT_RECORD_FILE
+    """This process's record file, as its entry point resolved it
+    (:attr:`kvmaccel.paths.Places.record_file`)."""
+    return paths.places().record_file
 
 
 def from_result(result: dict[str, Any]) -> dict[str, Any]:
@@ -72,8 +63,9 @@ def append(event: str, result: str = "ok", *, path: str | None = None,
     record = {"time": round(time.time(), 3), "event": event, "result": result, **fields}
     if "gib_per_s" not in record and record.get("seconds") and record.get("bytes"):
         record["gib_per_s"] = round(record["bytes"] / (1 << 30) / record["seconds"], 3)
-    target = path or record_file()
+    target = path or "the record file"
     try:
+        target = path or record_file()
         line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
         fd = safefs.open_append(target)
         try:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .. import safefs
+from .. import paths, safefs
 from ..engine import records
 from ..errors import KvmaccelError, UsageError
 from ..host.facts import mount_of
@@ -477,7 +477,8 @@ def spawn_scrub(directories: Sequence[str] = (), nice: int = 19) -> int:
     args = [sys.executable, "-m", "kvmaccel", "pool", "scrub", "--nice", str(nice)]
     for d in directories:
         args += ["--dir", d]
+    env = {**os.environ, **paths.places().environment()}  # this process's places, resolved
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-                            preexec_fn=lower_priority)
+                            preexec_fn=lower_priority, env=env)
     return proc.pid
