@@ -240,8 +240,8 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None,
             reason = f"unexpected {type(e).__name__}: {e}"
         detail = isinstance(e, Exception) and not isinstance(e, KvmaccelError)
         if starting and (config.strict or op == "start"):
-            records.append("start", "refused" if config.strict else "failed_open",
-                           domain=name, reason=reason)
+            records.start("refused" if config.strict else "failed_open",
+                          domain=name, reason=reason)
         if config.strict and starting:
             log.error("%s; strict = true: refusing the start", reason, exc_info=detail)
             print(f"kvmaccel: {reason}", file=sys.stderr)

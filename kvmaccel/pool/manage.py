@@ -152,8 +152,8 @@ class Pool(PoolFiles):
                 finally:
                     backing.close()
                 results.append(result)
-                records.append("fill", pool=self.directory, page_size_kib=key.page_size_kib,
-                               **records.from_result(result.as_dict()))
+                records.fill(pool=self.directory, page_size_kib=[key.page_size_kib],
+                             **records.from_result(result.as_dict()))
         return results
 
     # --- handing out and taking back -------------------------------------------------------
@@ -271,9 +271,9 @@ class Pool(PoolFiles):
         finally:
             os.close(fd)
         log.info("pool: scrubbed %s (%s)", entry.path, format_size(entry.key.size_bytes))
-        records.append("scrub", pool=self.directory, uuid=entry.domain_uuid,
-                       bytes=entry.key.size_bytes, seconds=round(seconds, 4),
-                       page_size_kib=entry.key.page_size_kib)
+        records.scrub(pool=self.directory, uuid=entry.domain_uuid,
+                      bytes=entry.key.size_bytes, seconds=round(seconds, 4),
+                      page_size_kib=[entry.key.page_size_kib])
         return True
 
     def own_file_after_scrub(self, key: PoolKey, domain_uuid: str, host: HostFacts,
