@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvmaccel import paths
 from kvmaccel.bench.virsh import private_mount as virsh_private_mount
 from kvmaccel.host import facts as host_mod
 
@@ -74,6 +75,27 @@ def record_file(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     path = str(tmp_path_factory.mktemp("records") / "records.jsonl")
     monkeypatch.setenv("KVMACCEL_RECORD_FILE", path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def places(state_dir: str, run_dir: str, record_file: str) -> Iterator[paths.Places]:
+    """The test process's kvmaccel places, resolved from the variables above as an entry
+    point resolves them (:func:`kvmaccel.paths.resolve`); the ones before are put back after
+    the test.  A test that changes a variable calls :func:`use_environment`."""
+    chosen = paths.resolve(os.environ)
+    previous = paths.use(chosen)
+    yield chosen
+    paths.use(previous)
+
+
+def use_environment(monkeypatch: pytest.MonkeyPatch, **variables: str) -> paths.Places:
+    """Set ``variables`` (``KVMACCEL_CONFIG="..."``) for the rest of the test and resolve
+    the process's places again, as an entry point started with them would."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    chosen = paths.resolve(os.environ)
+    paths.use(chosen)
+    return chosen
 
 
 def populating_bytes(pid: int, directory: str) -> int:

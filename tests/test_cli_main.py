@@ -112,3 +112,27 @@ def test_progress_bar_on_a_tty(shm_dir: str) -> None:
     assert proc.returncode == 0, proc.stdout
     assert "populating" in proc.stdout and "100%" in proc.stdout
     assert f"{path}: 512M of tmpfs 4K in " in proc.stdout
+
+
+def test_the_places_a_command_and_the_hook_resolve(tmp_path: object) -> None:
+    """Today's precedence, per entry point: the record file is $KVMACCEL_RECORD_FILE, else
+    the config's, else the default; the run dir is the hook's config's (over the variable),
+    for a command the variable, else /run/kvmaccel; the filler dir follows the run dir."""
+    from kvmaccel import paths
+    from kvmaccel.cli.main import places_from
+
+    config = f"{tmp_path}/k.toml"
+    with open(config, "w") as f:
+        f.write('record_file = "/x/records.jsonl"\nrun_dir = "/x/run"\n')
+    env = {"KVMACCEL_CONFIG": config}
+    command = places_from(env)
+    assert command == paths.Places(config, paths.DEFAULT_RUN_DIR, "/x/records.jsonl",
+                                   paths.DEFAULT_STATE_DIR, "/run/kvmaccel/fillers")
+    assert places_from({**env, "KVMACCEL_RECORD_FILE": "/y.jsonl"}).record_file == "/y.jsonl"
+    assert places_from({"KVMACCEL_CONFIG": f"{tmp_path}/missing.toml"}).record_file == (
+        paths.DEFAULT_RECORD_FILE)
+    hook = paths.resolve({"KVMACCEL_RUN_DIR": "/env/run"}, config_file=config,
+                         run_dir="/x/run", record_file="/x/records.jsonl")
+    assert (hook.run_dir, hook.filler_dir, hook.record_file) == (
+        "/x/run", "/x/run/fillers", "/x/records.jsonl")
+    assert paths.resolve(hook.environment()) == hook  # what a started process resolves

@@ -130,8 +130,10 @@ def test_host_wide_cap_holds_across_processes(shm_dir: str) -> None:
     """Another process holds the only host-wide helper slot: this run gets no helper."""
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time\n"
+         "import os, sys, time\n"
+         "from kvmaccel import paths\n"
          "from kvmaccel.engine.slots import HostSlots\n"
+         "paths.use(paths.resolve(os.environ))  # what an entry point does\n"
          "s = HostSlots(1)\n"
          "assert s.acquire(1) == 1\n"
          "print('held', flush=True)\n"

@@ -49,3 +49,30 @@ def test_never_raises_and_refuses_a_symlink(tmp_path: Path, capsys: object) -> N
     assert os.listdir(shared) == []
     err = capsys.readouterr().err  # type: ignore[attr-defined]
     assert err.count("kvmaccel: warning: cannot write a record") == 3
+
+
+def test_each_event_has_its_writer_and_every_line_its_version(tmp_path: Path) -> None:
+    """One writer per event; every line says ``v``; ``page_size_kib`` is a list in every
+    event that has it."""
+    path = str(tmp_path / "records.jsonl")
+    records.start(domain="g", uuid="u", source="pool", bytes=2 << 20, seconds=0.01,
+                  helpers_per_node={}, page_size_kib=[2048, 1048576], path=path)
+    records.start("failed_open", domain="g", reason="why", path=path)
+    records.stop(domain="g", uuid="u", bytes=2 << 20, pool_files=1, path=path)
+    records.scrub(pool="/p", uuid="u", bytes=2 << 20, seconds=0.1, page_size_kib=[2048],
+                  path=path)
+    records.fill(pool="/p", bytes=2 << 20, seconds=0.1, page_size_kib=[2048], path=path)
+    lines = list(records.read(path))
+    assert [r["event"] for r in lines] == ["start", "start", "stop", "scrub", "fill"]
+    assert {r["v"] for r in lines} == {records.VERSION} == {1}
+    assert lines[1] == {"v": 1, "time": lines[1]["time"], "event": "start",
+                        "result": "failed_open", "domain": "g", "reason": "why"}  # no Nones
+    assert [r.get("page_size_kib") for r in lines] == [[2048, 1048576], None, None, [2048],
+                                                        [2048]]
+
+
+def test_the_file_is_the_processs(record_file: str) -> None:
+    """Without a path, the record file is the one the process's entry point resolved."""
+    records.stop(domain="g", uuid=None, bytes=0, pool_files=0)
+    assert [r["event"] for r in records.read()] == ["stop"] == [
+        json.loads(x)["event"] for x in Path(record_file).read_text().splitlines()]

@@ -332,3 +332,83 @@ def test_the_warm_path_imports_only_json_level_modules() -> None:
     theirs = {m: by for m, by in loaded.items() if m.split(".")[0] != "kvmaccel"}
     assert {m: by for m, by in ours.items() if m not in WARM_MODULES} == {}
     assert {m: by for m, by in theirs.items() if m not in WARM_STDLIB} == {}
+
+
+# --- kvmaccel's own places: resolved by the entry points only -------------------------------
+
+PLACES_ENTRY_POINTS = {
+    "kvmaccel.libvirt.entry",  # the hook: the warm path
+    "kvmaccel.libvirt.full",  # the hook: the full path
+    "kvmaccel.cli.main",  # the kvmaccel command (a detached scrub runs as one)
+    "kvmaccel.cli.pool",  # `kvmaccel pool keep`: the keeper takes its config's run dir
+}
+"""The modules that resolve kvmaccel's places (:func:`kvmaccel.paths.resolve`) from the
+environment; every other module gets them from :func:`kvmaccel.paths.places`."""
+ENVIRON_METHODS = {"get", "setdefault", "pop", "__getitem__", "__contains__"}
+
+
+def _kvmaccel_names(tree: ast.Module) -> set[str]:
+    """Module-level names bound to a ``"KVMACCEL_..."`` string (``RUN_DIR_ENV = ...``)."""
+    return {t.id for node in tree.body if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+            and node.value.value.startswith("KVMACCEL_")
+            for t in node.targets if isinstance(t, ast.Name)}
+
+
+def environment_reads(path: Path) -> list[int]:
+    """The lines of ``path`` that read a ``KVMACCEL_`` variable from the process's
+    environment: ``os.environ[NAME]``, ``os.environ.get(NAME)`` (``setdefault``, ``pop``),
+    ``NAME in os.environ``, ``os.getenv(NAME)``, where NAME is a ``"KVMACCEL_..."`` string or
+    a constant bound to one (here or in :mod:`kvmaccel.paths`); and ``os.environ`` handed to a
+    function (``paths.resolve(os.environ)``).  A copy for a child, ``{**os.environ, ...}``,
+    reads nothing."""
+    tree = ast.parse(path.read_text(), str(path))
+    names = _kvmaccel_names(tree) | _kvmaccel_names(ast.parse((PACKAGE / "paths.py").read_text()))
+    from_os = {alias.asname or alias.name for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) and node.module == "os" and not node.level
+               for alias in node.names}  # from os import environ
+
+    def of_os(node: ast.AST, attrs: tuple[str, ...]) -> bool:
+        return ((isinstance(node, ast.Attribute) and node.attr in attrs
+                 and isinstance(node.value, ast.Name) and node.value.id == "os")
+                or (isinstance(node, ast.Name) and node.id in attrs and node.id in from_os))
+
+    def is_env(node: ast.AST) -> bool:
+        return of_os(node, ("environ", "environb"))
+
+    def is_getenv(node: ast.AST) -> bool:
+        return of_os(node, ("getenv", "getenvb"))
+
+    def is_name(node: ast.AST | None) -> bool:
+        return ((isinstance(node, ast.Constant) and isinstance(node.value, str)
+                 and node.value.startswith("KVMACCEL_"))
+                or (isinstance(node, ast.Name) and node.id in names)
+                or (isinstance(node, ast.Attribute) and node.attr in names))
+
+    def reads(node: ast.AST) -> bool:
+        if isinstance(node, ast.Subscript):
+            return is_env(node.value) and is_name(node.slice)
+        if isinstance(node, ast.Compare):
+            return (is_name(node.left) and any(isinstance(op, ast.In | ast.NotIn)
+                                               for op in node.ops)
+                    and any(is_env(c) for c in node.comparators))
+        if isinstance(node, ast.Call):
+            func, first = node.func, node.args[0] if node.args else None
+            return ((isinstance(func, ast.Attribute) and func.attr in ENVIRON_METHODS
+                     and is_env(func.value) and is_name(first))
+                    or (is_getenv(func) and is_name(first))
+                    or any(is_env(a) for a in node.args))
+        return False
+
+    found = [node.lineno for node in ast.walk(tree) if reads(node)]
+    return sorted(found)
+
+
+def test_only_the_entry_points_read_kvmaccels_variables() -> None:
+    """kvmaccel's own places (run dir, record file, state dir, filler dir, config file) are
+    resolved once per entry point and handed down (:mod:`kvmaccel.paths`): a module deeper
+    down that reads a ``KVMACCEL_`` variable finds them its own way."""
+    found = {name: lines for name, path in modules().items()
+             if name not in PLACES_ENTRY_POINTS and (lines := environment_reads(path))}
+    assert found == {}
+    assert set(modules()) >= PLACES_ENTRY_POINTS

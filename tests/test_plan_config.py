@@ -7,6 +7,7 @@ import pytest
 from kvmaccel.errors import ConfigError
 from kvmaccel.plan.config import DEFAULT_LOG_FILE, HookConfig, parse_config, read_config
 from kvmaccel.plan.limits import Limits
+from tests.conftest import use_environment
 
 FULL = """
 strict = true
@@ -55,7 +56,7 @@ def test_env_names_the_file(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -
     path = f"{tmp_path}/k.toml"
     with open(path, "w") as f:
         f.write("strict = true\n")
-    monkeypatch.setenv("KVMACCEL_CONFIG", path)
+    use_environment(monkeypatch, KVMACCEL_CONFIG=path)
     assert read_config().strict
 
 

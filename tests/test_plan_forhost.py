@@ -36,6 +36,7 @@ from kvmaccel.plan.config import read_config
 from kvmaccel.plan.planjson import plan_to_json
 from kvmaccel.plan.planner import DomainPlan
 from kvmaccel.setup import front
+from tests.conftest import use_environment
 
 TOP = Path(__file__).resolve().parents[1]
 FIXTURES = TOP / "vm-fixtures"
@@ -119,7 +120,7 @@ def case(request: pytest.FixtureRequest, tmp_path: Path,
     qemu_conf.write_text("\n".join([*lines, 'user = "nobody"', 'group = "nogroup"', ""]))
     config = tmp_path / "kvmaccel.toml"
     config.write_text(CONFIG.format(qemu_conf=qemu_conf))
-    monkeypatch.setenv("KVMACCEL_CONFIG", str(config))
+    use_environment(monkeypatch, KVMACCEL_CONFIG=str(config))
     xml_path = tmp_path / f"{name}.xml"
     xml_path.write_text(xml)
     return Case(str(xml_path), xml, str(config))

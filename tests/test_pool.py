@@ -158,6 +158,8 @@ def real_scrub(pool_dir: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c",
                              "import os\n"
                              "os.nice(19)\n"
+                             "from kvmaccel import paths\n"
+                             "paths.use(paths.resolve(os.environ))  # as an entry point\n"
                              "from kvmaccel.pool.manage import Pool\n"
                              "from kvmaccel.host.facts import read_host\n"
                              f"Pool({pool_dir!r}).scrub(read_host())\n"])

@@ -307,7 +307,9 @@ def test_a_stale_listing_never_scrubs_a_file_a_guest_took(shm_dir: str) -> None:
         pool._write_state(entry.path, "dirty")
         time.sleep(0.01)
     script = (
-        "import sys\n"
+        "import os, sys\n"
+        "from kvmaccel import paths\n"
+        "paths.use(paths.resolve(os.environ))  # as an entry point does\n"
         "from kvmaccel.pool import manage as p\n"
         "from kvmaccel.host.facts import read_host\n"
         "real, calls = p.zero_file, []\n"

@@ -60,6 +60,20 @@ def test_starts_by_outcome_histogram_and_pool_ratio() -> None:
     assert found[("kvmaccel_last_event_timestamp_seconds", (("event", "fill"),))] == 7
 
 
+def test_old_lines_count_as_new_ones() -> None:
+    """Lines written before records had ``v`` (``page_size_kib`` an int in fill and scrub
+    lines) count as lines of format 1 do."""
+    old: list[dict[str, Any]] = [
+        {"time": 1, "event": "scrub", "result": "ok", "bytes": 2 << 20, "page_size_kib": 2048},
+        {"time": 2, "event": "fill", "result": "ok", "bytes": 2 << 20, "page_size_kib": 2048},
+        {"time": 3, "event": "start", "result": "ok", "source": "pool", "seconds": 0.01,
+         "page_size_kib": [2048]}]
+    new = [{**r, "v": 1, "page_size_kib": [2048]} for r in old]
+    assert render(old, []) == render(new, []) == render([*old[:1], *new[1:]], [])
+    assert samples(render(old, []))[("kvmaccel_populated_bytes_total",
+                                     (("event", "scrub"),))] == 2 << 20
+
+
 def test_fill_scrub_records_and_pool_gauges(shm_dir: str, run_dir: str, record_file: str,
                                             tmp_path: Any) -> None:
     """A real pool on a private tmpfs: fill two files, lose one's state (dirty), read the

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import paths
 from ..errors import HostError
 from ..host import proc as host_proc
 from ..host.capacity import CapacityCheck, check
@@ -95,7 +96,8 @@ def start_once(config: str, qemu: str, directory: str, size_bytes: int, threads:
                     "--nice", str(nice), "--",
                     *argv]
         t0 = time.monotonic()
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False,
+                              env={**os.environ, **paths.places().environment()})
         seconds = time.monotonic() - t0
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()

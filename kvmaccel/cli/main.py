@@ -12,11 +12,12 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import click
 
-from .. import __version__
+from .. import __version__, paths
 from ..engine.backing import BackingSpec, populate_backings, release
 from ..engine.populate import describe_helpers
 from ..errors import KvmaccelError, UsageError
@@ -103,6 +104,24 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="kvmaccel: %(levelname)s: %(name)s: %(message)s",
                         stream=sys.stderr)
+    paths.use(places_from(os.environ))
+
+
+def places_from(environ: Mapping[str, str]) -> paths.Places:
+    """kvmaccel's places for a command: the variables, else the defaults; the record file,
+    when ``$KVMACCEL_RECORD_FILE`` does not name one, is the default config's ``record_file``
+    (a config that cannot be read: the default file).  The run dir is not the config's: the
+    commands that act for the hook (``kvmaccel pool keep``) take that one themselves."""
+    found = paths.resolve(environ)
+    if environ.get(paths.RECORD_FILE_ENV):
+        return found
+    from ..plan.config import read_config
+
+    try:
+        record_file = read_config(found.config_file).record_file
+    except KvmaccelError:
+        return found
+    return paths.resolve(environ, record_file=record_file)
 
 
 @main.command()

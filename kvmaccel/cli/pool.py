@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
+from .. import paths
 from ..errors import UnsafePathError, UsageError
 from ..host.facts import HostFacts, read_host
 from ..model.domain import parse_domain
@@ -304,7 +305,9 @@ def keep(once: bool, daemon: bool, pidfile: str | None, interval: float, uri: st
     if pidfile is not None and not daemon:
         raise UsageError("--pidfile goes with --daemon; drop it, or add --daemon")
     config = load_config(config_file)
-    os.environ["KVMACCEL_RUN_DIR"] = config.run_dir  # the hook's pool states, not another's
+    # The keeper's places: the hook's pool states (its config's run dir), not another's.
+    paths.use(paths.resolve(os.environ, run_dir=config.run_dir,
+                            record_file=paths.places().record_file))
     if install_unit:
         click.echo(f"wrote {k.install_unit(config_file)}; run: systemctl daemon-reload && "
                    "systemctl enable --now kvmaccel-pool-keep")

@@ -133,7 +133,9 @@ class EngineOps:
     populate: Callable[[int, int], None] = lambda addr, length: sysmem.madvise(
         addr, length, sysmem.MADV_POPULATE_WRITE)
     touch: Callable[[int, int, int], None] = sysmem.touch_pages
-    bind: Callable[[int, int, str, frozenset[int]], None] = sysmem.mbind
+    # Looked up at each call, so that a test can bind through a wrong mbind (tests/numa).
+    bind: Callable[[int, int, str, frozenset[int]], None] = (
+        lambda addr, length, policy, nodes: sysmem.mbind(addr, length, policy, nodes))
     pin: Callable[[frozenset[int]], None] = lambda cpus: os.sched_setaffinity(0, cpus)
 
 

@@ -1,10 +1,11 @@
 """One JSON line per start, stop, scrub and fill: the record monitoring reads.
 
-The file is ``$KVMACCEL_RECORD_FILE``, else ``/var/log/kvmaccel/records.jsonl``; the hook
-sets the variable from the config's ``record_file``.  Each line is
-an object with at least ``time`` (Unix seconds), ``event`` (``start``, ``stop``, ``scrub``,
-``fill``) and ``result`` (``ok``, or what went wrong: ``failed_open``, ``refused``,
-``timeout``, ``error``); the others as they apply:
+The file is the one this process's entry point chose (:mod:`kvmaccel.paths`:
+``$KVMACCEL_RECORD_FILE``, else the config's ``record_file``, else
+``/var/log/kvmaccel/records.jsonl``), or the one a caller names.  Each line is an object
+with at least ``v`` (the format, :data:`VERSION`), ``time`` (Unix seconds), ``event``
+(``start``, ``stop``, ``scrub``, ``fill``) and ``result`` (``ok``, or what went wrong:
+``failed_open``, ``refused``, ``timeout``, ``error``); the others as they apply:
 
 * ``domain``, ``uuid``: the guest (start, stop);
 * ``bytes``, ``seconds``, ``gib_per_s``: memory handled and the time it took (for a start,
@@ -13,7 +14,15 @@ an object with at least ``time`` (Unix seconds), ``event`` (``start``, ``stop``,
 * ``source``: ``pool`` (every backend from the warm pool), ``fresh`` (populated at start),
   ``overlap`` (a filler fills the fresh files beside QEMU; it adds a ``fill`` record with
   this source when done), ``mixed``; ``memory``: ``hugetlbfs 2M``, ``tmpfs 4K``;
-  ``reason``: why a result is not ok.
+  ``reason``: why a result is not ok;
+* ``page_size_kib``: the page sizes, in KiB, of the pool files a start took, a file filled
+  into a pool or scrubbed: always a list (``[2048]``; a start may take files of two sizes);
+* ``pool``: the pool directory (fill, scrub); ``populated_bytes``, ``populate_seconds``: what
+  a fresh start populated; ``pool_files``: the pool files a stop gave back; ``threads``: a
+  filler's.
+
+Every line has ``v`` (:data:`VERSION`, 1); one without it is older.  Each event has its
+writer with its typed fields (:func:`start`, :func:`stop`, :func:`scrub`, :func:`fill`).
 
 Writing is root's business in a directory others cannot write: the directory is made 0700
 and the file 0600, opened ``O_APPEND|O_NOFOLLOW`` relative to its checked directory and
@@ -37,26 +46,19 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .. import safefs
-from ..paths import DEFAULT_RECORD_FILE
+from .. import paths, safefs
 
 MAX_BYTES = 4 << 20  # then rotated to <file>.1: at most about 8 MiB of records, ~25k lines
 EVENTS = ("start", "stop", "scrub", "fill")
+VERSION = 1
+"""``v`` of every line written; a line without it was written before (the same fields, but
+``page_size_kib`` an int in ``fill`` and ``scrub`` records)."""
 
 
 def record_file() -> str:
-    """``$KVMACCEL_RECORD_FILE`` (the hook sets it from its config), else the config's
-    ``record_file`` (read only then: the commands), else the default."""
-    chosen = os.environ.get("KVMACCEL_RECORD_FILE")
-    if chosen:
-        return chosen
-    from ..errors import KvmaccelError
-    from ..plan.config import read_config
-
-    try:
-        return read_config().record_file
-    except KvmaccelError:
-        return DEFAULT_RECORD_FILE
+    """This process's record file, as its entry point resolved it
+    (:attr:`kvmaccel.paths.Places.record_file`)."""
+    return paths.places().record_file
 
 
 def from_result(result: dict[str, Any]) -> dict[str, Any]:
@@ -65,15 +67,65 @@ def from_result(result: dict[str, Any]) -> dict[str, Any]:
                                    "memory") if k in result}
 
 
+# --- one writer per event: its fields and their types (None: left out) -------------------
+
+def start(result: str = "ok", *, domain: str | None, uuid: str | None = None,
+          source: str | None = None, bytes: int | None = None, seconds: float | None = None,
+          gib_per_s: float | None = None, helpers_per_node: dict[str, int] | None = None,
+          memory: str | None = None, populated_bytes: int | None = None,
+          populate_seconds: float | None = None, page_size_kib: list[int] | None = None,
+          reason: str | None = None, path: str | None = None) -> None:
+    """A guest's start: ``bytes`` its memory, ``populated_bytes`` what was populated of it,
+    ``page_size_kib`` the page sizes of the pool files it took (a warm start)."""
+    append("start", result, path=path, **_given(
+        domain=domain, uuid=uuid, source=source, bytes=bytes, seconds=seconds,
+        gib_per_s=gib_per_s, helpers_per_node=helpers_per_node, memory=memory,
+        populated_bytes=populated_bytes, populate_seconds=populate_seconds,
+        page_size_kib=page_size_kib, reason=reason))
+
+
+def stop(*, domain: str, uuid: str | None, bytes: int, pool_files: int,
+         path: str | None = None) -> None:
+    """A guest's stop: ``bytes`` freed, ``pool_files`` given back to the pool."""
+    append("stop", path=path, domain=domain, uuid=uuid, bytes=bytes, pool_files=pool_files)
+
+
+def scrub(*, pool: str, uuid: str | None, bytes: int, seconds: float, page_size_kib: list[int],
+          path: str | None = None) -> None:
+    """A pool file scrubbed after guest ``uuid`` (``page_size_kib``: its page size, as a
+    list like a start's)."""
+    append("scrub", path=path, pool=pool, uuid=uuid, bytes=bytes, seconds=seconds,
+           page_size_kib=page_size_kib)
+
+
+def fill(*, bytes: int, seconds: float, pool: str | None = None, domain: str | None = None,
+         source: str | None = None, threads: int | None = None,
+         gib_per_s: float | None = None, helpers_per_node: dict[str, int] | None = None,
+         memory: str | None = None, page_size_kib: list[int] | None = None,
+         path: str | None = None) -> None:
+    """Memory filled: a pool file (``pool``), or a guest's files by its filler (``domain``,
+    ``source`` ``overlap``)."""
+    append("fill", path=path, **_given(
+        bytes=bytes, seconds=seconds, pool=pool, domain=domain, source=source,
+        threads=threads, gib_per_s=gib_per_s, helpers_per_node=helpers_per_node,
+        memory=memory, page_size_kib=page_size_kib))
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def append(event: str, result: str = "ok", *, path: str | None = None,
            max_bytes: int = MAX_BYTES, **fields: Any) -> None:
-    """Append one record.  Never raises: a failure is one line on stderr (the hook's
-    stderr goes nowhere when it succeeds)."""
-    record = {"time": round(time.time(), 3), "event": event, "result": result, **fields}
+    """Append one record (``v``: :data:`VERSION`).  Never raises: a failure is one line on
+    stderr (the hook's stderr goes nowhere when it succeeds)."""
+    record = {"v": VERSION, "time": round(time.time(), 3), "event": event, "result": result,
+              **fields}
     if "gib_per_s" not in record and record.get("seconds") and record.get("bytes"):
         record["gib_per_s"] = round(record["bytes"] / (1 << 30) / record["seconds"], 3)
-    target = path or record_file()
+    target = path or "the record file"
     try:
+        target = path or record_file()
         line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
         fd = safefs.open_append(target)
         try:

@@ -15,7 +15,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..errors import ProcessGoneError
 from . import proc
@@ -84,15 +84,18 @@ def detach(nice: int, name: str | None = None) -> None:
     lower_priority(nice)
 
 
-def spawn_detached(argv: Sequence[str], nice: int) -> int:
+def spawn_detached(argv: Sequence[str], nice: int,
+                   env: Mapping[str, str] | None = None) -> int:
     """Start program ``argv`` detached (its own session, stdio on ``/dev/null``, no
-    inherited descriptors) and give it and its autogroup ``nice``; return its pid.
+    inherited descriptors, environment ``env`` if given) and give it and its autogroup
+    ``nice``; return its pid.
 
     The nice is set from here once the program runs (its session made before it did, by
     ``start_new_session``): the child is one thread then, so every thread it starts later
     has it.  No ``preexec_fn``, which is not safe in a threaded caller."""
     child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                             env=env)
     with contextlib.suppress(ProcessLookupError):
         lower_priority(nice, child.pid)
     return child.pid

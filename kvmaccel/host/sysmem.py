@@ -188,10 +188,6 @@ def mbind(addr: int, length: int, policy: str, nodes: frozenset[int]) -> None:
     faulted later, by any thread, follow it.  mbind changes VMAs and so takes mmap_lock for
     write: call it before the helpers start, never while they populate.
     """
-    if os.environ.get("KVMACCEL_TEST_MISBIND") == "1":
-        # Test-only: bind to the wrong node (0 <-> 1, 2 <-> 3, ...), so that the two-node
-        # tests (tests/numa) can show that they catch a wrong binding.  Never set it otherwise.
-        nodes = frozenset(node ^ 1 for node in nodes)
     mask, maxnode = _nodemask(nodes)
     rc = _libc.syscall(
         ctypes.c_long(_syscall_number("mbind")), ctypes.c_void_p(addr), ctypes.c_ulong(length),

@@ -38,6 +38,9 @@ def main(argv: Sequence[str], stdin: BinaryIO | None = None,
 
 def _main(argv: Sequence[str], stdin: BinaryIO | None, config_path: str | None) -> int:
     declined = None
+    # kvmaccel's places as the environment gives them (the installed script exports the run
+    # dir it was installed with: the snapshot is there); the config's, once it is read.
+    paths.use(paths.resolve(os.environ, config_file=config_path))
     if len(argv) == 4 and argv[2] == "begin" and argv[1] in ("prepare", "start", "started"):
         data = (stdin or sys.stdin.buffer).read()
         try:
@@ -55,15 +58,15 @@ def _main(argv: Sequence[str], stdin: BinaryIO | None, config_path: str | None) 
 def _warm(name: str, op: str, xml: bytes, config_path: str | None) -> str | None:
     """None when the warm path did the whole operation (or kvmaccel is disabled), else why
     it declined (the full hook logs that at debug level)."""
-    values = read_config_snapshot(paths.config_path(config_path))
+    values = read_config_snapshot(paths.config_path())
     if values is None:
         return "no snapshot of the config as it is now (changed, or never read by the hook)"
     if not values["enabled"] and op != "started":  # a filler left running is stopped anyway
         return None
     if op == "start" and not values["pool_enabled"]:
         return "the pool is disabled"
-    os.environ["KVMACCEL_RUN_DIR"] = values["run_dir"]
-    os.environ.setdefault("KVMACCEL_RECORD_FILE", values["record_file"])  # libvirt: unset
+    paths.use(paths.resolve(os.environ, config_file=config_path, run_dir=values["run_dir"],
+                            record_file=values["record_file"]))  # libvirt: no variables
 
     def say(message: str) -> None:
         log_info(values, name, op, message)

@@ -205,7 +205,8 @@ def main(argv: Sequence[str], stdin: BinaryIO | None = None,
 
 def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None,
          warm_declined: str | None = None) -> int:
-    path = paths.config_path(config_path)
+    paths.use(paths.resolve(os.environ, config_file=config_path))
+    path = paths.config_path()
     try:
         config = read_config(path)
     except KvmaccelError as e:
@@ -217,8 +218,8 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None,
         log.debug("the warm path declined: %s", warm_declined)
     # Everything kvmaccel keeps goes in the config's run_dir, the warm path's snapshot too
     # (``kvmaccel hook install`` tells the installed script where that is).
-    os.environ["KVMACCEL_RUN_DIR"] = config.run_dir
-    os.environ.setdefault("KVMACCEL_RECORD_FILE", config.record_file)  # libvirt: unset
+    paths.use(paths.resolve(os.environ, config_file=config_path, run_dir=config.run_dir,
+                            record_file=config.record_file))  # libvirt: no variables
     try:
         state.save_config_snapshot(config, path)
     except (OSError, KvmaccelError) as e:
@@ -239,8 +240,8 @@ def _run(name: str, op: str, stdin: BinaryIO | None, config_path: str | None,
             reason = f"unexpected {type(e).__name__}: {e}"
         detail = isinstance(e, Exception) and not isinstance(e, KvmaccelError)
         if starting and (config.strict or op == "start"):
-            records.append("start", "refused" if config.strict else "failed_open",
-                           domain=name, reason=reason)
+            records.start("refused" if config.strict else "failed_open",
+                          domain=name, reason=reason)
         if config.strict and starting:
             log.error("%s; strict = true: refusing the start", reason, exc_info=detail)
             print(f"kvmaccel: {reason}", file=sys.stderr)

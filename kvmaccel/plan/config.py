@@ -312,7 +312,8 @@ def _cap(value: int) -> int | None:
 
 
 def read_config(path: str | None = None, *, required: bool = False) -> HookConfig:
-    """Read ``path`` (default ``$KVMACCEL_CONFIG``, else :data:`DEFAULT_PATH`).
+    """Read ``path`` (default: this process's config file, :func:`kvmaccel.paths.config_path`:
+    ``$KVMACCEL_CONFIG``, else :data:`DEFAULT_PATH`).
 
     A missing file gives the defaults, unless ``required`` (a file the user named: a typo
     must not silently mean the defaults).  Raises :class:`ConfigError` for a missing required

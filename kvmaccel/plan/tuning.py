@@ -47,6 +47,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import paths
 from ..errors import HostError
 from ..host.facts import HostFacts, read_cpu_model, read_kernel_release
 from ..model.units import GIB, format_cpu_spec, format_size
@@ -54,15 +55,14 @@ from ..model.units import GIB, format_cpu_spec, format_size
 log = logging.getLogger(__name__)
 
 SCHEMA = "kvmaccel.tuning/1"
-DEFAULT_STATE_DIR = "/var/lib/kvmaccel"
 STATE_FILE_NAME = "tuning.json"
 KNEE_TOLERANCE = 0.05
 
 
 def state_path() -> str:
-    """``$KVMACCEL_STATE_DIR/tuning.json``, else ``/var/lib/kvmaccel/tuning.json``."""
-    return os.path.join(os.environ.get("KVMACCEL_STATE_DIR") or DEFAULT_STATE_DIR,
-                        STATE_FILE_NAME)
+    """``tuning.json`` in this process's state dir (:attr:`kvmaccel.paths.Places.state_dir`:
+    ``$KVMACCEL_STATE_DIR``, else ``/var/lib/kvmaccel``)."""
+    return os.path.join(paths.places().state_dir, STATE_FILE_NAME)
 
 
 @dataclass(frozen=True)

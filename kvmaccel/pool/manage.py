@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .. import safefs
+from .. import paths, safefs
 from ..engine import records
 from ..errors import KvmaccelError, UsageError
 from ..host.facts import mount_of
@@ -153,8 +153,8 @@ class Pool(PoolFiles):
                 finally:
                     backing.close()
                 results.append(result)
-                records.append("fill", pool=self.directory, page_size_kib=key.page_size_kib,
-                               **records.from_result(result.as_dict()))
+                records.fill(pool=self.directory, page_size_kib=[key.page_size_kib],
+                             **records.from_result(result.as_dict()))
         return results
 
     # --- handing out and taking back -------------------------------------------------------
@@ -272,9 +272,9 @@ class Pool(PoolFiles):
         finally:
             os.close(fd)
         log.info("pool: scrubbed %s (%s)", entry.path, format_size(entry.key.size_bytes))
-        records.append("scrub", pool=self.directory, uuid=entry.domain_uuid,
-                       bytes=entry.key.size_bytes, seconds=round(seconds, 4),
-                       page_size_kib=entry.key.page_size_kib)
+        records.scrub(pool=self.directory, uuid=entry.domain_uuid,
+                      bytes=entry.key.size_bytes, seconds=round(seconds, 4),
+                      page_size_kib=[entry.key.page_size_kib])
         return True
 
     def own_file_after_scrub(self, key: PoolKey, domain_uuid: str, host: HostFacts,
@@ -440,4 +440,5 @@ def spawn_scrub(directories: Sequence[str] = (), nice: int = 19) -> int:
     args = [sys.executable, "-m", "kvmaccel", "pool", "scrub", "--nice", str(nice)]
     for d in directories:
         args += ["--dir", d]
-    return spawn_detached(args, nice)
+    env = {**os.environ, **paths.places().environment()}  # this process's places, resolved
+    return spawn_detached(args, nice, env)

@@ -6,7 +6,8 @@ Two sources, read at every scrape:
   time histogram, stops, scrubs and fills, bytes populated, and the share of starts the pool
   served.  These are counters over the records kept, so they drop when the file is rotated
   away; Prometheus treats a drop as a counter reset, which ``rate()`` and ``increase()``
-  handle.
+  handle.  Lines of every format count alike, older ones without ``v`` too: no field read
+  here changed its type (``page_size_kib``, an int in old fill and scrub lines, is not read).
 * the pools on this host's hugetlbfs and tmpfs mounts: bytes and files by state, page size
   and node, and the scrub backlog (dirty and scrubbing files).
 

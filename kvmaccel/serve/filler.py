@@ -28,8 +28,9 @@ path imports no more than the warm path does (no logging, no engine).  The fille
 one the installed script looks in and names in ``$KVMACCEL_FILLER_DIR`` (``fillers/`` in the
 run dir the script was installed with, ``/run/kvmaccel`` by default), so that a config whose
 ``run_dir`` changed since ``kvmaccel hook install`` still finds it; without the variable (the
-hook run by hand), ``fillers/`` in the run dir.  ``stopped``/``release`` stop a filler that
-still runs too (:func:`stop_filler`, SIGTERM first there) and remove the record.
+hook run by hand), ``fillers/`` in the run dir (:attr:`kvmaccel.paths.Places.filler_dir`).
+``stopped``/``release`` stop a filler that still runs too (:func:`stop_filler`, SIGTERM first
+there) and remove the record.
 """
 
 from __future__ import annotations
@@ -47,15 +48,13 @@ from .state import VERSION, FillerRef
 
 STOP_WAIT_S = 5.0
 """How long :func:`stop_filler` waits after each signal."""
-FILLER_DIR_ENV = "KVMACCEL_FILLER_DIR"
 
 
 def record_path(key: str) -> str:
     """``<filler dir>/<key>.json``: this guest's start left a filler."""
     if not key or "/" in key or key.startswith("."):
         raise UsageError(f"domain key {key!r} cannot name a filler record")
-    directory = os.environ.get(FILLER_DIR_ENV) or os.path.join(paths.run_dir(), "fillers")
-    return os.path.join(directory, f"{key}.json")
+    return os.path.join(paths.places().filler_dir, f"{key}.json")
 
 
 def write_record(key: str, filler: FillerRef) -> None:

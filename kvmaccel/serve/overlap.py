@@ -274,8 +274,8 @@ def _fill(backings: Sequence[Backing], items: list[WorkItem], host: HostFacts, l
                                 str(b.path))
             except KvmaccelError as e:
                 log.error("%s", e)
-    records.append("fill", domain=domain, source="overlap", bytes=filled,
-                   seconds=round(result.seconds, 4), threads=result.threads)
+    records.fill(domain=domain, source="overlap", bytes=filled,
+                 seconds=round(result.seconds, 4), threads=result.threads)
     return 0
 
 

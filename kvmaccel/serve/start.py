@@ -128,9 +128,9 @@ def serve(job: StartJob, config: HookConfig, cancel: threading.Event | None = No
     write_state(key, state)
     if not fresh:
         log.info("started from the pool: %s", ", ".join(link.link_path for link in linked))
-        records.append("start", domain=job.name, uuid=job.uuid, source="pool",
-                       bytes=sum(b.size_bytes for b in job.backends), helpers_per_node={},
-                       seconds=round(time.monotonic() - t0, 4))
+        records.start(domain=job.name, uuid=job.uuid, source="pool",
+                      bytes=sum(b.size_bytes for b in job.backends), helpers_per_node={},
+                      seconds=round(time.monotonic() - t0, 4))
         return
     specs = [spec for _, _, spec in fresh]
     fresh_ids = {backend_id for backend_id, _, _ in fresh}
@@ -167,10 +167,10 @@ def serve(job: StartJob, config: HookConfig, cancel: threading.Event | None = No
     except CancelledError:
         write_state(key, state._replace(files=(), cancelled=True))  # pool links stay
         if timed_out.is_set():
-            records.append("start", "timeout", domain=job.name, uuid=job.uuid,
-                           source="fresh", seconds=round(time.monotonic() - t0, 4),
-                           reason=f"populate ran past populate_timeout_s = "
-                                  f"{config.populate_timeout_s:g} s")
+            records.start("timeout", domain=job.name, uuid=job.uuid,
+                          source="fresh", seconds=round(time.monotonic() - t0, 4),
+                          reason=f"populate ran past populate_timeout_s = "
+                                 f"{config.populate_timeout_s:g} s")
             log.warning("populate ran past populate_timeout_s = %g s: cancelled and removed "
                         "the partly populated file(s); QEMU allocates the memory itself",
                         config.populate_timeout_s)
@@ -194,13 +194,13 @@ def serve(job: StartJob, config: HookConfig, cancel: threading.Event | None = No
             backing.close()
     write_state(key, state._replace(pool_links=(*linked, *adopted), populated_unix=time.time(),
                                     populated=Populated(result.bytes_total, result.seconds)))
-    records.append("start", domain=job.name, uuid=job.uuid,
-                   source="mixed" if linked else "fresh",
-                   **{**records.from_result(result.as_dict()),
-                      "bytes": sum(b.size_bytes for b in job.backends),
-                      "seconds": round(time.monotonic() - t0, 4),
-                      "populated_bytes": result.bytes_total,
-                      "populate_seconds": round(result.seconds, 4)})
+    records.start(domain=job.name, uuid=job.uuid,
+                  source="mixed" if linked else "fresh",
+                  **{**records.from_result(result.as_dict()),
+                     "bytes": sum(b.size_bytes for b in job.backends),
+                     "seconds": round(time.monotonic() - t0, 4),
+                     "populated_bytes": result.bytes_total,
+                     "populate_seconds": round(result.seconds, 4)})
     log.info("populated %s of %s in %.2f s (%.2f GiB/s), %d thread(s), helpers per node %s: "
              "%s", format_size(result.bytes_total), result.memory_text, result.seconds,
              result.gib_per_s, result.threads,
@@ -247,9 +247,9 @@ def start_overlapped(job: StartJob, fresh: list[Fresh],
             backing.close()
     write_state(key, state)
     size = sum(b.size_bytes for b in backends)
-    records.append("start", domain=job.name, uuid=job.uuid,
-                   source="mixed" if linked else "overlap", bytes=size,
-                   seconds=round(time.monotonic() - t0, 4))
+    records.start(domain=job.name, uuid=job.uuid,
+                  source="mixed" if linked else "overlap", bytes=size,
+                  seconds=round(time.monotonic() - t0, 4))
     log.info("created %s (%s) and left the filler (pid %s) populating them while QEMU "
              "preallocates them too", ", ".join(str(s.path) for s in specs), format_size(size),
              filler.pid)

@@ -81,7 +81,7 @@ def stop(key: str, name: str, uuid: str | None, config: HookConfig) -> None:
     remove_made_dirs(state.proof_dirs, state.made_dirs)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state_path(key))
-    records.append("stop", domain=name, uuid=uuid, bytes=freed,
-                   pool_files=len(links))
+    records.stop(domain=name, uuid=uuid, bytes=freed,
+                 pool_files=len(links))
     log.info("released %s", format_size(freed) if freed else "nothing (libvirt removed the "
              "files with the domain directory)")

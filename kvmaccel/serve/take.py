@@ -118,8 +118,8 @@ def start_from_recipe(uuid: str, domain_id: int | None, say: Callable[[str], Non
             say(f"warm start: {e}; the full start decides")
         return f"{type(e).__name__}: {e}"
     say("started from the pool: " + ", ".join(b.mem_path for _, _, b in taken))
-    records.append("start", domain=recipe.name, uuid=uuid, source="pool",
-                   bytes=sum(e.key.size_bytes for _, e, _ in taken),
-                   seconds=round(time.monotonic() - t0, 4), helpers_per_node={},
-                   page_size_kib=sorted({e.key.page_size_kib for _, e, _ in taken}))
+    records.start(domain=recipe.name, uuid=uuid, source="pool",
+                  bytes=sum(e.key.size_bytes for _, e, _ in taken),
+                  seconds=round(time.monotonic() - t0, 4), helpers_per_node={},
+                  page_size_kib=sorted({e.key.page_size_kib for _, e, _ in taken}))
     return None

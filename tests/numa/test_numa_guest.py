@@ -3,8 +3,9 @@
 One host test per test function in ``guest/test_*.py`` (found by reading those files, so a
 function that never ran in the guest fails here instead of going unnoticed); every case of it,
 each parameter, must have passed in the guest, except the placement tests' ``wrong`` cases: run
-with ``KVMACCEL_TEST_MISBIND=1``, each must have failed on an assertion (a strict xfail).  That
-is what shows the placement tests can tell a wrong node from the right one.
+with a wrong ``mbind`` (``guest/test_placement.py``'s ``misbind``), each must have failed on an
+assertion (a strict xfail).  That is what shows the placement tests can tell a wrong node from
+the right one.
 """
 
 from __future__ import annotations

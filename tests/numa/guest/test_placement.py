@@ -3,7 +3,7 @@
 For tmpfs, 2M and 1G hugetlbfs.  The pages are counted where the kernel keeps them
 (/proc/self/numa_maps of a fresh mapping of the populated file), never taken from kvmaccel's
 own report.  Every test here runs twice: with the right binding, where it must pass, and with
-``KVMACCEL_TEST_MISBIND=1`` (:func:`kvmaccel.host.sysmem.mbind` then binds every range to the other
+a wrong :func:`kvmaccel.host.sysmem.mbind` (:func:`misbind`: it binds every range to the other
 node), where it must fail on an assertion (a strict xfail).  That second run is what shows the
 tests can tell the right node from the wrong one.
 """
@@ -17,24 +17,31 @@ import pytest
 from kvmaccel.engine.backing import BackingSpec, populate_backings
 from kvmaccel.engine.populate import WorkItem, populate
 from kvmaccel.errors import CapacityError
+from kvmaccel.host import sysmem
 from kvmaccel.host.facts import HostFacts, read_host
 from kvmaccel.launch.run import plan_launch, populate_launch
 from kvmaccel.plan.limits import Limits
 from kvmaccel.pool.manage import Pool, key_for
 
-from .conftest import KINDS, MIB, pages_per_node, record, set_node_hugepages
+from .conftest import KINDS, MIB, REAL_MBIND, pages_per_node, record, set_node_hugepages
 
 LIMITS = Limits(idle_cpus_only=False)
 
 WRONG = pytest.mark.xfail(strict=True, raises=AssertionError,
-                          reason="KVMACCEL_TEST_MISBIND=1 binds every range to the other node")
+                          reason="a wrong mbind binds every range to the other node")
+
+
+def misbind(addr: int, length: int, policy: str, nodes: frozenset[int]) -> None:
+    """mbind to the wrong node (0 <-> 1, 2 <-> 3, ...): what the engine calls in the
+    ``wrong`` runs, in place of :func:`kvmaccel.host.sysmem.mbind`."""
+    REAL_MBIND(addr, length, policy, frozenset(node ^ 1 for node in nodes))
 
 
 @pytest.fixture(autouse=True, params=["right", pytest.param("wrong", marks=WRONG)])
 def binding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test with the right binding, then with the wrong one."""
     if request.param == "wrong":
-        monkeypatch.setenv("KVMACCEL_TEST_MISBIND", "1")
+        monkeypatch.setattr(sysmem, "mbind", misbind)
     return str(request.param)
 
 
