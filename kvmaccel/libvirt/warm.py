@@ -11,13 +11,14 @@ reads the config, logs, plans and populates.
 
 What a warm start reads, all written by the full hook:
 
-* ``<$KVMACCEL_RUN_DIR, else /run/kvmaccel>/hook-config/<config path>.json``: the config as
-  the full hook last parsed it, with the file's text then.  A config file whose text changed
-  since is not trusted: the full hook reads it again.
-* ``<run_dir>/domains/<uuid>.plan-cache.json``: what a start needs of the guest's last plan
-  (files, sizes, nodes, pool keys, limits) and what it was made from: the XML without its
-  ``id``, and the texts of qemu.conf and the config file;
-* ``<run_dir>/domains/<uuid>.prepared.json``: the recipe ``prepare`` leaves for ``start``.
+* ``<run dir>/hook-config/<config path>.json`` (the run dir the installed script exports,
+  else /run/kvmaccel): the config as the full hook last parsed it, with the file's text
+  then.  A config file whose text changed since is not trusted: the full hook reads it again.
+* ``<run_dir>/domains/<uuid>.plan-cache.json`` (:mod:`.cache`): what a start needs of the
+  guest's last plan (files, sizes, nodes, pool keys, limits) and what it was made from: the
+  XML without its ``id``, and the texts of qemu.conf and the config file;
+* ``<run_dir>/domains/<uuid>.prepared.json``: the recipe ``prepare`` leaves for ``start``
+  (:class:`kvmaccel.serve.state.Recipe`, taken by :mod:`kvmaccel.serve.take`).
 
 Anything missing, changed or unexpected falls through to the full hook, which decides and logs.
 """

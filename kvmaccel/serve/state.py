@@ -325,7 +325,8 @@ def guest_key(uuid: str | None, name: str) -> str:
 
 
 def state_path(key: str) -> str:
-    """``<run_dir>/domains/<uuid>.json`` (the run dir comes from ``$KVMACCEL_RUN_DIR``)."""
+    """``<run_dir>/domains/<uuid>.json``, in the run dir the entry point resolved
+    (:func:`kvmaccel.paths.places`)."""
     if not key or "/" in key or key.startswith("."):
         raise UsageError(f"domain key {key!r} cannot name a state file")
     return os.path.join(paths.run_dir(), "domains", f"{key}.json")
