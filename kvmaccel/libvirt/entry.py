@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from .. import paths
-from .started import stop_at_started
 from .state import log_info, read_config_snapshot
 from .warm import prepare_from_cache, start_from_pool
 
@@ -73,7 +72,9 @@ def _warm(name: str, op: str, xml: bytes, config_path: str | None) -> str | None
 
     if op == "prepare":
         return prepare_from_cache(xml, values, say)
-    if op == "started":
+    if op == "started":  # imported only here: a warm prepare or start never needs it
+        from .started import stop_at_started
+
         stop_at_started(name, xml, say)
         return None
     return start_from_pool(xml, say)
