@@ -17,7 +17,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from ..serve.state import VERSION, JobBackend, SchemaError, cache_path, read_json, write_json
+from ..serve.state import (
+    VERSION,
+    JobBackend,
+    RecipeBackend,
+    SchemaError,
+    cache_path,
+    read_json,
+    write_json,
+)
 
 
 class CachedBackend(NamedTuple):
@@ -74,6 +82,22 @@ class PlanCache(NamedTuple):
         """The backends with the paths of a start whose short name is ``shortname``."""
         return tuple(b._replace(backend=b.backend._replace(
             mem_path=f"/{shortname}/".join(b.around_shortname))) for b in self.backends)
+
+
+class CachedPlan(NamedTuple):
+    """The guest's cached plan, for this start: its backends with this start's paths."""
+
+    uuid: str
+    domain_id: int
+    shortname: str
+    cache: PlanCache
+    backends: tuple[CachedBackend, ...]
+
+    def recipe_backends(self) -> list[RecipeBackend | None]:
+        """What a recipe keeps of each backend (None: no pool on its filesystem)."""
+        return [None if c.pool_dir is None else RecipeBackend(
+            c.backend.backend_id, c.backend.mem_path, c.backend.key, c.pool_dir, c.state_dir,
+            c.backend.make_dir) for c in self.backends]
 
 
 def write_cache(uuid: str, cache: PlanCache) -> None:

@@ -28,8 +28,8 @@ from ..serve.job import StartJob, job_from_plan
 from ..serve.pool import pool_for
 from ..serve.state import guest_key, recipe_path
 from ..serve.take import write_recipe_if_clean
-from .cache import CachedBackend, PlanCache, write_cache
-from .warm import CachedPlan, cached_plan, plan_inputs
+from .cache import CachedBackend, CachedPlan, PlanCache, write_cache
+from .warm import cached_plan, plan_inputs
 
 if TYPE_CHECKING:  # prepare needs neither the engine nor the backings: not imported then
     from ..model.domain import Domain

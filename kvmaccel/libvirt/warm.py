@@ -29,11 +29,13 @@ import contextlib
 import os
 import re
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from ..serve.state import RecipeBackend, SchemaError, recipe_path
+from ..serve.state import SchemaError, recipe_path
 from ..serve.take import hurry_own_scrub, start_from_recipe, write_recipe_if_clean
-from .cache import CachedBackend, PlanCache, read_cache
+
+if TYPE_CHECKING:  # a warm start reads no plan cache: imported where it is read
+    from .cache import CachedPlan
 from .state import file_text
 
 # --- a warm prepare: the plan as before, a clean pool file for every backend ----------------
@@ -75,24 +77,10 @@ def plan_inputs(xml: bytes, qemu_conf: str, config_text: str | None) -> dict[str
             "qemu_conf": [qemu_conf, file_text(qemu_conf)], "config": config_text}
 
 
-class CachedPlan(NamedTuple):
-    """The guest's cached plan, for this start: its backends with this start's paths."""
-
-    uuid: str
-    domain_id: int
-    shortname: str
-    cache: PlanCache
-    backends: tuple[CachedBackend, ...]
-
-    def recipe_backends(self) -> list[RecipeBackend | None]:
-        """What a recipe keeps of each backend (None: no pool on its filesystem)."""
-        return [None if c.pool_dir is None else RecipeBackend(
-            c.backend.backend_id, c.backend.mem_path, c.backend.key, c.pool_dir, c.state_dir,
-            c.backend.make_dir) for c in self.backends]
-
-
 def cached_plan(xml: bytes, qemu_conf: str, config_text: str | None) -> CachedPlan | str:
     """The guest's cached plan when it still holds for ``xml``, else why not."""
+    from .cache import CachedPlan, read_cache
+
     uuid, domain_id = domain_ids(xml)
     if uuid is None or domain_id is None:
         return "the domain XML has no uuid or no id"

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Sequence
 from ..engine import records
 from ..errors import KvmaccelError
 from ..pool.files import PoolEntry, PoolFiles, PoolKey
-from . import memdir
 from .state import (
     GuestState,
     PoolLink,
@@ -89,6 +88,8 @@ def start_from_recipe(uuid: str, domain_id: int | None, say: Callable[[str], Non
         return f"the recipe is older than {RECIPE_MAX_AGE_S} s"
     if not recipe.backends or any(b.make_dir for b in recipe.backends):
         return "a memfd guest's directory is made by the full start"
+    from . import memdir  # a prepare never makes a directory
+
     proofs: dict[str, memdir.ProofDir] = {}
     taken: list[tuple[PoolFiles, PoolEntry, RecipeBackend]] = []
     try:
