@@ -20,8 +20,9 @@ the backings, the hook) uses these helpers to follow it:
 * **Directories of kvmaccel's own** (the run and state directories, the pool) are created one
   level at a time with mode 0700 whatever the umask (:func:`private_dirs`), and one that
   exists is used only when it is a real directory owned by us and writable by nobody else.
-* **State files** (:func:`write_json_atomic`) are crash-safe: written 0600 beside the target,
-  then renamed over it, so a reader sees the old content or the new, never a torn one.
+* **A file is written whole** (:func:`write_atomic`): under a new name of its own beside the
+  target (``O_EXCL|O_NOFOLLOW``), then renamed over it, only ever over a file of ours: a
+  reader sees the old content or the new, and a failure leaves no temporary file.
 * **What root reads, it checks as it would before writing** (:func:`open_own_file`,
   :func:`read_own_json`, :func:`open_append`): a state file, a record or a log line names
   files to remove, processes to stop, where to append; one planted by another user would make
@@ -356,31 +357,66 @@ def unlink_if_same(dir_fd: int, name: str, st: os.stat_result) -> bool:
     return False
 
 
-def write_json_atomic(path: str, data: object, *, durable: bool = False,
-                      top: str | None = None) -> None:
-    """Write ``data`` as JSON to ``path`` atomically, mode 0600 (creating its directory
-    0700), in the directory :func:`open_checked_dir` checks from ``top`` (default: that
-    directory) down, by its descriptor.  ``durable`` also fsyncs before the rename.  Raises
-    :class:`OSError`, and :class:`~kvmaccel.errors.UnsafePathError` for a directory that is
-    not kvmaccel's."""
+def write_atomic(path: str, data: bytes | str, *, mode: int = 0o600, durable: bool = False,
+                 top: str | None = None, own: bool = True) -> None:
+    """:func:`write_atomic_at` in the directory :func:`open_checked_dir` reaches (from ``top``
+    down; with ``own`` False, one of root's as ``/etc/...`` is, not kvmaccel's own tree)."""
     directory, name = os.path.split(os.path.abspath(path))
-    private_dirs(directory)
-    tmp = f"{name}.{os.getpid()}.tmp"
-    dfd = open_checked_dir(directory, top)
+    dfd = open_checked_dir(directory, top, own=own)
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dfd)  # one a crashed writer with this pid left
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=dfd)
-        with open(fd, "w", encoding="utf-8") as f:
-            os.fchmod(fd, 0o600)
-            json.dump(data, f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        write_atomic_at(dfd, name, data, mode=mode, durable=durable)
     finally:
         os.close(dfd)
+
+
+def _temp_name(name: str) -> str:
+    return f".{name}.{os.urandom(8).hex()}.tmp"
+
+
+def write_atomic_at(dir_fd: int, name: str, data: bytes | str, *, mode: int = 0o600,
+                    durable: bool = False, place: bool = True) -> str:
+    """Replace ``name`` in ``dir_fd`` with a file of ``data`` (a str as UTF-8); return the
+    name the file has.  It is written under a new name of its own beside ``name``
+    (``.<name>.<random>.tmp``, ``O_EXCL|O_NOFOLLOW``), ``mode`` set on its descriptor once
+    written (never executable half written), fsynced (then the directory) if ``durable``,
+    and renamed over ``name`` (unless not ``place``: the caller places it) when that is
+    missing or a regular file of this user, else :class:`UnsafePathError`.  On any failure
+    the old file stays and the new one goes.  Raises :class:`OSError` too."""
+    tmp = _temp_name(name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dir_fd)
+    try:
+        view = memoryview(data.encode() if isinstance(data, str) else data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, mode)
+        if durable:
+            os.fsync(fd)
+        st = lstat_at(dir_fd, name) if place else None
+        if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()):
+            where = os.path.join(fd_path(dir_fd), name)
+            raise UnsafePathError(f"{where} (uid {st.st_uid}) is not a file kvmaccel wrote: "
+                                  "refusing to replace it; look at it, remove it, run again",
+                                  path=where)
+        if place:
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            unlink_if_same(dir_fd, tmp, os.fstat(fd))
+        raise
+    finally:
+        os.close(fd)
+    if durable and place:
+        os.fsync(dir_fd)
+    return name if place else tmp
+
+
+def write_json_atomic(path: str, data: object, *, durable: bool = False,
+                      top: str | None = None) -> None:
+    """:func:`write_atomic` of ``data`` as JSON, mode 0600, its directory made 0700 when
+    missing (:func:`private_dirs`) and checked from ``top`` down."""
+    private_dirs(os.path.dirname(os.path.abspath(path)))
+    write_atomic(path, json.dumps(data), durable=durable, top=top)
 
 
 # --- who else holds an inode -------------------------------------------------------------

@@ -328,6 +328,16 @@ def test_install_status_uninstall_touch_only_what_install_wrote(fake_qemu: str) 
     assert os.path.exists(path)
 
 
+def test_install_refuses_a_directory_others_can_write(bin_dir: str) -> None:
+    """libvirt runs the front as the qemu user: in a directory another user can write, a
+    name swapped there would run instead.  The directory was opened and never checked."""
+    qemu = write_fake_qemu(bin_dir)
+    os.chmod(bin_dir, 0o777)
+    with pytest.raises(KvmaccelError, match="others can write it"):
+        front.install(qemu)
+    assert os.listdir(bin_dir) == ["qemu-system-x86_64"]
+
+
 def _median_ms(cmd: list[str], runs: int = 41) -> float:
     times = []
     for _ in range(runs):

@@ -68,6 +68,22 @@ def test_install_keeps_the_existing_hook(libvirt_dir: str) -> None:
     assert not hook_install.status(libvirt_dir).installed
 
 
+def test_install_writes_the_hook_whole_and_follows_no_link(libvirt_dir: str) -> None:
+    """The hook went through a fixed temporary name opened by path (``.kvmaccel-tmp``): a
+    symlink there was followed, and libvirt runs every executable in ``qemu.d``."""
+    qemu_d = f"{libvirt_dir}/hooks/qemu.d"
+    os.makedirs(qemu_d)
+    victim = f"{libvirt_dir}/victim"
+    with open(victim, "w") as f:
+        f.write("victim\n")
+    os.symlink(victim, f"{qemu_d}/kvmaccel.kvmaccel-tmp")
+    hook_install.install(libvirt_dir)
+    with open(victim) as f:
+        assert f.read() == "victim\n"
+    assert sorted(os.listdir(qemu_d)) == ["kvmaccel", "kvmaccel.kvmaccel-tmp"]
+    assert os.stat(f"{qemu_d}/kvmaccel").st_mode & 0o777 == 0o755
+
+
 def test_install_into_a_bare_directory_and_back(tmp_path: object) -> None:
     d = f"{tmp_path}/etc-libvirt"
     os.makedirs(d)

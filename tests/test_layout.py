@@ -177,9 +177,10 @@ def test_the_top_level_holds_at_most_six_modules() -> None:
 
 
 def test_the_tests_mirror_the_layers() -> None:
-    """One rule: ``tests/test_<layer>[_<what>].py``, or a ``test_layout*`` file (the whole
-    suite)."""
-    names = {layer.split(".")[1] for layer in layers()}
+    """One rule: ``tests/test_<layer>[_<what>].py`` (a top-level module, as ``safefs``,
+    counts as a layer), or a ``test_layout*`` file (the whole suite)."""
+    names = {layer.split(".")[1] for layer in layers()} | {
+        p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_")}
     odd = [p.name for p in sorted((TOP / "tests").glob("test_*.py"))
            if not p.name.startswith("test_layout") and p.stem.split("_")[1] not in names]
     assert odd == []

@@ -21,6 +21,7 @@ from kvmaccel.plan.limits import Limits
 from kvmaccel.plan.planner import plan_domain
 from kvmaccel.plan.tuning import Curve, Tuning, host_fingerprint, resolve_tuning, save_tuning
 
+from .conftest import need
 from .test_plan_energy import fake_host
 
 TOP = Path(__file__).resolve().parents[1]
@@ -80,6 +81,24 @@ def test_plan_ignores_a_broken_tuning_file(state_dir: str) -> None:
     code, out = plan_cli()
     assert code == 0, out
     assert "threads: 51" in out and "tuning not used: " in out and "not a kvmaccel tuning" in out
+
+
+def test_plan_ignores_a_tuning_file_kvmaccel_did_not_write(state_dir: str) -> None:
+    """Root read tuning.json by path: a file another user could write set how many threads
+    root starts.  It is read as kvmaccel's own file now, and written as one (0600)."""
+    need(os.geteuid() == 0, "needs root (a file of nobody's)")
+    path = save_tuning(two_node_tuning())
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert plan_cli()[1].count("threads: 9 ") == 1
+    os.chown(path, 65534, 65534)
+    code, out = plan_cli()
+    assert code == 0, out
+    assert "threads: 51" in out and "tuning not used: " in out and "uid 65534" in out
+    os.chown(path, 0, 0)
+    os.chmod(state_dir, 0o777)  # a directory others can write: nothing in it is kvmaccel's
+    code, out = plan_cli()
+    assert code == 0, out
+    assert "threads: 51" in out and "tuning not used: " in out
 
 
 def test_plan_shows_tuned_count_and_energy_decision_together(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from kvmaccel.host import sysmem
 from kvmaccel.pool.manage import POOL_DIRNAME, Pool
 
@@ -131,6 +133,29 @@ def test_install_unit_writes_a_unit_for_this_python(tmp_path: str) -> None:
         text = f.read()
     assert f"ExecStart={sys.executable} -m kvmaccel pool keep --config /etc/k.toml" in text
     assert "Nice=19" in text and "CPUWeight=idle" in text
+
+
+def test_install_unit_follows_no_link(tmp_path: str) -> None:
+    """The unit went through a fixed temporary name opened by path; a link there, or at the
+    unit's own name, now writes nothing through it."""
+    from kvmaccel.errors import UnsafePathError
+    from kvmaccel.pool.keep import install_unit
+
+    path = os.path.join(str(tmp_path), "k.service")
+    victim = os.path.join(str(tmp_path), "victim")
+    with open(victim, "w") as f:
+        f.write("victim\n")
+    os.symlink(victim, f"{path}.kvmaccel-tmp")
+    install_unit(None, path)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    os.unlink(path)
+    os.symlink(victim, path)
+    with pytest.raises(UnsafePathError, match="not a file kvmaccel wrote"):
+        install_unit(None, path)
+    with open(victim) as f:
+        assert f.read() == "victim\n"
+    assert sorted(os.listdir(str(tmp_path))) == ["k.service", "k.service.kvmaccel-tmp",
+                                                 "victim"]
 
 
 def test_pool_list_says_what_is_held_and_kept_free(tmp_path: str, shm_dir: str,

@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvmaccel.engine import records
 from kvmaccel.pool.metrics import render
 
+from .conftest import need
+
 MIB = 1 << 20
 
 
@@ -118,3 +120,16 @@ def test_textfile_into_a_missing_directory_is_one_line(tmp_path: Any) -> None:
                     str(tmp_path / "missing"))
     assert proc.returncode == 2
     assert proc.stderr.startswith("kvmaccel: error: cannot write metrics into ")
+
+
+def test_textfile_never_replaces_a_file_of_another_user(tmp_path: Any) -> None:
+    need(os.geteuid() == 0, "needs root (a file of nobody's)")
+    textfile_dir = tmp_path / "textfile"
+    textfile_dir.mkdir()
+    prom = textfile_dir / "kvmaccel.prom"
+    prom.write_text("theirs\n")
+    os.chown(prom, 65534, 65534)
+    proc = kvmaccel("metrics", "--records", str(tmp_path / "none"), "--textfile",
+                    str(textfile_dir))
+    assert proc.returncode == 1 and "not a file kvmaccel wrote" in proc.stderr, proc.stderr
+    assert prom.read_text() == "theirs\n" and os.listdir(textfile_dir) == ["kvmaccel.prom"]

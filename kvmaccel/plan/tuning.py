@@ -1,6 +1,8 @@
 """Measured thread counts: the curve ``kvmaccel tune`` records, its knee, and the state file.
 
-This module holds the data and the pure decisions; :mod:`kvmaccel.bench.tune` measures.
+This module holds the data and the pure decisions, and reads and writes the state file
+(:func:`load_tuning`, :func:`save_tuning`: kvmaccel's own file, through
+:mod:`kvmaccel.safefs`); :mod:`kvmaccel.bench.tune` measures.
 
 *The knee* of a curve (throughput by thread count on one node and one page size) is the
 smallest thread count whose throughput is within :data:`KNEE_TOLERANCE` (5%) of the best
@@ -33,7 +35,8 @@ directory), schema ``kvmaccel.tuning/1``, seconds and bytes, page sizes in KiB::
     }
 
 Errors: :class:`~kvmaccel.errors.HostError` for a state file that cannot be read, written or
-parsed (the message names the file and what to do).
+parsed, or is not kvmaccel's own (the message names the file and what to do);
+:class:`~kvmaccel.errors.UnsafePathError` when saving into a directory that is not kvmaccel's.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import paths
-from ..errors import HostError
+from .. import paths, safefs
+from ..errors import HostError, UnsafePathError
 from ..host.facts import HostFacts, read_cpu_model, read_kernel_release
 from ..model.units import GIB, format_cpu_spec, format_size
 
@@ -218,16 +221,14 @@ class Tuning:
 
 
 def save_tuning(tuning: Tuning, path: str | None = None) -> str:
-    """Write ``tuning`` atomically to ``path`` (default :func:`state_path`); return the path.
-    Raises :class:`HostError` when it cannot be written."""
+    """Write ``tuning`` atomically to ``path`` (default :func:`state_path`) as kvmaccel's own
+    file (0600, its directory made 0700 when missing: :mod:`kvmaccel.safefs`); return the
+    path.  Raises :class:`HostError` when it cannot be written,
+    :class:`~kvmaccel.errors.UnsafePathError` for a directory that is not kvmaccel's."""
     path = path or state_path()
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(tuning.as_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        safefs.private_dirs(os.path.dirname(os.path.abspath(path)))
+        safefs.write_atomic(path, json.dumps(tuning.as_dict(), indent=2) + "\n", durable=True)
     except OSError as e:
         raise HostError(f"cannot write {path}: {e.strerror}; run as root or set "
                         "KVMACCEL_STATE_DIR to a writable directory") from e
@@ -235,15 +236,16 @@ def save_tuning(tuning: Tuning, path: str | None = None) -> str:
 
 
 def load_tuning(path: str | None = None) -> Tuning | None:
-    """The stored result at ``path`` (default :func:`state_path`), None when there is none.
-    Raises :class:`HostError` for a file that cannot be read or parsed."""
+    """The stored result at ``path`` (default :func:`state_path`), None when there is none;
+    read only as kvmaccel's own file (:func:`kvmaccel.safefs.read_own_json`: one another user
+    could write would set how many threads root starts).  Raises :class:`HostError` for a
+    file that cannot be read or parsed, or is not kvmaccel's."""
     path = path or state_path()
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return Tuning.from_dict(data)
-    except FileNotFoundError:
-        return None
+        data = safefs.read_own_json(path)
+        return None if data is None else Tuning.from_dict(data)
+    except UnsafePathError as e:
+        raise HostError(str(e)) from e
     except OSError as e:
         raise HostError(f"cannot read {path}: {e.strerror}") from e
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # [] has no .get

@@ -25,7 +25,6 @@ in the foreground.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -33,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from .. import safefs
 from ..errors import KvmaccelError, UnsafePathError, UsageError
 from ..host.facts import HostFacts, Mount, read_host
 from ..model.units import format_size
@@ -258,11 +258,9 @@ WantedBy=multi-user.target
 
 
 def install_unit(config_path: str | None, path: str = UNIT_PATH) -> str:
-    """Write the systemd unit (running this Python's kvmaccel); return its path."""
-    text = unit_text(sys.executable, config_path)
-    tmp = f"{path}.kvmaccel-tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """Write the systemd unit (running this Python's kvmaccel), 0644, atomically into its
+    directory of root's (:func:`kvmaccel.safefs.write_atomic`); return its path.  Raises
+    :class:`OSError`, :class:`UnsafePathError`."""
+    safefs.write_atomic(path, unit_text(sys.executable, config_path), mode=0o644,
+                        durable=True, own=False)
     return path

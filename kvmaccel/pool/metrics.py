@@ -17,16 +17,15 @@ python3 with python3-libvirt, -click and -psutil) would gain a dependency for it
 check the output with ``prometheus_client``'s own parser.
 
 ``--textfile DIR`` writes ``DIR/kvmaccel.prom`` for node_exporter's textfile collector:
-created beside it under a temporary name (``O_EXCL|O_NOFOLLOW`` in the opened directory),
-mode 0644 so node_exporter's user can read it, then renamed over the old one, so a scrape
-never sees half a file.
+created beside it under a temporary name (:func:`kvmaccel.safefs.write_atomic_at`, in the
+opened directory), mode 0644 so node_exporter's user can read it, then renamed over the old
+one (only one kvmaccel wrote), so a scrape never sees half a file.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -167,24 +166,9 @@ def _pool_families(out: _Text, entries: Sequence[PoolEntry]) -> None:
 
 
 def write_textfile(directory: str, text: str, name: str = TEXTFILE_NAME) -> str:
-    """Write ``text`` to ``directory/name`` atomically (0644); return the path.  Raises
-    :class:`OSError`."""
+    """Write ``text`` to ``directory/name`` atomically (0644, fsynced); return the path.
+    Raises :class:`OSError`, :class:`~kvmaccel.errors.UnsafePathError` when ``name`` there is
+    not kvmaccel's file."""
     with safefs.opened_dir(directory, follow=True) as dfd:
-        tmp = f".{name}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644, dir_fd=dfd)
-        try:
-            os.fchmod(fd, 0o644)
-            data = memoryview(text.encode())
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            os.unlink(tmp, dir_fd=dfd)
-            raise
+        safefs.write_atomic_at(dfd, name, text, mode=0o644, durable=True)
     return os.path.join(directory, name)

@@ -44,14 +44,13 @@ Errors: :class:`~kvmaccel.errors.HookError` with what to do.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
 import stat
 from dataclasses import dataclass
 
-from .. import __version__
+from .. import __version__, safefs
 from ..errors import HookError
 
 # What reads a front lives in host/, where every planner can ask it; these names stay here too.
@@ -258,28 +257,19 @@ def install(qemu: str = DEFAULT_QEMU, path: str | None = None) -> FrontStatus:
 
 
 def _write_front(path: str, text: str, rename: bool = True) -> str:
-    """Write ``text`` beside ``path`` (0755) and, if ``rename``, rename it over ``path``;
-    return the temporary name's path."""
+    """Write ``text`` beside ``path`` (0755, fsynced), in its directory of root's
+    (:func:`kvmaccel.safefs.write_atomic_at`), and, if ``rename``, rename it over ``path``;
+    return the path it has (not renamed: its temporary name, which :mod:`.divert` links)."""
     directory, name = os.path.split(path)
-    tmp = f".{name}.kvmaccel-{os.getpid()}"
-    dfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o755, dir_fd=dfd)
+        dfd = safefs.open_checked_dir(directory or ".", own=False)
         try:
-            os.fchmod(fd, 0o755)
-            os.write(fd, text.encode())
-            os.fsync(fd)
+            tmp = safefs.write_atomic_at(dfd, name, text, mode=0o755, durable=True,
+                                         place=rename)
         finally:
-            os.close(fd)
-        if rename:
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.close(dfd)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dfd)
         raise HookError(f"cannot write {path}: {e.strerror}") from e
-    finally:
-        os.close(dfd)
     return os.path.join(directory, tmp)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from .. import __version__
+from .. import __version__, safefs
 from ..errors import HookError
 from ..paths import DEFAULT_CONFIG_PATH, DEFAULT_RUN_DIR
 
@@ -201,12 +201,8 @@ def install(libvirt_dir: str = DEFAULT_LIBVIRT_DIR, *, python: str | None = None
                 raise HookError(f"cannot create {directory}: {e.strerror}") from None
             created.append(directory)
     text = render_script(python, config_path, tuple(created), config_run_dir(config_path))
-    tmp = f"{path}.kvmaccel-tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
+    try:  # its directory root's (libvirt runs every executable in it), the file whole
+        safefs.write_atomic(path, text, mode=0o755, durable=True, own=False)
     except OSError as e:
         raise HookError(f"cannot write {path}: {e.strerror}") from None
     log.info("installed %s (python %s)", path, python)
